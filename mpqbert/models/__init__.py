@@ -1,0 +1,13 @@
+"""Flax BERT/DistilBERT encoder, task heads and checkpoint loading."""
+
+from mpqbert.models.bert import (BertForSequenceClassification, BertModel, QuantizableDense,
+                                 attention_mask_bias)
+from mpqbert.models.config import BertConfig
+from mpqbert.models.pretrained import (EMBEDDED_MODEL, build_model, init_params, load_pretrained,
+                                       load_tokenizer, read_state_dict, resolve_model_dir)
+
+__all__ = [
+    "BertConfig", "BertForSequenceClassification", "BertModel", "EMBEDDED_MODEL",
+    "QuantizableDense", "attention_mask_bias", "build_model", "init_params", "load_pretrained",
+    "load_tokenizer", "read_state_dict", "resolve_model_dir",
+]

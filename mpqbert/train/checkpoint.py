@@ -1,0 +1,59 @@
+"""Orbax checkpointing of the train state, and the guard against reusing a workdir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+CONFIG_FILE = "config.json"
+
+
+def make_manager(workdir: str | Path, every_steps: int, keep: int) -> ocp.CheckpointManager:
+  """Saves every `every_steps` steps (and the last), keeps the newest `keep` checkpoints."""
+  options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, every_steps),
+                                         max_to_keep=max(1, keep), create=True)
+  return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
+  """The newest saved state with the structure/shardings of `target`, or None for a fresh run."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _flat(config_dict: dict) -> dict[str, Any]:
+  return traverse_util.flatten_dict(config_dict, sep=".")
+
+
+def guard_workdir(workdir: str | Path, config_json: str) -> None:
+  """Writes the run's config to the workdir, or checks it equals the one already there.
+
+  Resuming a run with a different config would silently mix two experiments; the error lists the
+  keys that differ.
+  """
+  path = Path(workdir) / CONFIG_FILE
+  current = json.loads(config_json)
+  if path.exists():
+    previous = json.loads(path.read_text())
+    old, new = _flat(previous), _flat(current)
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+      details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+      raise ValueError(
+          f"workdir {workdir} holds a run with a different config ({details}). Resume it with the "
+          "same config, or pass a new --workdir for the new config.")
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(current, indent=2, sort_keys=True))

@@ -1,0 +1,72 @@
+"""metrics.jsonl (one JSON object per logged step) and results.json of a run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+# The encoder's weight matrices (attention Q/K/V/O, both FFN matrices): the quantized part, whose
+# size is `size_mb` (../DESIGN.md). Everything else is `size_mb_other`.
+ENCODER_MATRIX = re.compile(
+    r"encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|"
+    r"intermediate/dense|output/dense)/kernel$")
+_MB = 2.0**20
+
+
+def fp32_size_report(params: Any) -> dict[str, float]:
+  """size_mb / size_mb_other / compression / avg_bits of the full-precision model."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  matrix = sum(int(np.prod(v.shape)) for k, v in flat.items() if ENCODER_MATRIX.search(k))
+  other = sum(int(np.prod(v.shape)) for k, v in flat.items() if not ENCODER_MATRIX.search(k))
+  return {"size_mb": matrix * 4 / _MB, "size_mb_other": other * 4 / _MB, "compression": 1.0,
+          "avg_bits": 32.0}
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+  return value
+
+
+class MetricsLog:
+  """Appends rows to `workdir/metrics.jsonl`.
+
+  On resume, rows logged after the restored step by the killed process are dropped first, so the
+  file reads as if the run had never stopped.
+  """
+
+  def __init__(self, workdir: str | Path, resume_step: int):
+    self.path = Path(workdir) / "metrics.jsonl"
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    row = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def rows(self) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def write_results(workdir: str | Path, results: Mapping[str, Any]) -> Path:
+  path = Path(workdir) / "results.json"
+  path.write_text(json.dumps({k: _jsonable(v) for k, v in results.items()}, indent=2))
+  return path

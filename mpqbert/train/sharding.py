@@ -1,0 +1,68 @@
+"""Data-parallel sharding over all devices: batch split along the `data` mesh axis."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+# Environment variables that mark a multi-host launch (set by the launcher, or by the user).
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when launched on several hosts.
+
+  A multi-host launch is recognised by a coordinator address in the environment (JAX's own
+  `JAX_COORDINATOR_ADDRESS` with `JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`), or by a TPU pod / SLURM
+  environment that `jax.distributed.initialize` detects itself (`MPQBERT_DISTRIBUTED=1`).
+  """
+  if any(os.environ.get(v) for v in _MULTIHOST_ENV) or os.environ.get("MPQBERT_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
+                 jax.process_count())
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every host."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  if batch_size % mesh.size:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices of the "
+                     f"data-parallel mesh; pick a multiple of {mesh.size}.")
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Global host batch -> arrays split over the `data` axis.
+
+  Every process builds the same global batch (the pipeline is deterministic) and contributes its
+  own contiguous slice of rows.
+  """
+  sharding = data_sharded(mesh)
+  count, index = jax.process_count(), jax.process_index()
+
+  def local_rows(x: np.ndarray) -> np.ndarray:
+    rows = x.shape[0] // count
+    return x[index * rows:(index + 1) * rows]
+
+  return {k: jax.make_array_from_process_local_data(sharding, local_rows(v))
+          for k, v in batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, replicated(mesh))
