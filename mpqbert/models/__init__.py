@@ -4,10 +4,11 @@ from mpqbert.models.bert import (BertForSequenceClassification, BertModel, Quant
                                  attention_mask_bias)
 from mpqbert.models.config import BertConfig
 from mpqbert.models.pretrained import (EMBEDDED_MODEL, build_model, init_params, load_pretrained,
-                                       load_tokenizer, read_state_dict, resolve_model_dir)
+                                       load_tokenizer, read_state_dict, resolve_model_dir,
+                                       save_pretrained)
 
 __all__ = [
     "BertConfig", "BertForSequenceClassification", "BertModel", "EMBEDDED_MODEL",
     "QuantizableDense", "attention_mask_bias", "build_model", "init_params", "load_pretrained",
-    "load_tokenizer", "read_state_dict", "resolve_model_dir",
+    "load_tokenizer", "read_state_dict", "resolve_model_dir", "save_pretrained",
 ]

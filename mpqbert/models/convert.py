@@ -110,3 +110,17 @@ def check_and_merge(expected: Params, loaded: Params, source: str) -> Params:
         "config.json and the weights file from the same checkpoint.")
   merged = {k: (have[k] if k in have else want[k]) for k in want}
   return jax.tree.map(np.asarray, traverse_util.unflatten_dict(merged, sep="/"))
+
+
+def encoder_params_to_state_dict(params: Params) -> dict[str, np.ndarray]:
+  """Inverse of `state_dict_to_encoder_params` (BERT names): Flax tree -> HF state dict."""
+  state = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    *module_path, leaf = path
+    value = np.asarray(value, np.float32)
+    if leaf == "kernel":
+      leaf, value = "weight", value.T
+    elif leaf in ("scale", "embedding"):
+      leaf = "weight"
+    state[".".join(module_path + [leaf])] = np.ascontiguousarray(value)
+  return state

@@ -139,6 +139,24 @@ def load_pretrained(name_or_path: str | os.PathLike = EMBEDDED_MODEL, *,
   return model, jax.tree.map(jnp.asarray, params)
 
 
+def save_pretrained(model_dir: str | os.PathLike, config: BertConfig, encoder_params: Any,
+                    tokenizer_dir: str | os.PathLike | None = None) -> Path:
+  """Writes `config.json` + `model.safetensors` in Hugging Face BERT format (loadable by
+  `load_pretrained` and by transformers' `BertModel`), plus the tokenizer files of
+  `tokenizer_dir` if given."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  hf_config = {k: v for k, v in config.to_dict().items() if k != "source_model_type"}
+  hf_config.update(model_type="bert", architectures=["BertModel"])
+  (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+  state = convert.encoder_params_to_state_dict(jax.device_get(encoder_params))
+  save_file(state, str(model_dir / "model.safetensors"))
+  if tokenizer_dir is not None:
+    load_tokenizer(tokenizer_dir).save_pretrained(str(model_dir))
+  return model_dir
+
+
 def load_tokenizer(name_or_path: str | os.PathLike = EMBEDDED_MODEL):
   """The checkpoint's fast (Rust) tokenizer."""
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel

