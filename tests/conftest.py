@@ -39,3 +39,20 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
   params = models.init_params(models.build_model(config), seed=123)
   return models.save_pretrained(tmp_path_factory.mktemp("tiny_bert"), config, params,
                                 tokenizer_dir=embedded_dir)
+
+
+def load_config(name: str = "finetune"):
+  """`configs/<name>.py`'s get_config(), as `--config=configs/<name>.py` would load it."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO_ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_run_flags(model_dir: Path, glue_dir: Path) -> dict:
+  """Overrides that make `configs/finetune.py` a seconds-long RTE run of the tiny model."""
+  return {"model": str(model_dir), "task": "rte", "data.glue_dir": str(glue_dir),
+          "data.max_seq_length": 64, "data.train_subset": 64, "train.batch_size": 8,
+          "train.eval_batch_size": 64, "train.num_epochs": 2.0, "train.log_every_steps": 4,
+          "checkpoint.every_steps": 8}

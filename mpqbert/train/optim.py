@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -40,7 +39,3 @@ def make_optimizer(train_config, num_train_steps: int) -> tuple[optax.GradientTr
                            eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
                            mask=decay_mask))
   return optax.chain(*chain), schedule
-
-
-def global_norm(tree: Any) -> jax.Array:
-  return optax.global_norm(tree)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -28,9 +28,9 @@ def maybe_initialize_distributed() -> None:
                  jax.process_count())
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every host."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D data-parallel mesh, by default over every device of every host."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

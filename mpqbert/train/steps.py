@@ -61,7 +61,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, is_regressio
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return jax.jit(train_step, donate_argnums=0)
 

@@ -1,0 +1,205 @@
+"""Fine-tuning: optimizer pieces, losses, the main command, resume after kill -9, data parallel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, load_config, tiny_run_flags
+from mpqbert import models
+from mpqbert.train import checkpoint, optim, steps
+from mpqbert.train.loop import finetune
+
+
+def _config(overrides: dict):
+  config = load_config("finetune")
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def _main(workdir: Path, overrides: dict, **popen_kwargs):
+  args = [sys.executable, "-m", "mpqbert.main", "--config=configs/finetune.py",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+def _finish(process) -> str:
+  out, err = process.communicate(timeout=600)
+  assert process.returncode == 0, err[-3000:]
+  return out
+
+
+def test_weight_decay_mask_spares_biases_and_layer_norms():
+  params = {"encoder": {"dense": {"kernel": 1, "bias": 1}, "LayerNorm": {"scale": 1, "bias": 1}},
+            "embeddings": {"word_embeddings": {"embedding": 1}}}
+  assert optim.decay_mask(params) == {
+      "encoder": {"dense": {"kernel": True, "bias": False},
+                  "LayerNorm": {"scale": False, "bias": False}},
+      "embeddings": {"word_embeddings": {"embedding": True}}}
+
+
+def test_learning_rate_warms_up_then_decays_linearly():
+  schedule = optim.learning_rate_schedule(1e-3, num_train_steps=100, warmup_steps=10)
+  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(55), schedule(100)],
+                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+
+
+def test_losses_match_float64_reference_and_ignore_padding_rows():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 3))
+  labels = rng.integers(0, 3, 6)
+  weights = np.array([1, 1, 1, 1, 0, 0], np.float32)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected_ce = -log_probs[np.arange(6), labels][:4].mean()
+  ce = steps.weighted_mean(steps.per_example_loss(jnp.asarray(logits, jnp.float32), labels, False),
+                           weights)
+  np.testing.assert_allclose(ce, expected_ce, rtol=1e-5)
+  targets = rng.uniform(0, 5, 6)
+  mse = steps.weighted_mean(steps.per_example_loss(jnp.asarray(logits[:, :1], jnp.float32),
+                                                   targets, True), weights)
+  np.testing.assert_allclose(mse, ((logits[:4, 0] - targets[:4])**2).mean(), rtol=1e-5)
+
+
+def test_train_step_fits_a_fixed_batch(tiny_model_dir):
+  model, params = models.load_pretrained(tiny_model_dir, num_labels=2)
+  config = load_config("finetune")
+  config.train.learning_rate = 1e-3
+  optimizer, _ = optim.make_optimizer(config.train, num_train_steps=40)
+  train_step = steps.make_train_step(model, optimizer, is_regression=False, dropout_seed=0)
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": rng.integers(1000, 1100, (8, 16)).astype(np.int32),
+           "attention_mask": np.ones((8, 16), np.int32),
+           "token_type_ids": np.zeros((8, 16), np.int32),
+           "labels": np.array([0, 1] * 4, np.int32), "weights": np.ones(8, np.float32)}
+  state = steps.TrainState.create(params, optimizer)
+  losses = []
+  for _ in range(40):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 40
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_main_writes_results_and_resumes_after_kill_9(tmp_path, tiny_model_dir, glue_dir):
+  overrides = {**tiny_run_flags(tiny_model_dir, glue_dir), "train.num_train_steps": 160,
+               "train.eval_every_steps": 80, "checkpoint.every_steps": 16}
+  reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+  out = _finish(_main(reference_dir, overrides))
+  reference = json.loads((reference_dir / "results.json").read_text())
+  assert "rte finetune dev accuracy" in out
+  for key in ("task", "method", "metric", "dev", "size_mb", "size_mb_other", "compression",
+              "avg_bits", "steps", "wall_time_s", "git_commit", "config"):
+    assert key in reference, key
+  assert reference["steps"] == 160 and reference["metric"] == "accuracy"
+  assert 0.0 <= reference["dev"] <= 1.0
+
+  process = _main(killed_dir, overrides)
+  deadline = time.time() + 300
+  while not any(p.name.isdigit() for p in (killed_dir / "checkpoints").glob("*")):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  assert process.returncode == -signal.SIGKILL
+  assert not (killed_dir / "results.json").exists(), "the run ended before it could be killed"
+
+  _finish(_main(killed_dir, overrides))
+  resumed = json.loads((killed_dir / "results.json").read_text())
+  assert resumed["dev_metrics"]["validation"] == pytest.approx(
+      reference["dev_metrics"]["validation"], rel=1e-6)
+  rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+  resumed_rows, reference_rows = rows(killed_dir), rows(reference_dir)
+  assert [(r["step"], r["split"]) for r in resumed_rows] == [(r["step"], r["split"])
+                                                              for r in reference_rows]
+  np.testing.assert_allclose([r["loss"] for r in resumed_rows],
+                             [r["loss"] for r in reference_rows], rtol=1e-6)
+
+
+def test_unknown_config_key_is_a_one_line_error(tmp_path):
+  process = _main(tmp_path, {"tsak": "rte"})
+  _, err = process.communicate(timeout=120)
+  assert process.returncode != 0
+  assert "unknown config key" in err and 'Did you mean "task"' in err
+  assert "Traceback" not in err
+
+
+def test_bad_task_data_and_workdir_errors(tmp_path, tiny_model_dir, glue_dir):
+  base = tiny_run_flags(tiny_model_dir, glue_dir)
+  with pytest.raises(ValueError, match="sst3.*rte"):
+    finetune(_config({**base, "task": "sst3"}), tmp_path / "a")
+  with pytest.raises(FileNotFoundError, match=r"QNLI/train.tsv[\s\S]*glue_dir"):
+    finetune(_config({**base, "task": "qnli"}), tmp_path / "b")
+  missing_dir = tmp_path / "no_glue_here"
+  with pytest.raises(FileNotFoundError, match="no_glue_here"):
+    finetune(_config({**base, "data.glue_dir": str(missing_dir)}), tmp_path / "c")
+
+  checkpoint.guard_workdir(tmp_path / "d", _config(base).to_json())
+  with pytest.raises(ValueError, match=r"different config.*train.learning_rate"):
+    checkpoint.guard_workdir(tmp_path / "d", _config({**base, "train.learning_rate": 1.0}).to_json())
+
+
+def test_divergence_raises_a_clear_error(tmp_path, tiny_model_dir, glue_dir):
+  config = _config({**tiny_run_flags(tiny_model_dir, glue_dir), "train.learning_rate": 1e30,
+                    "train.warmup_ratio": 0.0, "train.num_train_steps": 8})
+  with pytest.raises(FloatingPointError, match="diverged.*learning_rate"):
+    finetune(config, tmp_path)
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+_DATA_PARALLEL_SCRIPT = """
+import json, sys, itertools
+import jax, numpy as np
+from mpqbert import data, models
+from mpqbert.train import optim, sharding, steps
+model, params = models.load_pretrained(sys.argv[1], num_labels=2)
+tokenizer = models.load_tokenizer(sys.argv[1])
+dataset = data.tokenize(data.load_split("rte", "train", sys.argv[2]), tokenizer, 64)
+optimizer, _ = optim.make_optimizer(optim_config := __import__("ml_collections").ConfigDict(dict(
+    learning_rate=1e-4, warmup_ratio=0.0, weight_decay=0.01, adam_b1=0.9, adam_b2=0.999,
+    adam_eps=1e-6, max_grad_norm=1.0)), 10)
+
+def losses(devices):
+  mesh = sharding.make_mesh(devices)
+  fresh = jax.tree.map(np.array, params)  # The train step donates its state: copy per run.
+  state = sharding.replicate(steps.TrainState.create(fresh, optimizer), mesh)
+  train_step = steps.make_train_step(model, optimizer, False, dropout_seed=0)
+  out = []
+  for batch in itertools.islice(data.train_batches_from(dataset, 16, seed=0, max_seq_length=64), 4):
+    state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
+    out.append(float(metrics["loss"]))
+  return out
+
+print(json.dumps({"devices": len(jax.devices()), "four": losses(jax.devices()),
+                  "one": losses(jax.devices()[:1])}))
+"""
+
+
+def test_data_parallel_over_four_devices_matches_one(tiny_model_dir, glue_dir):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT, str(tiny_model_dir),
+                           str(glue_dir)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  losses = json.loads(result.stdout.strip().splitlines()[-1])
+  assert losses["devices"] == 4
+  np.testing.assert_allclose(losses["four"], losses["one"], rtol=1e-5)
+  assert len(set(losses["one"])) > 1  # Training moved; the comparison is not of constants.
