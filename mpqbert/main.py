@@ -37,6 +37,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: {e}")
 
 
+def _quiet_library_info_logs(record) -> bool:
+  """Keeps Orbax's per-save INFO chatter out of the run log (its warnings still show)."""
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -46,6 +51,7 @@ def main(argv: list[str]) -> None:
   if config.method not in METHODS:
     raise app.UsageError(f"config.method={config.method!r} is unknown; use one of "
                          f"{sorted(METHODS)}.")
+  logging.get_absl_handler().addFilter(_quiet_library_info_logs)
   maybe_initialize_distributed()
   summary = METHODS[config.method](config, _WORKDIR.value)
   logging.info("results: %s", json.dumps({k: v for k, v in summary.items() if k != "config"}))
