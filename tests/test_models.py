@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,14 @@ def _random_batch(vocab: int, types: int, batch=3, seq=17, seed=0):
   return ids, mask, token_types
 
 
+def _torch_outputs(torch, reference, ids, mask, types=None):
+  """The reference's first output (last hidden states or logits) as NumPy."""
+  inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+  with torch.no_grad():
+    out = reference(**{k: torch.from_numpy(v).long() for k, v in inputs.items() if v is not None})
+  return out[0].numpy()
+
+
 def test_minilm_matches_golden_without_torch(minilm):
   """Golden fixture made by tests/make_golden.py with PyTorch's BertModel."""
   golden = np.load(GOLDEN)
@@ -63,11 +72,11 @@ def test_minilm_matches_pytorch_on_padded_sentences(minilm, embedded_dir):
                   return_tensors="np")
   assert enc["attention_mask"].min() == 0
   reference = transformers.BertModel.from_pretrained(str(embedded_dir)).eval()
-  with torch.no_grad():
-    expected = reference(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state
+  expected = _torch_outputs(torch, reference, enc["input_ids"], enc["attention_mask"],
+                            enc["token_type_ids"])
   model, params = minilm
   ours = _hidden(model, params, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-  np.testing.assert_allclose(ours, expected.numpy(), atol=TOL, rtol=0)
+  np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "torch_bin"])
@@ -85,13 +94,10 @@ def test_random_bert_of_another_shape_matches_pytorch(tmp_path, safe_serializati
     (tmp_path / "model.safetensors").unlink()
     torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
   ids, mask, types = _random_batch(997, 3)
-  with torch.no_grad():
-    expected = reference(input_ids=torch.from_numpy(ids).long(),
-                         attention_mask=torch.from_numpy(mask).long(),
-                         token_type_ids=torch.from_numpy(types).long()).last_hidden_state
+  expected = _torch_outputs(torch, reference, ids, mask, types)
   model, params = models.load_pretrained(tmp_path)
   assert model.config.num_hidden_layers == 3 and model.config.type_vocab_size == 3
-  np.testing.assert_allclose(_hidden(model, params, ids, mask, types), expected.numpy(),
+  np.testing.assert_allclose(_hidden(model, params, ids, mask, types), expected,
                              atol=TOL, rtol=0)
 
 
@@ -104,12 +110,10 @@ def test_distilbert_matches_pytorch(tmp_path):
   reference = transformers.DistilBertModel(hf_config).eval()
   reference.save_pretrained(tmp_path)
   ids, mask, _ = _random_batch(801, 0, seed=3)
-  with torch.no_grad():
-    expected = reference(input_ids=torch.from_numpy(ids).long(),
-                         attention_mask=torch.from_numpy(mask).long()).last_hidden_state
+  expected = _torch_outputs(torch, reference, ids, mask)
   model, params = models.load_pretrained(tmp_path)
   assert model.config.type_vocab_size == 0 and "token_type_embeddings" not in params["embeddings"]
-  np.testing.assert_allclose(_hidden(model, params, ids, mask, None), expected.numpy(),
+  np.testing.assert_allclose(_hidden(model, params, ids, mask, None), expected,
                              atol=TOL, rtol=0)
 
 
@@ -123,13 +127,10 @@ def test_sequence_classifier_checkpoint_matches_pytorch_logits(tmp_path):
   reference = transformers.BertForSequenceClassification(hf_config).eval()
   reference.save_pretrained(tmp_path)
   ids, mask, types = _random_batch(500, 2, seed=4)
-  with torch.no_grad():
-    expected = reference(input_ids=torch.from_numpy(ids).long(),
-                         attention_mask=torch.from_numpy(mask).long(),
-                         token_type_ids=torch.from_numpy(types).long()).logits
+  expected = _torch_outputs(torch, reference, ids, mask, types)
   model, params = models.load_pretrained(tmp_path, num_labels=3)
   logits = model.apply({"params": params}, ids, attention_mask=mask, token_type_ids=types)
-  np.testing.assert_allclose(np.asarray(logits), expected.numpy(), atol=TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
 
 
 def test_heads_and_bare_encoder_shapes(tiny_model_dir):
@@ -187,9 +188,7 @@ def test_remat_gives_the_same_outputs_and_gradients(tiny_model_dir):
 
   grads_plain = jax.grad(lambda p: loss(plain, p))(params)
   grads_remat = jax.grad(lambda p: loss(remat, p))(params)
-  chex_close = jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-                            grads_plain, grads_remat)
-  del chex_close
+  chex.assert_trees_all_close(grads_plain, grads_remat, atol=1e-5, rtol=1e-4)
 
 
 def test_dropout_is_explicit_and_bfloat16_runs(tiny_model_dir):

@@ -49,7 +49,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
           "next to model.safetensors (or pytorch_model.bin); save it with "
           "transformers' save_pretrained, or pass 'minilm' or a hub name instead.")
     return path
-  if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+  if name.startswith((".", "/", "~")) or name.count("/") > 1:  # A path, not "org/model".
     raise FileNotFoundError(f"model directory {name} does not exist; check the path, or pass "
                             "'minilm' or a Hugging Face hub name such as 'bert-base-uncased'.")
   return _download_from_hub(name)
