@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpqbert import data, models
+from mpqbert import data, models, quant
 from mpqbert.train import checkpoint, optim, results, sharding
 from mpqbert.train.steps import TrainState, make_eval_step, make_train_step
 
@@ -160,7 +160,7 @@ def finetune(config, workdir: str | Path) -> dict[str, Any]:
       "metric": task.main_metric,
       "dev": dev_metrics[first_split][task.main_metric],
       "dev_metrics": dev_metrics,
-      **results.fp32_size_report(jax.device_get(state.params)),
+      **quant.size_report(jax.device_get(state.params)),
       "steps": total_steps,
       "train_examples": len(train_set),
       "wall_time_s": time.time() - start_time,

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import traverse_util
-
-# The encoder's weight matrices (attention Q/K/V/O, both FFN matrices): the quantized part, whose
-# size is `size_mb` (../DESIGN.md). Everything else is `size_mb_other`.
-ENCODER_MATRIX = re.compile(
-    r"encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|"
-    r"intermediate/dense|output/dense)/kernel$")
-_MB = 2.0**20
-
-
-def fp32_size_report(params: Any) -> dict[str, float]:
-  """size_mb / size_mb_other / compression / avg_bits of the full-precision model."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  matrix = sum(int(np.prod(v.shape)) for k, v in flat.items() if ENCODER_MATRIX.search(k))
-  other = sum(int(np.prod(v.shape)) for k, v in flat.items() if not ENCODER_MATRIX.search(k))
-  return {"size_mb": matrix * 4 / _MB, "size_mb_other": other * 4 / _MB, "compression": 1.0,
-          "avg_bits": 32.0}
 
 
 def git_commit() -> str:

@@ -1,0 +1,31 @@
+"""The quantizer transform: STEs, quantizers, sub-groups, Gumbel-softmax mixture, policies, sizes.
+
+Pure JAX functions over arrays and pytrees; `transform` hooks them into a Flax model through its
+single injection point (`QuantizableDense.quantize_operands`).
+"""
+
+from mpqbert.quant.mixture import expected_bits, gumbel_softmax, mix, one_hot_bits
+from mpqbert.quant.policy import Policy, policy_from_logits, size_report, uniform_policy
+from mpqbert.quant.quantizers import (QUANTIZER_BITS, SCALES_PER_GROUP, absmax_scale,
+                                      binarize_sign, binarize_xnor, group_view,
+                                      init_symmetric_scale, minmax_range, prune,
+                                      quantize_activation, quantize_index, quantize_symmetric,
+                                      symmetric_levels)
+from mpqbert.quant.spec import (BERT_MATRIX_KINDS, EMBEDDING_TABLE, ENCODER_MATRIX,
+                                FULL_PRECISION, MatrixSpec, Plan, QuantSpec, Rule,
+                                bert_encoder_spec, flatten_params)
+from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
+from mpqbert.quant.transform import (init_arch, init_qparams, matrix_key, quantize_choice,
+                                     quantize_embedding, quantize_weight, sample_probs,
+                                     transform)
+
+__all__ = [
+    "BERT_MATRIX_KINDS", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION", "MatrixSpec",
+    "Plan", "Policy", "QUANTIZER_BITS", "QuantSpec", "Rule", "SCALES_PER_GROUP", "absmax_scale",
+    "bert_encoder_spec", "binarize_sign", "binarize_xnor", "expected_bits", "flatten_params",
+    "group_view", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",
+    "matrix_key", "minmax_range", "mix", "one_hot_bits", "policy_from_logits", "prune",
+    "quantize_activation", "quantize_choice", "quantize_embedding", "quantize_index",
+    "quantize_symmetric", "quantize_weight", "round_ste", "sample_probs", "scale_grad",
+    "sign_ste", "size_report", "symmetric_levels", "transform", "uniform_policy",
+]

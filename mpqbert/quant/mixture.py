@@ -1,0 +1,64 @@
+"""Gumbel-softmax precision selection and the searched (mixed) weight.
+
+Per (matrix, sub-group) the search holds logits over a tuple of bit choices. A sample
+`p = gumbel_softmax(logits, key, tau)` weighs the quantized versions of the weight:
+`w_hat = sum_k p_k * Q_{b_k}(w)`, computed on the weight (small) so the layer still runs one
+matmul. A fixed policy is the same formula with one-hot `p`, so search, fine-tuning under a
+policy and post-training quantization share one code path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mpqbert.quant.quantizers import group_view
+
+Array = jax.Array
+
+
+def gumbel_softmax(logits: Array, key: jax.Array | None, tau: float | Array = 1.0,
+                   hard: bool = False) -> Array:
+  """softmax((logits + Gumbel noise) / tau) over the last axis.
+
+  `key=None` drops the noise (the deterministic relaxation, for evaluation). `hard=True` returns
+  the one-hot argmax in the forward pass with the soft sample's gradient (straight-through).
+  """
+  if key is not None:
+    logits = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
+  soft = jax.nn.softmax(logits / tau, axis=-1)
+  if not hard:
+    return soft
+  one_hot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), soft.shape[-1], dtype=soft.dtype)
+  return one_hot + soft - jax.lax.stop_gradient(soft)
+
+
+def one_hot_bits(bits: Array, bit_choices: Sequence[int]) -> Array:
+  """`[G]` bit-widths -> `[G, K]` one-hot over `bit_choices` (all-zero rows for bits not in it)."""
+  return (jnp.asarray(bits)[..., None] == jnp.asarray(bit_choices)[None, :]).astype(jnp.float32)
+
+
+def mix(w: Array, probs: Array, quantize_choice: Callable[[Array, int], Array]) -> Array:
+  """`sum_k probs[g, k] * quantize_choice(w, k)`, per sub-group g of `w`'s last axis.
+
+  `probs` is `[G, K]`; `quantize_choice(w, k)` returns `w` quantized with the k-th bit choice.
+  A one-hot row reproduces that quantizer exactly (the other terms add exact zeros).
+  """
+  groups, choices = probs.shape
+  mixed = 0.0
+  for k in range(choices):
+    mixed = mixed + group_view(quantize_choice(w, k), groups) * probs[:, k, None]
+  return jnp.reshape(mixed, w.shape)
+
+
+def expected_bits(probs: Array, bit_choices: Sequence[int], group_size: int,
+                  scale_floats: int = 0) -> Array:
+  """Expected storage in bits of one matrix: `sum_g sum_k p_gk * (b_k * n + scale bits if b_k > 0)`.
+
+  Differentiable in `probs`; with one-hot `probs` it equals the policy's exact size.
+  """
+  bits = jnp.asarray(bit_choices, jnp.float32)
+  per_choice = bits * group_size + jnp.where(bits > 0, 32.0 * scale_floats, 0.0)
+  return jnp.sum(probs * per_choice)

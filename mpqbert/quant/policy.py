@@ -1,0 +1,180 @@
+"""`Policy`: the chosen bit-width of every sub-group, and exact size accounting.
+
+A policy is a pytree whose leaves are the `[G]` int32 bit arrays (one per quantized kernel); the
+matrix layout (`MatrixSpec`s) and the embedding / activation bits are static metadata. Sizes
+follow one convention (../shared/DESIGN.md):
+
+  size_mb        encoder weight matrices (`ENCODER_MATRIX`) under the policy: per sub-group
+                 bits * weights + 32 * scale floats if kept (pruned groups cost nothing);
+                 matrices the policy leaves out count at 32 bits; / 8 / 2^20.
+  size_mb_other  every other parameter at 32 bits, except embedding tables at `embedding_bits`
+                 (+ one float32 scale per row) when that is below 32.
+  compression    32-bit size of the encoder matrices / size_mb.
+  avg_bits       weight bits of the encoder matrices (without scales) / their weight count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from mpqbert.quant.spec import (EMBEDDING_TABLE, ENCODER_MATRIX, FULL_PRECISION, MatrixSpec, Plan,
+                                _check_bits_or_fp, flatten_params)
+
+_FORMAT = "mpqbert-policy/1"
+_MB = 8 * 2**20  # bits per MiB
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Bits per sub-group of every quantized kernel, plus embedding and activation bits.
+
+  Build one with `uniform_policy`, `policy_from_logits` or `Policy.load`; those validate it.
+  """
+
+  bits: dict[str, jax.Array]  # path -> [G] int bit-widths (pytree leaves)
+  matrices: tuple[MatrixSpec, ...] = dataclasses.field(metadata=dict(static=True))
+  embedding_bits: int = dataclasses.field(default=FULL_PRECISION, metadata=dict(static=True))
+  activation_bits: int = dataclasses.field(default=FULL_PRECISION, metadata=dict(static=True))
+
+  @property
+  def plan(self) -> Plan:
+    return {m.path: m for m in self.matrices}
+
+  def validate(self) -> "Policy":
+    """Checks the layout and that every bit-width is one of its matrix's choices."""
+    _check_bits_or_fp("embedding_bits", self.embedding_bits)
+    _check_bits_or_fp("activation_bits", self.activation_bits)
+    if set(self.bits) != set(self.plan):
+      raise ValueError("Policy.bits and Policy.matrices name different matrices.")
+    for path, matrix in self.plan.items():
+      bits = np.asarray(self.bits[path])
+      if bits.shape != (matrix.groups,):
+        raise ValueError(f"{path}: policy has bits of shape {bits.shape}, expected "
+                         f"({matrix.groups},) (one per sub-group).")
+      bad = sorted(set(bits.tolist()) - set(matrix.bit_choices))
+      if bad:
+        raise ValueError(f"{path}: bit-width(s) {bad} are not supported here; this matrix's "
+                         f"{matrix.quantizer!r} quantizer has bit choices {matrix.bit_choices}. "
+                         "Add them to the rule's bit_choices or change the policy.")
+    return self
+
+  def check_matches(self, plan: Plan) -> None:
+    """Raises a clear error if this policy was made for another model or spec than `plan`."""
+    mine, theirs = self.plan, plan
+    missing, extra = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+    if missing or extra:
+      raise ValueError(
+          "the policy was made for another model or QuantSpec: "
+          + (f"it lacks {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
+          + (f"it has matrices the model lacks: {extra[:3]}{'...' if len(extra) > 3 else ''}"
+             if extra else "")
+          + ". Derive the policy from this model's plan (spec.plan(params)).")
+    for path, matrix in theirs.items():
+      got = mine[path]
+      if (got.shape, got.groups, got.quantizer) != (matrix.shape, matrix.groups,
+                                                    matrix.quantizer):
+        raise ValueError(
+            f"the policy was made for another model or QuantSpec: {path} is shape {got.shape}, "
+            f"{got.groups} groups, {got.quantizer!r} in the policy but shape {matrix.shape}, "
+            f"{matrix.groups} groups, {matrix.quantizer!r} here.")
+
+  def to_json(self) -> dict[str, Any]:
+    return {"format": _FORMAT, "embedding_bits": self.embedding_bits,
+            "activation_bits": self.activation_bits,
+            "matrices": {m.path: {**m.to_json(), "bits": np.asarray(self.bits[m.path]).tolist()}
+                         for m in self.matrices}}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "Policy":
+    if d.get("format") != _FORMAT:
+      raise ValueError(f"not an mpqbert policy (format {d.get('format')!r}, expected "
+                       f"{_FORMAT!r}).")
+    matrices = tuple(MatrixSpec.from_json(p, m) for p, m in sorted(d["matrices"].items()))
+    bits = {p: np.asarray(m["bits"], np.int32) for p, m in d["matrices"].items()}
+    return cls(bits=bits, matrices=matrices, embedding_bits=int(d["embedding_bits"]),
+               activation_bits=int(d["activation_bits"])).validate()
+
+  def save(self, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(self.to_json(), indent=1))
+    return path
+
+  @classmethod
+  def load(cls, path: str | Path, plan: Plan | None = None) -> "Policy":
+    """Reads a policy JSON; with `plan`, also checks it fits that model and spec."""
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"no policy file at {path}.")
+    try:
+      policy = cls.from_json(json.loads(path.read_text()))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path} is not a valid policy file ({type(e).__name__}: {e}).") from None
+    if plan is not None:
+      policy.check_matches(plan)
+    return policy
+
+  def matrix_bits(self, path: str) -> int:
+    """Storage bits of one quantized matrix: weights plus the scales of kept groups."""
+    matrix = self.plan[path]
+    bits = np.asarray(self.bits[path], np.int64)
+    return int(np.sum(bits) * matrix.group_size + np.sum(bits > 0) * 32 * matrix.scale_floats)
+
+
+def uniform_policy(plan: Plan, bits: int, *, embedding_bits: int = FULL_PRECISION,
+                   activation_bits: int = FULL_PRECISION) -> Policy:
+  """Every sub-group of every planned matrix at `bits`."""
+  return Policy(bits={p: np.full((m.groups,), bits, np.int32) for p, m in plan.items()},
+                matrices=tuple(plan.values()), embedding_bits=embedding_bits,
+                activation_bits=activation_bits).validate()
+
+
+def policy_from_logits(arch: Mapping[str, Any], plan: Plan, *,
+                       embedding_bits: int = FULL_PRECISION,
+                       activation_bits: int = FULL_PRECISION) -> Policy:
+  """The argmax bit choice of every sub-group's architecture logits `[G, K]`."""
+  bits = {}
+  for path, matrix in plan.items():
+    logits = np.asarray(arch[path])
+    if logits.shape != (matrix.groups, len(matrix.bit_choices)):
+      raise ValueError(f"{path}: logits of shape {logits.shape}, expected "
+                       f"({matrix.groups}, {len(matrix.bit_choices)}).")
+    bits[path] = np.asarray(matrix.bit_choices, np.int32)[np.argmax(logits, axis=-1)]
+  return Policy(bits=bits, matrices=tuple(plan.values()), embedding_bits=embedding_bits,
+                activation_bits=activation_bits).validate()
+
+
+def size_report(params: Any, policy: Policy | None = None) -> dict[str, float]:
+  """size_mb, size_mb_other, compression, avg_bits of `params` under `policy` (None: float32)."""
+  quantized = policy.plan if policy is not None else {}
+  embedding_bits = policy.embedding_bits if policy is not None else FULL_PRECISION
+  matrix_bits = other_bits = matrix_weight_bits = matrix_count = 0
+  for path, value in flatten_params(params).items():
+    shape = np.shape(value)
+    count = math.prod(shape)
+    if path in quantized:
+      bits = policy.matrix_bits(path)
+      weight_bits = int(np.sum(np.asarray(policy.bits[path], np.int64))) * quantized[path].group_size
+    elif EMBEDDING_TABLE.search(path) and embedding_bits < FULL_PRECISION:
+      bits = weight_bits = count * embedding_bits + shape[0] * 32
+    else:
+      bits = weight_bits = count * FULL_PRECISION
+    if ENCODER_MATRIX.search(path):
+      matrix_bits += bits
+      matrix_weight_bits += weight_bits
+      matrix_count += count
+    else:
+      other_bits += bits
+  if matrix_count == 0:
+    raise ValueError("params have no encoder weight matrices (ENCODER_MATRIX); is this a BERT?")
+  return {"size_mb": matrix_bits / _MB, "size_mb_other": other_bits / _MB,
+          "compression": (matrix_count * FULL_PRECISION / matrix_bits if matrix_bits
+                          else math.inf),
+          "avg_bits": matrix_weight_bits / matrix_count}

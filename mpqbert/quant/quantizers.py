@@ -1,0 +1,180 @@
+"""Quantizers: pure functions `(w, qparams...) -> w_hat` over any array, per sub-group.
+
+Sub-groups split the LAST axis (a Dense kernel's output neurons, `[in, out]`) into `G` equal,
+contiguous blocks: `[..., out] -> [..., G, out // G]`. A per-group quantity (scale, range, bits)
+has shape `[G]`. G = 1 is per-tensor, G = out is per-neuron; with Hugging Face's head-major layout
+G = num_heads makes one group per attention head of Q, K and V.
+
+Integer grids (the b-bit codes an exported checkpoint stores):
+  symmetric  w_hat = s * clip(round(w / s), -2^(b-1), 2^(b-1) - 1),  b in 2..8, learned s (LSQ)
+  index      w_hat = round(q (clip(w, lo, hi) - lo)) / q + lo,  q = (2^b - 1) / (hi - lo)  (AQ-BERT)
+  sign       w_hat = sign(w) in {-1, +1}, no scale (SensiMix's 1-bit value quantization)
+  xnor       w_hat = mean|w| * sign(w) per group (XNOR-Net)
+  prune      w_hat = 0 (0 bits), no gradient to w
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
+
+Array = jax.Array
+
+# Quantizer kinds and the bit-widths each supports (0 = pruned).
+QUANTIZER_BITS = {
+    "symmetric": (0, 2, 3, 4, 5, 6, 7, 8),
+    "index": (0, 1, 2, 3, 4, 5, 6, 7, 8),
+    "sign": (0, 1),
+    "xnor": (0, 1),
+}
+# Scale floats stored per kept (bits > 0) sub-group: s; (lo, hi); none; mean|w|.
+SCALES_PER_GROUP = {"symmetric": 1, "index": 2, "sign": 0, "xnor": 1}
+
+
+def group_view(w: Array, groups: int) -> Array:
+  """`[..., out] -> [..., groups, out // groups]`; the inverse is a reshape to `w.shape`."""
+  out = w.shape[-1]
+  if groups < 1 or out % groups:
+    raise ValueError(f"cannot split the last axis of size {out} into {groups} equal sub-groups; "
+                     f"choose a group count that divides {out}.")
+  return w.reshape(*w.shape[:-1], groups, out // groups)
+
+
+def _per_group(values: Array) -> Array:
+  """`[G]` -> `[G, 1]`, broadcastable against a group view."""
+  return jnp.asarray(values)[..., None]
+
+
+def _reduce_axes(wg: Array) -> tuple[int, ...]:
+  """Axes of a group view that a per-group reduction sums over (all but the group axis)."""
+  return tuple(i for i in range(wg.ndim) if i != wg.ndim - 2)
+
+
+def symmetric_levels(bits: int) -> tuple[float, float]:
+  """(q_neg, q_pos) = (2^(b-1), 2^(b-1) - 1): the signed b-bit integer grid [-q_neg, q_pos]."""
+  half = 2.0 ** (int(bits) - 1)
+  return half, half - 1.0
+
+
+def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = True) -> Array:
+  """Symmetric uniform b-bit quantization with a learned step size per sub-group (LSQ).
+
+  Args:
+    w: any array; sub-groups split its last axis.
+    scale: `[G]` positive step sizes.
+    bits: 2..8.
+    lsq_grad: scale the step size's gradient by 1/sqrt(n * q_pos), n = elements per group (LSQ).
+  Gradients: to `w` identity inside the grid range, 0 outside; to `scale` LSQ's
+  `round(w/s) - w/s` inside, `-q_neg` / `q_pos` outside.
+  """
+  if not 2 <= bits <= 8:
+    raise ValueError(f"symmetric quantization supports 2..8 bits, got {bits}; use the 'sign' or "
+                     "'xnor' quantizer for 1 bit.")
+  wg = group_view(w, scale.shape[-1])
+  q_neg, q_pos = symmetric_levels(bits)
+  if lsq_grad:
+    n = wg.size // scale.shape[-1]
+    scale = scale_grad(scale, 1.0 / math.sqrt(n * q_pos))
+  s = _per_group(scale)
+  w_hat = round_ste(jnp.clip(wg / s, -q_neg, q_pos)) * s
+  return w_hat.reshape(w.shape)
+
+
+def quantize_index(w: Array, lo: Array, hi: Array, bits: int) -> Array:
+  """AQ-BERT's asymmetric ("index") quantization with range [lo, hi] per sub-group.
+
+  `q = (2^b - 1) / (hi - lo)`, code `round(q * (clip(w, lo, hi) - lo))` in 0..2^b - 1, value
+  `code / q + lo`. Gradient to `w` is identity inside [lo, hi]; `lo` / `hi` get gradients too, so
+  they can be learned (pass `jax.lax.stop_gradient` ranges to keep them fixed).
+  """
+  if not 1 <= bits <= 8:
+    raise ValueError(f"index quantization supports 1..8 bits, got {bits}.")
+  wg = group_view(w, lo.shape[-1])
+  lo_g, hi_g = _per_group(lo), _per_group(hi)
+  span = jnp.maximum(hi_g - lo_g, jnp.finfo(jnp.float32).tiny)
+  q = (2.0**bits - 1.0) / span
+  w_hat = round_ste(q * (jnp.clip(wg, lo_g, hi_g) - lo_g)) / q + lo_g
+  return w_hat.reshape(w.shape)
+
+
+def minmax_range(w: Array, groups: int) -> tuple[Array, Array]:
+  """Per-group (min, max) of `w`, without gradient: the range of min-max index quantization."""
+  wg = jax.lax.stop_gradient(group_view(w, groups))
+  axes = _reduce_axes(wg)
+  return jnp.min(wg, axis=axes), jnp.max(wg, axis=axes)
+
+
+def binarize_sign(w: Array, clip: float = 1.0) -> Array:
+  """sign(w) in {-1, +1}, no scale (SensiMix); gradient identity for |w| <= clip."""
+  return sign_ste(w, clip)
+
+
+def binarize_xnor(w: Array, groups: int, clip: float = 1.0) -> Array:
+  """mean|w| * sign(w) per sub-group (XNOR-Net); the scale's gradient flows to `w` too."""
+  wg = group_view(w, groups)
+  alpha = jnp.mean(jnp.abs(wg), axis=_reduce_axes(wg), keepdims=True)
+  return (alpha * sign_ste(wg, clip)).reshape(w.shape)
+
+
+def prune(w: Array) -> Array:
+  """0 bits: exactly zero, and no gradient reaches `w`."""
+  return jnp.zeros_like(w)
+
+
+def quantize_activation(x: Array, scale: Array, bits: int = 8, *, learned: bool = True) -> Array:
+  """Per-tensor symmetric b-bit quantization of a Dense input.
+
+  `scale` is a scalar step size: learned (LSQ gradient) or, with `learned=False`, a tracked
+  statistic (max|x| / q_pos, moving average) that gets no gradient. A scale <= 0 means "not
+  calibrated yet" and passes `x` through unchanged, so the first calibration pass sees real
+  activations.
+  """
+  scale = jnp.asarray(scale, jnp.float32)
+  if not learned:
+    scale = jax.lax.stop_gradient(scale)
+  calibrated = scale > 0
+  safe_scale = jnp.where(calibrated, scale, 1.0)
+  x_hat = quantize_symmetric(x, safe_scale.reshape(1), bits, lsq_grad=learned)
+  return jnp.where(calibrated, x_hat, x)
+
+
+def absmax_scale(x: Array, bits: int) -> Array:
+  """max|x| / q_pos: the scale under which the largest |x| lands on the top of the grid."""
+  _, q_pos = symmetric_levels(bits)
+  return jnp.max(jnp.abs(x)) / q_pos
+
+
+def init_symmetric_scale(w: Array, groups: int, bits: int, method: str = "mse") -> Array:
+  """Initial step sizes `[G]` for `quantize_symmetric`, from the weights.
+
+  method:
+    "lsq"     2 * mean|w| / sqrt(q_pos) (the LSQ paper's rule);
+    "absmax"  max|w| / q_pos (no clipping);
+    "mse"     the scale among 100 fractions of absmax that minimises the squared error per group
+              (best for post-training quantization at low bit-widths).
+  """
+  wg = jax.lax.stop_gradient(group_view(w, groups))
+  axes = _reduce_axes(wg)
+  _, q_pos = symmetric_levels(bits)
+  absmax = jnp.maximum(jnp.max(jnp.abs(wg), axis=axes), jnp.finfo(jnp.float32).tiny)
+  if method == "lsq":
+    return jnp.maximum(2.0 * jnp.mean(jnp.abs(wg), axis=axes) / math.sqrt(q_pos),
+                       jnp.finfo(jnp.float32).tiny)
+  if method == "absmax":
+    return absmax / q_pos
+  if method == "mse":
+    fractions = jnp.linspace(0.01, 1.0, 100)
+
+    w_fixed = jax.lax.stop_gradient(w)
+
+    def error(fraction):
+      w_hat = quantize_symmetric(w_fixed, fraction * absmax / q_pos, bits, lsq_grad=False)
+      return jnp.sum(jnp.square(group_view(w_hat - w_fixed, groups)), axis=axes)
+
+    errors = jax.lax.map(error, fractions)  # [100, G]
+    return fractions[jnp.argmin(errors, axis=0)] * absmax / q_pos
+  raise ValueError(f"unknown scale init {method!r}; use 'lsq', 'absmax' or 'mse'.")

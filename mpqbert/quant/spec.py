@@ -1,0 +1,204 @@
+"""What to quantize and how: regex rules over parameter paths, resolved per matrix.
+
+A `QuantSpec` is the search space and the numerics: which kernels are quantized (the first `Rule`
+whose `pattern` matches a parameter path such as
+`bert/encoder/layer/3/attention/self/query/kernel`), with which quantizer, how many sub-groups and
+which bit choices; plus activation and embedding settings. `spec.plan(params)` resolves it against
+a concrete parameter tree into one `MatrixSpec` per quantized kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mpqbert.quant.quantizers import QUANTIZER_BITS, SCALES_PER_GROUP
+
+# The encoder's weight matrices (attention Q/K/V/O and both FFN matrices of every layer): the
+# part whose size is `size_mb` (../shared/DESIGN.md). Everything else counts in `size_mb_other`.
+ENCODER_MATRIX = re.compile(
+    r"encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|"
+    r"intermediate/dense|output/dense)/kernel$")
+# Embedding tables, quantized (per row, symmetric, max-abs scale) when embedding_bits < 32.
+EMBEDDING_TABLE = re.compile(r"embeddings/(word|position|token_type)_embeddings/embedding$")
+# The matrix kinds of a BERT layer, for per-kind settings in `bert_encoder_spec`.
+BERT_MATRIX_KINDS = {
+    "qkv": r"encoder/layer/\d+/attention/self/(query|key|value)/kernel$",
+    "attention_output": r"encoder/layer/\d+/attention/output/dense/kernel$",
+    "ffn_in": r"encoder/layer/\d+/intermediate/dense/kernel$",
+    "ffn_out": r"encoder/layer/\d+/output/dense/kernel$",
+}
+ACTIVATION_MODES = ("learned", "moving")
+FULL_PRECISION = 32
+
+Groups = int | str  # a count, "head" (num_heads groups) or "neuron" (one per output neuron)
+
+
+def _check_bits_or_fp(name: str, bits: int) -> None:
+  if bits != FULL_PRECISION and not 2 <= bits <= 8:
+    raise ValueError(f"{name}={bits} is not supported; use 2..8, or {FULL_PRECISION} to keep "
+                     "full precision.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+  """Quantize kernels whose parameter path matches `pattern` (`re.search`)."""
+
+  pattern: str
+  quantizer: str = "symmetric"
+  groups: Groups = 1
+  bit_choices: tuple[int, ...] = (0, 2, 4, 8)
+  learn_range: bool = False  # "index" only: learn (lo, hi) instead of taking min/max of w.
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regex: {e}") from None
+    if self.quantizer not in QUANTIZER_BITS:
+      raise ValueError(f"unknown quantizer {self.quantizer!r}; use one of "
+                       f"{sorted(QUANTIZER_BITS)}.")
+    object.__setattr__(self, "bit_choices", tuple(int(b) for b in self.bit_choices))
+    supported = QUANTIZER_BITS[self.quantizer]
+    bad = [b for b in self.bit_choices if b not in supported]
+    if not self.bit_choices or bad or len(set(self.bit_choices)) != len(self.bit_choices):
+      raise ValueError(f"bit_choices {self.bit_choices} for the {self.quantizer!r} quantizer "
+                       f"must be distinct values from {supported}.")
+    if not (isinstance(self.groups, int) and self.groups >= 1) and self.groups not in ("head",
+                                                                                     "neuron"):
+      raise ValueError(f"groups={self.groups!r}; use a positive count, 'head' or 'neuron'.")
+    if self.learn_range and self.quantizer != "index":
+      raise ValueError("learn_range applies to the 'index' quantizer only.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatrixSpec:
+  """One quantized kernel: its path, shape and sub-group partition, and the rule's settings."""
+
+  path: str
+  shape: tuple[int, ...]
+  groups: int
+  quantizer: str
+  bit_choices: tuple[int, ...]
+  learn_range: bool = False
+
+  @property
+  def group_size(self) -> int:
+    """Weights per sub-group."""
+    return math.prod(self.shape) // self.groups
+
+  @property
+  def scale_floats(self) -> int:
+    """float32 scale values stored per kept sub-group."""
+    return SCALES_PER_GROUP[self.quantizer]
+
+  def to_json(self) -> dict[str, Any]:
+    return {"shape": list(self.shape), "groups": self.groups, "quantizer": self.quantizer,
+            "bit_choices": list(self.bit_choices), "learn_range": self.learn_range}
+
+  @classmethod
+  def from_json(cls, path: str, d: Mapping[str, Any]) -> "MatrixSpec":
+    return cls(path=path, shape=tuple(d["shape"]), groups=int(d["groups"]),
+               quantizer=d["quantizer"], bit_choices=tuple(d["bit_choices"]),
+               learn_range=bool(d.get("learn_range", False)))
+
+
+Plan = dict[str, MatrixSpec]  # parameter path -> MatrixSpec, sorted by path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+  """Rules (first match wins; unmatched kernels stay float32) and the global settings.
+
+  activation_bits: bits of every quantized Dense's input (32: not quantized) during search;
+    a `Policy` carries its own.
+  activation_mode: "learned" (LSQ step size, trained) or "moving" (max|x| moving average,
+    updated by `qapply(..., update_act_stats=True)`).
+  embedding_bits: bits of the embedding tables during search (32: not quantized).
+  num_heads: needed by rules with groups="head".
+  """
+
+  rules: tuple[Rule, ...]
+  num_heads: int | None = None
+  activation_bits: int = 8
+  activation_mode: str = "learned"
+  activation_momentum: float = 0.9
+  embedding_bits: int = FULL_PRECISION
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(self.rules))
+    if not all(isinstance(r, Rule) for r in self.rules):
+      raise TypeError("QuantSpec.rules must be a sequence of Rule.")
+    _check_bits_or_fp("activation_bits", self.activation_bits)
+    _check_bits_or_fp("embedding_bits", self.embedding_bits)
+    if self.activation_mode not in ACTIVATION_MODES:
+      raise ValueError(f"activation_mode={self.activation_mode!r}; use one of "
+                       f"{ACTIVATION_MODES}.")
+    if not 0.0 <= self.activation_momentum < 1.0:
+      raise ValueError(f"activation_momentum={self.activation_momentum} must be in [0, 1).")
+    if any(r.groups == "head" for r in self.rules) and not self.num_heads:
+      raise ValueError("a rule uses groups='head': set QuantSpec.num_heads.")
+
+  def resolve(self, path: str, shape: Sequence[int]) -> MatrixSpec | None:
+    """The `MatrixSpec` of the kernel at `path`, or None when no rule matches it."""
+    for rule in self.rules:
+      if re.search(rule.pattern, path):
+        out = int(shape[-1])
+        groups = {"head": self.num_heads, "neuron": out}.get(rule.groups, rule.groups)
+        if out % groups:
+          raise ValueError(f"{path}: {out} output neurons do not split into {groups} sub-groups; "
+                           "choose groups that divide the output size.")
+        return MatrixSpec(path=path, shape=tuple(int(d) for d in shape), groups=int(groups),
+                          quantizer=rule.quantizer, bit_choices=rule.bit_choices,
+                          learn_range=rule.learn_range)
+    return None
+
+  def plan(self, params: Any) -> Plan:
+    """Every quantized kernel of `params` (a nested dict of arrays), keyed by path."""
+    plan = {}
+    for path, value in sorted(flatten_params(params).items()):
+      if path.endswith("/kernel"):
+        matrix = self.resolve(path, np.shape(value))
+        if matrix is not None:
+          plan[path] = matrix
+    if not plan:
+      raise ValueError("no kernel of the model matches the QuantSpec rules "
+                       f"{[r.pattern for r in self.rules]}; check the patterns against the "
+                       "parameter paths (e.g. 'bert/encoder/layer/0/attention/self/query/kernel').")
+    return plan
+
+
+def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested dict -> {"a/b/c": leaf}."""
+  if isinstance(params, Mapping):
+    flat = {}
+    for name, child in params.items():
+      flat.update(flatten_params(child, f"{prefix}{name}/"))
+    return flat
+  return {prefix[:-1]: params}
+
+
+def bert_encoder_spec(*, quantizer: str = "symmetric",
+                      groups: Groups | Mapping[str, Groups] = 1,
+                      bit_choices: Sequence[int] = (0, 2, 4, 8), num_heads: int | None = None,
+                      **spec_kwargs) -> QuantSpec:
+  """A spec quantizing the six matrices of every encoder layer (`ENCODER_MATRIX`).
+
+  `groups` is one setting for all, or a mapping over the kinds of `BERT_MATRIX_KINDS`
+  ("qkv", "attention_output", "ffn_in", "ffn_out"), e.g. {"qkv": "head", "ffn_in": 128, ...}.
+  """
+  if isinstance(groups, Mapping):
+    unknown = set(groups) - set(BERT_MATRIX_KINDS)
+    if unknown or set(groups) != set(BERT_MATRIX_KINDS):
+      raise ValueError(f"groups per kind needs exactly the kinds {sorted(BERT_MATRIX_KINDS)}; "
+                       f"got {sorted(groups)}.")
+    per_kind = dict(groups)
+  else:
+    per_kind = dict.fromkeys(BERT_MATRIX_KINDS, groups)
+  rules = tuple(Rule(pattern=BERT_MATRIX_KINDS[kind], quantizer=quantizer, groups=g,
+                     bit_choices=tuple(bit_choices)) for kind, g in per_kind.items())
+  return QuantSpec(rules=rules, num_heads=num_heads, **spec_kwargs)

@@ -1,0 +1,223 @@
+"""`transform(apply_fn, spec)`: run a Flax model with quantized weights and activations.
+
+    qapply = mpqbert.quant.transform(model.apply, spec)
+    logits = qapply(params, qparams, arch, input_ids, attention_mask=..., key=key, tau=1.0)
+
+Three separate pytrees: `params` (the float weights), `qparams` (per quantized kernel: step sizes
+per bit choice and sub-group, optional learned ranges, the input's activation scale) and `arch`:
+either a `Policy` (fixed bits) or a dict of logits `[G, K]` per kernel (search; sampled with
+Gumbel-softmax from `key`, or plain softmax when `key` is None). Every quantized kernel becomes
+`sum_k p_k Q_{b_k}(w)` before its one matmul; a policy is the one-hot case.
+
+The model exposes quantization through one method, `quantize_operands(x, kernel)` of its Dense
+layers; this module intercepts it with `flax.linen.intercept_methods`, the only Flax API used in
+`mpqbert.quant` (the quantizers themselves are plain JAX).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mpqbert.quant import quantizers
+from mpqbert.quant.mixture import gumbel_softmax, mix, one_hot_bits
+from mpqbert.quant.policy import Policy
+from mpqbert.quant.spec import (EMBEDDING_TABLE, FULL_PRECISION, MatrixSpec, Plan, QuantSpec,
+                                flatten_params)
+
+Array = jax.Array
+QParams = dict[str, dict[str, Array]]
+Arch = Policy | Mapping[str, Array]
+
+_INTERCEPTED = "quantize_operands"
+_STATS = "quant_stats"
+
+
+def matrix_key(key: jax.Array, path: str) -> jax.Array:
+  """The Gumbel noise key of one matrix: `key` folded with a stable hash of its path."""
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def sample_probs(arch: Mapping[str, Array], key: jax.Array | None, tau: float | Array = 1.0,
+                 hard: bool = False) -> dict[str, Array]:
+  """Bit-choice probabilities `[G, K]` per matrix, exactly those `qapply` uses for these args."""
+  return {path: gumbel_softmax(logits, None if key is None else matrix_key(key, path), tau, hard)
+          for path, logits in arch.items()}
+
+
+def quantize_choice(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], k: int) -> Array:
+  """`w` quantized with the k-th bit choice of `matrix`."""
+  bits = matrix.bit_choices[k]
+  if bits == 0:
+    return quantizers.prune(w)
+  if matrix.quantizer == "symmetric":
+    return quantizers.quantize_symmetric(w, qparams["scale"][k], bits)
+  if matrix.quantizer == "index":
+    if matrix.learn_range:
+      lo, hi = qparams["lo"][k], qparams["hi"][k]
+    else:
+      lo, hi = quantizers.minmax_range(w, matrix.groups)
+    return quantizers.quantize_index(w, lo, hi, bits)
+  if matrix.quantizer == "sign":
+    return quantizers.binarize_sign(w)
+  return quantizers.binarize_xnor(w, matrix.groups)
+
+
+def quantize_weight(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array],
+                    probs: Array) -> Array:
+  """The searched weight `sum_k probs[:, k] * Q_{b_k}(w)` (probs `[G, K]`, one-hot for a policy)."""
+  return mix(w, probs, lambda w_, k: quantize_choice(w_, matrix, qparams, k))
+
+
+def quantize_embedding(table: Array, bits: int) -> Array:
+  """Per-row symmetric quantization of an embedding table with a max-abs scale per row."""
+  rows = jax.lax.stop_gradient(table)
+  _, q_pos = quantizers.symmetric_levels(bits)
+  scale = jnp.maximum(jnp.max(jnp.abs(rows), axis=1), jnp.finfo(jnp.float32).tiny) / q_pos
+  return quantizers.quantize_symmetric(table.T, scale, bits, lsq_grad=False).T
+
+
+def init_qparams(spec: QuantSpec, params: Any, *, scale_init: str = "mse") -> QParams:
+  """Quantizer parameters of every planned kernel, initialised from the weights.
+
+  "scale": `[K, G]` step sizes, row k for bit choice k (symmetric quantizer; rows of 0-bit
+  choices are unused); "lo"/"hi": `[K, G]` ranges (index quantizer with learn_range);
+  "act_scale": the input's activation step size, 0 until calibrated (see `qapply`'s
+  update_act_stats). `scale_init` is "mse", "absmax" or "lsq" (`init_symmetric_scale`).
+  """
+  plan = spec.plan(params)
+  flat = flatten_params(params)
+  qparams = {}
+  for path, matrix in plan.items():
+    w = jnp.asarray(flat[path], jnp.float32)
+    entry = {"act_scale": jnp.zeros((), jnp.float32)}
+    if matrix.quantizer == "symmetric":
+      entry["scale"] = jnp.stack([
+          jnp.ones((matrix.groups,), jnp.float32) if b == 0 else
+          quantizers.init_symmetric_scale(w, matrix.groups, b, scale_init)
+          for b in matrix.bit_choices])
+    if matrix.learn_range:
+      lo, hi = quantizers.minmax_range(w, matrix.groups)
+      k = len(matrix.bit_choices)
+      entry["lo"], entry["hi"] = jnp.tile(lo, (k, 1)), jnp.tile(hi, (k, 1))
+    qparams[path] = entry
+  return qparams
+
+
+def init_arch(spec: QuantSpec, params: Any) -> dict[str, Array]:
+  """Zero architecture logits `[G, K]` per planned kernel: every bit choice equally likely."""
+  return {path: jnp.zeros((m.groups, len(m.bit_choices)), jnp.float32)
+          for path, m in spec.plan(params).items()}
+
+
+def _check_trees(plan: Plan, qparams: Mapping[str, Any], arch: Arch) -> None:
+  """Errors naming the mismatch between the model's plan and the qparams / arch trees."""
+  missing = sorted(set(plan) - set(qparams))
+  if missing:
+    raise ValueError(f"qparams has no entry for {missing[0]} (and {len(missing) - 1} more); build "
+                     "it with mpqbert.quant.init_qparams(spec, params) for this model and spec.")
+  if isinstance(arch, Policy):
+    arch.check_matches(plan)
+    return
+  for path, matrix in plan.items():
+    if path not in arch:
+      raise ValueError(f"arch has no logits for {path}; build them with "
+                       "mpqbert.quant.init_arch(spec, params), or pass a Policy.")
+    expected = (matrix.groups, len(matrix.bit_choices))
+    if tuple(arch[path].shape) != expected:
+      raise ValueError(f"arch logits for {path} have shape {tuple(arch[path].shape)}, expected "
+                       f"{expected} (sub-groups, bit choices).")
+
+
+def _quantize_embeddings(params: Any, bits: int) -> Any:
+  if bits >= FULL_PRECISION:
+    return params
+
+  def visit(tree, prefix):
+    if isinstance(tree, Mapping):
+      return {k: visit(v, f"{prefix}{k}/") for k, v in tree.items()}
+    return quantize_embedding(tree, bits) if EMBEDDING_TABLE.search(prefix[:-1]) else tree
+
+  return visit(params, "")
+
+
+def _updated_act_scales(qparams: QParams, stats: Mapping[str, Any], bits: int,
+                        momentum: float) -> QParams:
+  """qparams with act_scale <- moving average of max|x| / q_pos (the first batch sets it)."""
+  _, q_pos = quantizers.symmetric_levels(bits)
+  new = {path: dict(entry) for path, entry in qparams.items()}
+  for path, absmax in stats.items():
+    batch_scale = absmax / q_pos
+    old = new[path]["act_scale"]
+    new[path]["act_scale"] = jnp.where(old > 0, momentum * old + (1 - momentum) * batch_scale,
+                                       batch_scale)
+  return new
+
+
+def _collect_stats(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Array]:
+  """Sown {module path: {"act_absmax": (values...)}} -> {kernel path: max value}."""
+  out = {}
+  for name, child in tree.items():
+    if name == "act_absmax":
+      out[prefix + "kernel"] = jnp.max(jnp.stack(child))
+    else:
+      out.update(_collect_stats(child, f"{prefix}{name}/"))
+  return out
+
+
+def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., Any]:
+  """Wraps a Flax `Module.apply` so that the kernels `spec` selects run quantized.
+
+  Returns `qapply(params, qparams, arch, *args, key=None, tau=1.0, hard=False,
+  update_act_stats=False, **kwargs)`, which calls `apply_fn({"params": params}, *args, **kwargs)`.
+  With `update_act_stats=True` it returns `(outputs, new_qparams)`, whose activation scales moved
+  toward this batch's max|x| (momentum `spec.activation_momentum`): run it on a few batches to
+  calibrate before training or evaluation. Pure: works under jit, grad, vmap and sharding.
+  """
+
+  def qapply(params: Any, qparams: QParams, arch: Arch, *args, key: jax.Array | None = None,
+             tau: float | Array = 1.0, hard: bool = False, update_act_stats: bool = False,
+             **kwargs):
+    _check_trees(spec.plan(params), qparams, arch)
+    if isinstance(arch, Policy):
+      act_bits, emb_bits = arch.activation_bits, arch.embedding_bits
+    else:
+      act_bits, emb_bits = spec.activation_bits, spec.embedding_bits
+    learned_act = spec.activation_mode == "learned"
+
+    def probs_of(path: str, matrix: MatrixSpec) -> Array:
+      if isinstance(arch, Policy):
+        return one_hot_bits(arch.bits[path], matrix.bit_choices)
+      return gumbel_softmax(arch[path], None if key is None else matrix_key(key, path), tau, hard)
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      if context.method_name != _INTERCEPTED:
+        return next_fun(*call_args, **call_kwargs)
+      x, kernel = call_args
+      path = "/".join(context.module.path) + "/kernel"
+      matrix = spec.resolve(path, kernel.shape)
+      if matrix is None:
+        return x, kernel
+      kernel = quantize_weight(kernel, matrix, qparams[path], probs_of(path, matrix))
+      if act_bits < FULL_PRECISION:
+        if update_act_stats:
+          context.module.sow(_STATS, "act_absmax", jnp.max(jnp.abs(jax.lax.stop_gradient(x))))
+        x = quantizers.quantize_activation(x, qparams[path]["act_scale"], act_bits,
+                                           learned=learned_act)
+      return x, kernel
+
+    variables = {"params": _quantize_embeddings(params, emb_bits)}
+    with nn.intercept_methods(interceptor):
+      if not update_act_stats:
+        return apply_fn(variables, *args, **kwargs)
+      outputs, state = apply_fn(variables, *args, mutable=[_STATS], **kwargs)
+    if act_bits >= FULL_PRECISION:
+      return outputs, qparams
+    stats = _collect_stats(state.get(_STATS, {}))
+    return outputs, _updated_act_scales(qparams, stats, act_bits, spec.activation_momentum)
+
+  return qapply
