@@ -32,7 +32,7 @@ def gumbel_softmax(logits: Array, key: jax.Array | None, tau: float | Array = 1.
   if not hard:
     return soft
   one_hot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), soft.shape[-1], dtype=soft.dtype)
-  return one_hot + soft - jax.lax.stop_gradient(soft)
+  return one_hot + (soft - jax.lax.stop_gradient(soft))  # exactly one-hot forward
 
 
 def one_hot_bits(bits: Array, bit_choices: Sequence[int]) -> Array:

@@ -31,6 +31,9 @@ QUANTIZER_BITS = {
     "sign": (0, 1),
     "xnor": (0, 1),
 }
+# Smallest step size (a normal float32): an all-zero group gets this instead of a 0 that would
+# divide to NaN.
+MIN_SCALE = 1e-12
 # Scale floats stored per kept (bits > 0) sub-group: s; (lo, hi); none; mean|w|.
 SCALES_PER_GROUP = {"symmetric": 1, "index": 2, "sign": 0, "xnor": 1}
 
@@ -95,7 +98,7 @@ def quantize_index(w: Array, lo: Array, hi: Array, bits: int) -> Array:
     raise ValueError(f"index quantization supports 1..8 bits, got {bits}.")
   wg = group_view(w, lo.shape[-1])
   lo_g, hi_g = _per_group(lo), _per_group(hi)
-  span = jnp.maximum(hi_g - lo_g, jnp.finfo(jnp.float32).tiny)
+  span = jnp.maximum(hi_g - lo_g, MIN_SCALE)
   q = (2.0**bits - 1.0) / span
   w_hat = round_ste(q * (jnp.clip(wg, lo_g, hi_g) - lo_g)) / q + lo_g
   return w_hat.reshape(w.shape)
@@ -145,7 +148,7 @@ def quantize_activation(x: Array, scale: Array, bits: int = 8, *, learned: bool 
 def absmax_scale(x: Array, bits: int) -> Array:
   """max|x| / q_pos: the scale under which the largest |x| lands on the top of the grid."""
   _, q_pos = symmetric_levels(bits)
-  return jnp.max(jnp.abs(x)) / q_pos
+  return jnp.maximum(jnp.max(jnp.abs(x)) / q_pos, MIN_SCALE)
 
 
 def init_symmetric_scale(w: Array, groups: int, bits: int, method: str = "mse") -> Array:
@@ -160,21 +163,21 @@ def init_symmetric_scale(w: Array, groups: int, bits: int, method: str = "mse") 
   wg = jax.lax.stop_gradient(group_view(w, groups))
   axes = _reduce_axes(wg)
   _, q_pos = symmetric_levels(bits)
-  absmax = jnp.maximum(jnp.max(jnp.abs(wg), axis=axes), jnp.finfo(jnp.float32).tiny)
+  absmax = jnp.max(jnp.abs(wg), axis=axes)
   if method == "lsq":
-    return jnp.maximum(2.0 * jnp.mean(jnp.abs(wg), axis=axes) / math.sqrt(q_pos),
-                       jnp.finfo(jnp.float32).tiny)
+    return jnp.maximum(2.0 * jnp.mean(jnp.abs(wg), axis=axes) / math.sqrt(q_pos), MIN_SCALE)
   if method == "absmax":
-    return absmax / q_pos
+    return jnp.maximum(absmax / q_pos, MIN_SCALE)
   if method == "mse":
     fractions = jnp.linspace(0.01, 1.0, 100)
 
     w_fixed = jax.lax.stop_gradient(w)
 
     def error(fraction):
-      w_hat = quantize_symmetric(w_fixed, fraction * absmax / q_pos, bits, lsq_grad=False)
+      scale = jnp.maximum(fraction * absmax / q_pos, MIN_SCALE)
+      w_hat = quantize_symmetric(w_fixed, scale, bits, lsq_grad=False)
       return jnp.sum(jnp.square(group_view(w_hat - w_fixed, groups)), axis=axes)
 
     errors = jax.lax.map(error, fractions)  # [100, G]
-    return fractions[jnp.argmin(errors, axis=0)] * absmax / q_pos
+    return jnp.maximum(fractions[jnp.argmin(errors, axis=0)] * absmax / q_pos, MIN_SCALE)
   raise ValueError(f"unknown scale init {method!r}; use 'lsq', 'absmax' or 'mse'.")

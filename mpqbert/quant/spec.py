@@ -161,7 +161,7 @@ class QuantSpec:
     """Every quantized kernel of `params` (a nested dict of arrays), keyed by path."""
     plan = {}
     for path, value in sorted(flatten_params(params).items()):
-      if path.endswith("/kernel"):
+      if path.split("/")[-1] == "kernel":
         matrix = self.resolve(path, np.shape(value))
         if matrix is not None:
           plan[path] = matrix

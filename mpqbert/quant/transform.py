@@ -77,7 +77,7 @@ def quantize_embedding(table: Array, bits: int) -> Array:
   """Per-row symmetric quantization of an embedding table with a max-abs scale per row."""
   rows = jax.lax.stop_gradient(table)
   _, q_pos = quantizers.symmetric_levels(bits)
-  scale = jnp.maximum(jnp.max(jnp.abs(rows), axis=1), jnp.finfo(jnp.float32).tiny) / q_pos
+  scale = jnp.maximum(jnp.max(jnp.abs(rows), axis=1) / q_pos, quantizers.MIN_SCALE)
   return quantizers.quantize_symmetric(table.T, scale, bits, lsq_grad=False).T
 
 
@@ -198,7 +198,7 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
       if context.method_name != _INTERCEPTED:
         return next_fun(*call_args, **call_kwargs)
       x, kernel = call_args
-      path = "/".join(context.module.path) + "/kernel"
+      path = "/".join((*context.module.path, "kernel"))
       matrix = spec.resolve(path, kernel.shape)
       if matrix is None:
         return x, kernel

@@ -1,0 +1,427 @@
+"""Quantizers, STEs, Gumbel-softmax and size accounting against float64 NumPy / hand counts."""
+
+from __future__ import annotations
+
+import json
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpqbert import models, quant
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+
+# ---------------------------------------------------------------- float64 NumPy references
+
+
+def ref_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+  """s * clip(round(w / s), -2^(b-1), 2^(b-1) - 1) per group of the last axis, in float64."""
+  groups = scale.shape[-1]
+  wg = w.astype(np.float64).reshape(*w.shape[:-1], groups, -1)
+  s = scale.astype(np.float64)[:, None]
+  codes = np.clip(np.round(wg / s), -2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1)
+  return (codes * s).reshape(w.shape)
+
+
+def ref_index(w: np.ndarray, groups: int, bits: int) -> np.ndarray:
+  """AQ-BERT: q = (2^b - 1) / (max - min), round(q (w - min)) / q + min, per group, float64."""
+  wg = w.astype(np.float64).reshape(*w.shape[:-1], groups, -1)
+  axes = tuple(i for i in range(wg.ndim) if i != wg.ndim - 2)
+  lo, hi = wg.min(axis=axes, keepdims=True), wg.max(axis=axes, keepdims=True)
+  q = (2**bits - 1) / np.maximum(hi - lo, 1e-300)
+  return (np.round(q * (wg - lo)) / q + lo).reshape(w.shape)
+
+
+def near_ties(v: np.ndarray) -> np.ndarray:
+  """Where float32 and float64 may round w/s differently (within 1e-3 of a .5 tie)."""
+  return np.abs(np.abs(v - np.floor(v)) - 0.5) < 1e-3
+
+
+@st.composite
+def grouped_weights(draw, max_groups: int = 6):
+  """(w, groups): a float32 array whose last axis splits into `groups` equal sub-groups."""
+  groups = draw(st.integers(1, max_groups))
+  per_group = draw(st.integers(1, 5))
+  lead = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
+  shape = (*lead, groups * per_group)
+  w = draw(hnp.arrays(np.float32, shape,
+                      elements=st.floats(-3, 3, width=32, allow_nan=False, allow_subnormal=False)))
+  return w, groups
+
+
+def per_group_values(w_hat: np.ndarray, groups: int) -> list[np.ndarray]:
+  wg = np.moveaxis(np.asarray(w_hat).reshape(*w_hat.shape[:-1], groups, -1), -2, 0)
+  return [np.unique(g) for g in wg]
+
+
+# ---------------------------------------------------------------- straight-through estimators
+
+
+def test_round_ste_forward_exact_and_identity_gradient():
+  x = jnp.array([-2.5, -1.49, -0.5, 0.2, 0.5, 1.5, 3.7])
+  np.testing.assert_array_equal(quant.round_ste(x), np.round(np.asarray(x)))
+  cotangent = jnp.arange(1.0, 8.0)
+  grad = jax.grad(lambda v: jnp.sum(quant.round_ste(v) * cotangent))(x)
+  np.testing.assert_array_equal(grad, cotangent)
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 50), elements=st.floats(-4, 4, width=32)),
+       st.floats(0.25, 3.0))
+@SETTINGS
+def test_sign_ste_values_and_clipped_gradient(x, clip):
+  y = np.asarray(quant.sign_ste(jnp.asarray(x), clip))
+  np.testing.assert_array_equal(y, np.where(x >= 0, 1.0, -1.0))
+  grad = np.asarray(jax.grad(lambda v: jnp.sum(quant.sign_ste(v, clip) * 3.0))(jnp.asarray(x)))
+  np.testing.assert_array_equal(grad, np.where(np.abs(x) <= np.float32(clip), 3.0, 0.0))
+
+
+def test_scale_grad_is_identity_forward_and_scales_gradient():
+  x = jnp.array([1.0, -2.0, 3.0])
+  assert np.array_equal(quant.scale_grad(x, 0.25), x)
+  grad = jax.grad(lambda v: jnp.sum(quant.scale_grad(v, 0.25) * jnp.array([1.0, 2.0, 4.0])))(x)
+  np.testing.assert_allclose(grad, [0.25, 0.5, 1.0])
+
+
+# ---------------------------------------------------------------- symmetric (LSQ) quantizer
+
+
+@given(grouped_weights(), st.integers(2, 8))
+@SETTINGS
+def test_symmetric_matches_float64_reference(w_and_groups, bits):
+  w, groups = w_and_groups
+  scale = np.asarray(quant.init_symmetric_scale(jnp.asarray(w), groups, bits, "lsq"))
+  got = np.asarray(quant.quantize_symmetric(jnp.asarray(w), jnp.asarray(scale), bits))
+  want = ref_symmetric(w, scale, bits)
+  step = np.repeat(scale, w.shape[-1] // groups)
+  ok = np.isclose(got, want, rtol=0, atol=1e-6 * np.max(step)) | near_ties(w / step)
+  assert ok.all()
+
+
+@given(grouped_weights(), st.integers(2, 8), st.sampled_from(["absmax", "mse", "lsq"]))
+@SETTINGS
+def test_symmetric_error_at_most_half_a_step_in_range(w_and_groups, bits, init):
+  w, groups = w_and_groups
+  scale = np.asarray(quant.init_symmetric_scale(jnp.asarray(w), groups, bits, init))
+  got = np.asarray(quant.quantize_symmetric(jnp.asarray(w), jnp.asarray(scale), bits))
+  step = np.broadcast_to(np.repeat(scale, w.shape[-1] // groups), w.shape).astype(np.float64)
+  q_neg, q_pos = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
+  tol = 1e-6 * step
+  in_range = (w >= -q_neg * step - tol) & (w <= q_pos * step + tol)
+  error = np.abs(got.astype(np.float64) - w)
+  assert np.all(error[in_range] <= step[in_range] * 0.5 + tol[in_range])
+  if init == "absmax":  # max-abs scales put every value in range
+    assert in_range.all()
+
+
+@given(grouped_weights(), st.integers(1, 8), st.sampled_from(["symmetric", "index", "sign",
+                                                              "xnor"]))
+@SETTINGS
+def test_b_bit_quantizer_has_at_most_2_to_the_b_values_per_group(w_and_groups, bits, kind):
+  w, groups = w_and_groups
+  wj = jnp.asarray(w)
+  if kind == "symmetric":
+    bits = max(bits, 2)
+    w_hat = quant.quantize_symmetric(wj, quant.init_symmetric_scale(wj, groups, bits), bits)
+  elif kind == "index":
+    w_hat = quant.quantize_index(wj, *quant.minmax_range(wj, groups), bits)
+  elif kind == "sign":
+    bits, w_hat = 1, quant.binarize_sign(wj)
+  else:
+    bits, w_hat = 1, quant.binarize_xnor(wj, groups)
+  for values in per_group_values(np.asarray(w_hat), groups):
+    assert len(values) <= 2**bits
+
+
+def test_lsq_scale_gradient_matches_float64_finite_difference():
+  """d/ds of sum(c * Q(w; s)) under the straight-through surrogate, times LSQ's 1/sqrt(n q_pos)."""
+  rng = np.random.default_rng(0)
+  groups, bits = 3, 3
+  w = rng.normal(size=(5, 12)).astype(np.float32)
+  cotangent = rng.normal(size=w.shape)
+  scale = np.asarray([0.3, 0.45, 0.6], np.float32)  # some |w| / s beyond the grid: clipped terms
+  grad = jax.grad(lambda s: jnp.sum(quant.quantize_symmetric(jnp.asarray(w), s, bits)
+                                    * jnp.asarray(cotangent, jnp.float32)))(jnp.asarray(scale))
+
+  q_neg, q_pos = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
+  w64, per_group = w.astype(np.float64), w.shape[-1] // groups
+
+  def surrogate(s: np.ndarray) -> float:
+    """The STE's surrogate at s: round's residual frozen at `scale`, clip kept exact."""
+    step = np.repeat(s, per_group)
+    frozen = np.repeat(scale.astype(np.float64), per_group)
+    v0 = w64 / frozen
+    inside = (v0 >= -q_neg) & (v0 <= q_pos)
+    residual = np.where(inside, np.round(v0) - v0, 0.0)
+    return float(np.sum(cotangent * step * (np.clip(w64 / step, -q_neg, q_pos) + residual)))
+
+  want = np.zeros(groups)
+  for g in range(groups):
+    h = np.zeros(groups)
+    h[g] = 1e-6
+    want[g] = (surrogate(scale + h) - surrogate(scale - h)) / 2e-6
+  want /= np.sqrt(w.size / groups * q_pos)
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+  assert np.all(np.abs(want) > 1e-3)  # a real check, not 0 == 0
+
+
+def test_symmetric_weight_gradient_is_identity_inside_zero_outside():
+  w = jnp.array([[-1.0, -0.2, 0.1, 0.35, 0.8, 2.0]])
+  scale = jnp.array([0.1])  # 3 bits: grid [-0.4, 0.3]
+  grad = jax.grad(lambda v: jnp.sum(quant.quantize_symmetric(v, scale, 3)))(w)
+  np.testing.assert_array_equal(grad, [[0.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+
+
+def test_symmetric_rejects_unsupported_bits():
+  with pytest.raises(ValueError, match="2..8 bits"):
+    quant.quantize_symmetric(jnp.ones((2, 4)), jnp.ones((1,)), 1)
+
+
+# ---------------------------------------------------------------- index, binary, prune
+
+
+@given(grouped_weights(), st.integers(1, 8))
+@SETTINGS
+def test_index_matches_aqbert_formula_and_half_step_error(w_and_groups, bits):
+  w, groups = w_and_groups
+  wj = jnp.asarray(w)
+  got = np.asarray(quant.quantize_index(wj, *quant.minmax_range(wj, groups), bits))
+  want = ref_index(w, groups, bits)
+  wg = w.astype(np.float64).reshape(*w.shape[:-1], groups, -1)
+  axes = tuple(i for i in range(wg.ndim) if i != wg.ndim - 2)
+  span = (wg.max(axis=axes, keepdims=True) - wg.min(axis=axes, keepdims=True))
+  step = np.broadcast_to(span / (2**bits - 1), wg.shape).reshape(w.shape)
+  tol = 1e-5 * np.maximum(np.max(np.abs(w)), 1e-6)
+  assert np.all(np.abs(got - w) <= step / 2 + tol)
+  codes = (w - np.broadcast_to(wg.min(axis=axes, keepdims=True), wg.shape).reshape(w.shape)) / \
+      np.where(step > 0, step, 1)
+  assert np.all(np.isclose(got, want, rtol=0, atol=tol) | near_ties(codes))
+
+
+def test_index_learned_range_gets_gradient_and_clips():
+  w = jnp.array([[-1.0, -0.5, 0.0, 0.5, 1.0]])
+  lo, hi = jnp.array([-0.6]), jnp.array([0.6])
+  out = quant.quantize_index(w, lo, hi, 2)
+  assert float(out.min()) == pytest.approx(-0.6) and float(out.max()) == pytest.approx(0.6)
+  g_lo, g_hi = jax.grad(lambda a, b: jnp.sum(quant.quantize_index(w, a, b, 2)), (0, 1))(lo, hi)
+  assert float(g_lo[0]) != 0.0 and float(g_hi[0]) != 0.0
+
+
+def test_xnor_scale_is_group_mean_abs():
+  w = np.array([[1.0, -3.0, 0.5, -0.5]], np.float32)
+  got = np.asarray(quant.binarize_xnor(jnp.asarray(w), 2))
+  np.testing.assert_allclose(got, [[2.0, -2.0, 0.5, -0.5]])
+
+
+def test_prune_is_exact_zero_without_gradient():
+  w = jnp.arange(6.0).reshape(2, 3)
+  assert not np.any(quant.prune(w))
+  assert not np.any(jax.grad(lambda v: jnp.sum(quant.prune(v) + 0.0))(w))
+
+
+def test_group_view_rejects_uneven_split():
+  with pytest.raises(ValueError, match="equal sub-groups"):
+    quant.group_view(jnp.ones((4, 10)), 3)
+
+
+# ---------------------------------------------------------------- activation quantizer
+
+
+def test_activation_quantizer_learned_and_moving():
+  x = jnp.linspace(-2.0, 2.0, 17)
+  scale = quant.absmax_scale(x, 8)
+  np.testing.assert_allclose(scale, 2.0 / 127)
+  out = np.asarray(quant.quantize_activation(x, scale, 8))
+  np.testing.assert_allclose(out, ref_symmetric(np.asarray(x)[None], np.asarray([scale]), 8)[0],
+                             atol=1e-6)
+  learned = jax.grad(lambda s: jnp.sum(quant.quantize_activation(x, s, 4) * x))(scale)
+  moving = jax.grad(lambda s: jnp.sum(quant.quantize_activation(x, s, 4, learned=False) * x))(scale)
+  assert float(learned) != 0.0 and float(moving) == 0.0
+  # Not calibrated yet (scale 0): pass-through.
+  np.testing.assert_array_equal(quant.quantize_activation(x, 0.0, 8), x)
+
+
+# ---------------------------------------------------------------- mixture and Gumbel-softmax
+
+
+@given(grouped_weights(), st.data())
+@SETTINGS
+def test_one_hot_mixture_equals_the_plain_quantizers(w_and_groups, data):
+  w, groups = w_and_groups
+  wj = jnp.asarray(w)
+  choices = (0, 2, 4, 8)
+  scales = jnp.stack([quant.init_symmetric_scale(wj, groups, max(b, 2), "lsq") for b in choices])
+  picks = np.asarray(data.draw(st.lists(st.integers(0, 3), min_size=groups, max_size=groups)))
+  probs = jax.nn.one_hot(picks, len(choices))
+
+  def plain(v, k):
+    return quant.prune(v) if choices[k] == 0 else quant.quantize_symmetric(v, scales[k],
+                                                                           choices[k])
+
+  mixed = np.asarray(quant.mix(wj, probs, plain))
+  per_group = w.shape[-1] // groups
+  for g in range(groups):
+    cols = slice(g * per_group, (g + 1) * per_group)
+    np.testing.assert_array_equal(mixed[..., cols], np.asarray(plain(wj, picks[g]))[..., cols])
+  pruned = np.repeat(picks == 0, per_group)
+  assert not np.any(mixed[..., pruned])
+
+
+def test_mixture_gradient_to_probs_is_the_quantized_weight():
+  w = jnp.array([[0.3, -0.7, 1.1, 0.05]])
+  scales = jnp.array([[0.2, 0.2], [0.05, 0.05]])
+  probs = jnp.array([[0.3, 0.7], [0.5, 0.5]])
+  quantize = lambda v, k: quant.quantize_symmetric(v, scales[k], (2, 4)[k])
+  grad = jax.grad(lambda p: jnp.sum(quant.mix(w, p, quantize)))(probs)
+  want = [[float(jnp.sum(quantize(w, k)[:, 2 * g:2 * g + 2])) for k in range(2)]
+          for g in range(2)]
+  np.testing.assert_allclose(grad, want, rtol=1e-6)
+
+
+def test_hard_gumbel_frequencies_match_softmax():
+  logits = jnp.array([[1.0, 0.0, -1.0, 0.5], [-2.0, 2.0, 0.0, 0.0]])
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  samples = jax.vmap(lambda k: quant.gumbel_softmax(logits, k, tau=1.0, hard=True))(keys)
+  samples = np.asarray(samples)
+  assert set(np.unique(samples)) <= {0.0, 1.0} and np.all(samples.sum(-1) == 1)
+  freq = samples.mean(0)
+  p = np.exp(np.asarray(logits, np.float64))
+  p /= p.sum(-1, keepdims=True)
+  sigma = np.sqrt(p * (1 - p) / n)
+  assert np.all(np.abs(freq - p) < 5 * sigma + 1e-9), (freq, p)
+
+
+def test_gumbel_soft_sample_and_straight_through_gradient():
+  logits = jnp.array([[0.2, -0.1, 0.4]])
+  key = jax.random.key(3)
+  soft = quant.gumbel_softmax(logits, key, tau=0.5)
+  np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
+  weights = jnp.array([1.0, 2.0, 3.0])
+  g_soft = jax.grad(lambda l: jnp.sum(quant.gumbel_softmax(l, key, 0.5) * weights))(logits)
+  g_hard = jax.grad(lambda l: jnp.sum(quant.gumbel_softmax(l, key, 0.5, True) * weights))(logits)
+  np.testing.assert_allclose(g_hard, g_soft, rtol=1e-6)
+  np.testing.assert_array_equal(quant.gumbel_softmax(logits, None, 1.0),
+                                jax.nn.softmax(logits, axis=-1))
+
+
+def test_expected_bits_is_exact_for_one_hot_and_linear_in_probs():
+  choices, n = (0, 2, 4, 8), 10
+  probs = jax.nn.one_hot(jnp.array([0, 3, 2]), 4)
+  assert float(quant.expected_bits(probs, choices, n, scale_floats=1)) == (0 + 80 + 32) + (
+      40 + 32)
+  uniform = jnp.full((3, 4), 0.25)
+  want = 3 * 0.25 * ((0) + (20 + 32) + (40 + 32) + (80 + 32))
+  assert float(quant.expected_bits(uniform, choices, n, scale_floats=1)) == pytest.approx(want)
+  grad = jax.grad(lambda p: quant.expected_bits(p, choices, n))(uniform)
+  np.testing.assert_allclose(grad, np.tile([0, 20, 40, 80], (3, 1)))
+
+
+# ---------------------------------------------------------------- policy and size accounting
+
+TINY = models.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=16,
+                         type_vocab_size=2)
+
+
+def abstract_params(config: models.BertConfig, num_labels: int | None = 2):
+  model = models.build_model(config, num_labels)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))[
+      "params"]
+
+
+def test_bert_base_fp32_encoder_matrices_are_324_mb():
+  base = models.BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                           num_attention_heads=12, intermediate_size=3072)
+  report = quant.size_report(abstract_params(base))
+  assert report["size_mb"] == 324.0  # 12 * (4 * 768^2 + 2 * 768 * 3072) * 4 bytes / 2^20
+  assert report["compression"] == 1.0 and report["avg_bits"] == 32.0
+
+
+def test_size_accounting_equals_hand_count_on_a_tiny_model():
+  params = abstract_params(TINY)
+  spec = quant.bert_encoder_spec(groups="head", num_heads=4)
+  plan = spec.plan(params)
+  assert len(plan) == 12
+  policy = quant.uniform_policy(plan, 4)
+  # 2 layers x (4 * 32*32 + 2 * 32*64) = 16384 weights at 4 bits, + 12 matrices x 4 groups x 32.
+  hand_bits = 16384 * 4 + 12 * 4 * 32
+  report = quant.size_report(params, policy)
+  assert report["size_mb"] * 8 * 2**20 == hand_bits
+  assert report["avg_bits"] == 4.0
+  assert report["compression"] == pytest.approx(16384 * 32 / hand_bits)
+
+  # Prune groups and mix bits in one matrix: per group 32*8 (Q: 32 in x 8 out) weights.
+  query = "bert/encoder/layer/0/attention/self/query/kernel"
+  bits = {**policy.bits, query: np.array([0, 2, 8, 0], np.int32)}
+  mixed = quant.Policy(bits=bits, matrices=policy.matrices).validate()
+  mixed_bits = hand_bits - 4 * 256 * 4 - 4 * 32 + (2 * 256 + 8 * 256 + 2 * 32)
+  assert quant.size_report(params, mixed)["size_mb"] * 8 * 2**20 == mixed_bits
+
+  # Other parameters at 32 bits; embeddings at 8 bits plus one float per row.
+  flat = quant.flatten_params(params)
+  other = sum(int(np.prod(v.shape)) for k, v in flat.items() if k not in plan)
+  assert quant.size_report(params, policy)["size_mb_other"] * 8 * 2**20 == other * 32
+  emb8 = quant.uniform_policy(plan, 4, embedding_bits=8)
+  tables = [(100, 32), (16, 32), (2, 32)]
+  saved = sum(r * c * (32 - 8) - r * 32 for r, c in tables)
+  assert quant.size_report(params, emb8)["size_mb_other"] * 8 * 2**20 == other * 32 - saved
+
+
+def test_policy_json_round_trip_and_validation(tmp_path):
+  params = abstract_params(TINY)
+  plan = quant.bert_encoder_spec(groups=2).plan(params)
+  logits = {p: jax.random.normal(jax.random.key(i), (m.groups, 4)) for i, (p, m) in
+            enumerate(plan.items())}
+  policy = quant.policy_from_logits(logits, plan, activation_bits=8)
+  for path, m in plan.items():
+    np.testing.assert_array_equal(policy.bits[path],
+                                  np.asarray((0, 2, 4, 8))[np.argmax(logits[path], -1)])
+  loaded = quant.Policy.load(policy.save(tmp_path / "policy.json"), plan)
+  assert loaded.activation_bits == 8 and loaded.matrices == policy.matrices
+  for path in plan:
+    np.testing.assert_array_equal(loaded.bits[path], policy.bits[path])
+  assert jax.tree.structure(loaded) == jax.tree.structure(policy)
+
+  other_plan = quant.bert_encoder_spec(groups=2).plan(
+      abstract_params(models.BertConfig(**{**TINY.__dict__, "hidden_size": 16})))
+  with pytest.raises(ValueError, match="another model"):
+    quant.Policy.load(tmp_path / "policy.json", other_plan)
+  deeper = quant.bert_encoder_spec(groups=2).plan(
+      abstract_params(models.BertConfig(**{**TINY.__dict__, "num_hidden_layers": 3})))
+  with pytest.raises(ValueError, match="another model"):
+    loaded.check_matches(deeper)
+
+  bad = json.loads((tmp_path / "policy.json").read_text())
+  first = sorted(bad["matrices"])[0]
+  bad["matrices"][first]["bits"][0] = 3
+  (tmp_path / "bad.json").write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match=r"bit-width\(s\) \[3\] are not supported"):
+    quant.Policy.load(tmp_path / "bad.json")
+  with pytest.raises(ValueError, match="not supported"):
+    quant.uniform_policy(plan, 3)
+  (tmp_path / "junk.json").write_text("{}")
+  with pytest.raises(ValueError, match="not an mpqbert policy"):
+    quant.Policy.load(tmp_path / "junk.json")
+  with pytest.raises(FileNotFoundError):
+    quant.Policy.load(tmp_path / "missing.json")
+
+
+def test_spec_errors_name_the_problem():
+  with pytest.raises(ValueError, match="unknown quantizer"):
+    quant.Rule(pattern="x", quantizer="ternary")
+  with pytest.raises(ValueError, match="bit_choices"):
+    quant.Rule(pattern="x", bit_choices=(0, 1, 4))
+  with pytest.raises(ValueError, match="num_heads"):
+    quant.bert_encoder_spec(groups="head")
+  with pytest.raises(ValueError, match="do not split"):
+    quant.bert_encoder_spec(groups=5).plan(abstract_params(TINY))
+  with pytest.raises(ValueError, match="no kernel of the model matches"):
+    quant.QuantSpec(rules=(quant.Rule(pattern="decoder"),)).plan(abstract_params(TINY))
+  with pytest.raises(ValueError, match="activation_bits=9"):
+    quant.QuantSpec(rules=(), activation_bits=9)
