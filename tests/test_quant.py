@@ -111,7 +111,7 @@ def test_symmetric_error_at_most_half_a_step_in_range(w_and_groups, bits, init):
   got = np.asarray(quant.quantize_symmetric(jnp.asarray(w), jnp.asarray(scale), bits))
   step = np.broadcast_to(np.repeat(scale, w.shape[-1] // groups), w.shape).astype(np.float64)
   q_neg, q_pos = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
-  tol = 1e-6 * step
+  tol = 1e-6 * (step + np.abs(w))
   in_range = (w >= -q_neg * step - tol) & (w <= q_pos * step + tol)
   error = np.abs(got.astype(np.float64) - w)
   assert np.all(error[in_range] <= step[in_range] * 0.5 + tol[in_range])

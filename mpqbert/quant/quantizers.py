@@ -15,6 +15,7 @@ Integer grids (the b-bit codes an exported checkpoint stores):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -71,20 +72,43 @@ def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = Tr
     scale: `[G]` positive step sizes.
     bits: 2..8.
     lsq_grad: scale the step size's gradient by 1/sqrt(n * q_pos), n = elements per group (LSQ).
-  Gradients: to `w` identity inside the grid range, 0 outside; to `scale` LSQ's
-  `round(w/s) - w/s` inside, `-q_neg` / `q_pos` outside.
+  Gradients (`_lsq_bwd`): to `w` identity inside the grid range, 0 outside; to `scale` LSQ's
+  `round(w/s) - w/s` inside, `-q_neg` / `q_pos` outside, summed over the group.
   """
   if not 2 <= bits <= 8:
     raise ValueError(f"symmetric quantization supports 2..8 bits, got {bits}; use the 'sign' or "
                      "'xnor' quantizer for 1 bit.")
-  wg = group_view(w, scale.shape[-1])
+  groups = scale.shape[-1]
+  wg = group_view(w, groups)
   q_neg, q_pos = symmetric_levels(bits)
   if lsq_grad:
-    n = wg.size // scale.shape[-1]
-    scale = scale_grad(scale, 1.0 / math.sqrt(n * q_pos))
-  s = _per_group(scale)
-  w_hat = round_ste(jnp.clip(wg / s, -q_neg, q_pos)) * s
-  return w_hat.reshape(w.shape)
+    scale = scale_grad(scale, 1.0 / math.sqrt(wg.size // groups * q_pos))
+  return _lsq(wg, _per_group(scale), q_neg, q_pos).reshape(w.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lsq(wg: Array, s: Array, q_neg: float, q_pos: float) -> Array:
+  """`s * clip(round(wg / s), -q_neg, q_pos)` on a group view, `s` of shape `[G, 1]`."""
+  return jnp.round(jnp.clip(wg / s, -q_neg, q_pos)) * s
+
+
+def _lsq_fwd(wg, s, q_neg, q_pos):
+  # Only the inputs are kept; the backward recomputes w / s (cheaper than storing masks).
+  return _lsq(wg, s, q_neg, q_pos), (wg, s)
+
+
+def _lsq_bwd(q_neg, q_pos, residuals, g):
+  wg, s = residuals
+  v = wg / s
+  inside = (v >= -q_neg) & (v <= q_pos)
+  code = jnp.round(jnp.clip(v, -q_neg, q_pos))
+  grad_w = jnp.where(inside, g, 0.0)
+  per_element = g * jnp.where(inside, code - v, code)
+  grad_s = jnp.sum(per_element, axis=_reduce_axes(wg)).reshape(s.shape)
+  return grad_w.astype(wg.dtype), grad_s.astype(s.dtype)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
 def quantize_index(w: Array, lo: Array, hi: Array, bits: int) -> Array:

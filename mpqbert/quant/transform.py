@@ -69,8 +69,17 @@ def quantize_choice(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], 
 
 def quantize_weight(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array],
                     probs: Array) -> Array:
-  """The searched weight `sum_k probs[:, k] * Q_{b_k}(w)` (probs `[G, K]`, one-hot for a policy)."""
-  return mix(w, probs, lambda w_, k: quantize_choice(w_, matrix, qparams, k))
+  """The searched weight `sum_k probs[:, k] * Q_{b_k}(w)` (probs `[G, K]`, one-hot for a policy).
+
+  Rematerialised: the backward pass recomputes the K quantized copies of the (small) weight
+  instead of keeping them alive from the forward pass, which saves K weight-sized buffers per
+  matrix for the price of a few elementwise passes.
+  """
+  @jax.checkpoint
+  def mixed(w, qparams, probs):
+    return mix(w, probs, lambda w_, k: quantize_choice(w_, matrix, qparams, k))
+
+  return mixed(w, qparams, probs)
 
 
 def quantize_embedding(table: Array, bits: int) -> Array:
