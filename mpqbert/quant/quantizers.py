@@ -163,10 +163,11 @@ def quantize_activation(x: Array, scale: Array, bits: int = 8, *, learned: bool 
   scale = jnp.asarray(scale, jnp.float32)
   if not learned:
     scale = jax.lax.stop_gradient(scale)
-  calibrated = scale > 0
-  safe_scale = jnp.where(calibrated, scale, 1.0)
-  x_hat = quantize_symmetric(x, safe_scale.reshape(1), bits, lsq_grad=learned)
-  return jnp.where(calibrated, x_hat, x)
+  # A branch, not an elementwise select: the select and its gradient were two extra passes over
+  # every activation.
+  return jax.lax.cond(scale > 0,
+                      lambda x, s: quantize_symmetric(x, s.reshape(1), bits, lsq_grad=learned),
+                      lambda x, s: x, x, scale)
 
 
 def absmax_scale(x: Array, bits: int) -> Array:
