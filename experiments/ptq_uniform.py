@@ -371,20 +371,23 @@ def observations(rows: list[dict[str, Any]], label_shares: list[float]) -> list[
     out.append(f"At or below the majority-class accuracy ({chance['accuracy']:.4f}): "
                + ", ".join(f"{r['setting']} {r['bits']}-bit G={r['groups']} ({r['accuracy']:.4f})"
                            for r in below) + ".")
+  out += _setting_differences(rows, bits_list, "w_absmax",
+                              "MSE minus max-abs scale init at {bits} bits: ", sign=-1)
+  out += _setting_differences(rows, bits_list, "w_mse_a8",
+                              "Adding 8-bit activations at {bits}-bit weights changes dev by ")
+  return out
+
+
+def _setting_differences(rows: list[dict[str, Any]], bits_list: Iterable[int], other: str,
+                         label: str, sign: int = 1) -> list[str]:
+  """Per bit-width: sign * (dev of `other` - dev of the main "w_mse" setting), per group count."""
+  out = []
   for bits in bits_list:
     pairs = [(m, a) for m in _pick(rows, setting="w_mse", bits=bits)
-             for a in _pick(rows, setting="w_absmax", bits=bits, groups=m["groups"])]
-    diffs = [m["dev"] - a["dev"] for m, a in pairs]
+             for a in _pick(rows, setting=other, bits=bits, groups=m["groups"])]
+    diffs = [sign * (a["dev"] - m["dev"]) for m, a in pairs]
     if diffs:
-      out.append(f"MSE minus max-abs scale init at {bits} bits: "
-                 + ", ".join(f"G={m['groups']}: {d:+.4f}" for (m, _), d in zip(pairs, diffs))
-                 + f" (mean {np.mean(diffs):+.4f}).")
-  for bits in bits_list:
-    pairs = [(m, a) for m in _pick(rows, setting="w_mse", bits=bits)
-             for a in _pick(rows, setting="w_mse_a8", bits=bits, groups=m["groups"])]
-    diffs = [a["dev"] - m["dev"] for m, a in pairs]
-    if diffs:
-      out.append(f"Adding 8-bit activations at {bits}-bit weights changes dev by "
+      out.append(label.format(bits=bits)
                  + ", ".join(f"G={m['groups']}: {d:+.4f}" for (m, _), d in zip(pairs, diffs))
                  + f" (mean {np.mean(diffs):+.4f}).")
   return out
