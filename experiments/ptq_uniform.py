@@ -409,7 +409,8 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any])
            f"git commit `{meta['git_commit']}`"
            + (f" + uncommitted changes to {', '.join(meta['uncommitted'])}" if meta["uncommitted"]
               else "") + f", wall time {meta['wall_time_s']:.0f} s on "
-           f"{meta['machine']}.", ""]
+           f"{meta['machine']}.", "", f"![dev metric vs size]({path.with_suffix('.png').name})",
+           ""]
   for task in meta["tasks"]:
     task_rows = _pick(rows, task=task)
     metric = task_rows[0]["metric"]
@@ -429,6 +430,38 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -
     writer.writerows(rows)
   out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
   write_markdown(out.with_suffix(".md"), rows, meta)
+  plot_size_vs_dev(out.with_suffix(".png"), rows)
+
+
+def plot_size_vs_dev(path: Path, rows: list[dict[str, Any]]) -> None:
+  """One panel per task: dev metric against size_mb, a marker per setting (1/12/128 groups)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  tasks = list(dict.fromkeys(r["task"] for r in rows))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+  markers = {"fp": "*", "w_mse": "o", "w_absmax": "x", "w_mse_a8": "s"}
+  for ax, task in zip(axes[0], tasks):
+    task_rows = [r for r in rows if r["task"] == task]
+    for setting, marker in markers.items():
+      points = [r for r in task_rows if r["setting"] == setting]
+      ax.scatter([r["size_mb"] for r in points], [r["dev"] for r in points], marker=marker,
+                 label=setting, s=80 if setting == "fp" else 36)
+      for r in points:
+        if setting == "w_mse" and r["groups"] == 1:  # G changes size_mb by < 1%: one label
+          ax.annotate(f"{r['bits']}-bit", (r["size_mb"], r["dev"]), fontsize=8,
+                      xytext=(3, 3), textcoords="offset points")
+    chance = [r for r in task_rows if r["setting"] == "majority"]
+    if chance:
+      ax.axhline(chance[0]["dev"], color="gray", linestyle=":", label="majority class")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("size_mb (encoder matrices + scales, log2)")
+    ax.set_ylabel(f"dev {task_rows[0]['metric']}")
+    ax.set_title(f"{task}: post-training uniform quantization")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def command_line() -> str:
