@@ -121,11 +121,14 @@ class Policy:
       policy.check_matches(plan)
     return policy
 
+  def weight_bits(self, path: str) -> int:
+    """Bits of one quantized matrix's weights (no scales)."""
+    return int(np.sum(np.asarray(self.bits[path], np.int64))) * self.plan[path].group_size
+
   def matrix_bits(self, path: str) -> int:
     """Storage bits of one quantized matrix: weights plus the scales of kept groups."""
-    matrix = self.plan[path]
-    bits = np.asarray(self.bits[path], np.int64)
-    return int(np.sum(bits) * matrix.group_size + np.sum(bits > 0) * 32 * matrix.scale_floats)
+    kept_groups = int(np.sum(np.asarray(self.bits[path]) > 0))
+    return self.weight_bits(path) + kept_groups * 32 * self.plan[path].scale_floats
 
 
 def uniform_policy(plan: Plan, bits: int, *, embedding_bits: int = FULL_PRECISION,
@@ -160,8 +163,7 @@ def size_report(params: Any, policy: Policy | None = None) -> dict[str, float]:
     shape = np.shape(value)
     count = math.prod(shape)
     if path in quantized:
-      bits = policy.matrix_bits(path)
-      weight_bits = int(np.sum(np.asarray(policy.bits[path], np.int64))) * quantized[path].group_size
+      bits, weight_bits = policy.matrix_bits(path), policy.weight_bits(path)
     elif EMBEDDING_TABLE.search(path) and embedding_bits < FULL_PRECISION:
       bits = weight_bits = count * embedding_bits + shape[0] * 32
     else:

@@ -195,7 +195,6 @@ def init_symmetric_scale(w: Array, groups: int, bits: int, method: str = "mse") 
     return jnp.maximum(absmax / q_pos, MIN_SCALE)
   if method == "mse":
     fractions = jnp.linspace(0.01, 1.0, 100)
-
     w_fixed = jax.lax.stop_gradient(w)
 
     def error(fraction):
