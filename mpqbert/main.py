@@ -17,13 +17,16 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mpqbert import methods
+from mpqbert.methods.common import format_table
 from mpqbert.train import finetune
 from mpqbert.train.sharding import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<method>.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 
-METHODS: dict[str, Callable] = {"finetune": finetune}
+METHODS: dict[str, Callable] = {"finetune": finetune, "automp": methods.automp,
+                                "uniform": methods.uniform, "hessian": methods.hessian}
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -57,6 +60,8 @@ def main(argv: list[str]) -> None:
   maybe_initialize_distributed()
   summary = METHODS[config.method](config, _WORKDIR.value)
   logging.info("results: %s", json.dumps({k: v for k, v in summary.items() if k != "config"}))
+  if "rows" in summary:
+    print(format_table(summary["rows"], summary["metric"]))
   print(f"{summary['task']} {summary['method']} dev {summary['metric']} = {summary['dev']:.4f} "
         f"({summary['size_mb']:.2f} MB encoder matrices, {summary['steps']} steps, "
         f"{summary['wall_time_s']:.0f} s) -> {_WORKDIR.value}/results.json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,76 @@ def _check_finite(loss: float, step: int, workdir: Path) -> None:
         f"{workdir / 'checkpoints'} hold only steps with a finite loss.")
 
 
+def _shard(batch: Any, mesh) -> Any:
+  """A batch dict, or a tuple of them (the search's weight and architecture batches), on `mesh`."""
+  if isinstance(batch, tuple):
+    return tuple(sharding.shard_batch(b, mesh) for b in batch)
+  return sharding.shard_batch(batch, mesh)
+
+
+def _num_examples(batch: Any) -> int:
+  first = batch[0] if isinstance(batch, tuple) else batch
+  return int(first["weights"].sum())
+
+
+def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, batches: Callable,
+               total_steps: int, evaluate_fn: Callable[[Any], dict[str, dict[str, float]]],
+               config, mesh, eval_every: int, learning_rate: Callable | None = None
+               ) -> tuple[Any, dict[str, dict[str, float]]]:
+  """The resumable loop every stage shares: step, log, evaluate, checkpoint.
+
+  `state` has a `step` field and is the whole checkpointed state; `batches(start_step)` yields
+  the batches from a step on (a dict, or a tuple of dicts); `train_step(state, batch)` returns
+  `(state, metrics)` with a scalar "loss" among them; `evaluate_fn(state)` returns metrics per
+  eval split. Resumes from the newest checkpoint in `workdir/checkpoints`; rows of
+  `workdir/metrics.jsonl` past it are dropped. Returns the final state and its eval metrics.
+  """
+  manager = checkpoint.make_manager(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
+  restored = checkpoint.restore_latest(manager, state)
+  state = state if restored is None else restored
+  start_step = int(state.step)
+  if start_step:
+    logging.info("%s: resuming %s from step %d", name, workdir, start_step)
+  log = results.MetricsLog(workdir, start_step)
+  stream = batches(start_step)
+  eval_metrics: dict[str, dict[str, float]] = {}
+  window, window_start, window_examples = [], time.time(), 0
+  progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+                  desc=name, unit="step", dynamic_ncols=True)
+  for step in progress:
+    batch = next(stream)
+    window_examples += _num_examples(batch)
+    state, step_metrics = train_step(state, _shard(batch, mesh))
+    window.append(step_metrics)
+    done = step + 1
+    save_now = done % config.checkpoint.every_steps == 0 or done == total_steps
+    if done % config.train.log_every_steps == 0 or save_now:
+      means = {k: float(np.mean(v)) for k, v in
+               jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *window)).items()}
+      _check_finite(means["loss"], done, workdir)
+      row = {**means, "examples_per_sec": window_examples / max(time.time() - window_start, 1e-9)}
+      if learning_rate is not None:
+        row["learning_rate"] = float(learning_rate(step))
+      log.write(done, "train", row)
+      logging.info("%s step %d/%d train %s", name, done, total_steps,
+                   " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+      progress.set_postfix(loss=f"{means['loss']:.4f}")
+      window, window_start, window_examples = [], time.time(), 0
+    if done % eval_every == 0 or done == total_steps:
+      eval_metrics = evaluate_fn(state)
+      for split, metrics in eval_metrics.items():
+        log.write(done, split, metrics)
+        logging.info("%s step %d eval %s %s", name, done, split,
+                     " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if save_now:
+      checkpoint.save(manager, done, state, force=True)
+  manager.wait_until_finished()
+  progress.close()
+  if not eval_metrics:  # Resumed after the last step: evaluate the restored final state.
+    eval_metrics = evaluate_fn(state)
+  return state, eval_metrics
+
+
 def finetune(config, workdir: str | Path) -> dict[str, Any]:
   """Fine-tunes `config.model` on `config.task`; resumes from the newest checkpoint in `workdir`.
 
@@ -90,75 +160,14 @@ def finetune(config, workdir: str | Path) -> dict[str, Any]:
   model, params = models.load_pretrained(config.model, num_labels=task.num_labels,
                                          dtype=compute_dtype(config.train.dtype),
                                          remat=config.train.remat, seed=config.seed)
-
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.train.batch_size, mesh)
-  sharding.check_batch_size(config.train.eval_batch_size, mesh)
-  steps_per_epoch = data.num_train_batches(len(train_set), config.train.batch_size)
-  total_steps = num_train_steps(config.train, steps_per_epoch)
-  eval_every = config.train.eval_every_steps or steps_per_epoch
-  optimizer, schedule = optim.make_optimizer(config.train, total_steps)
-
-  state = sharding.replicate(TrainState.create(params, optimizer), mesh)
-  manager = checkpoint.make_manager(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
-  restored = checkpoint.restore_latest(manager, state)
-  state = state if restored is None else restored
-  start_step = int(state.step)
-  if start_step:
-    logging.info("resuming %s from step %d", workdir, start_step)
-  log = results.MetricsLog(workdir, start_step)
-  train_step = make_train_step(model, optimizer, task.is_regression, dropout_seed=config.seed)
-  eval_step = make_eval_step(model, task.is_regression)
-  batches = data.train_batches_from(train_set, config.train.batch_size, seed=config.seed,
-                                    start_step=start_step,
-                                    max_seq_length=config.data.max_seq_length,
-                                    pad_multiple=config.data.pad_multiple)
-  logging.info("task=%s train=%d examples, %d steps/epoch, %d steps, %d devices", task.name,
-               len(train_set), steps_per_epoch, total_steps, mesh.size)
-
-  dev_metrics: dict[str, dict[str, float]] = {}
-  window_losses, window_start, window_examples = [], time.time(), 0
-  progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
-                  desc=f"finetune {task.name}", unit="step", dynamic_ncols=True)
-  for step in progress:
-    batch = next(batches)
-    window_examples += int(batch["weights"].sum())
-    state, step_metrics = train_step(state, sharding.shard_batch(batch, mesh))
-    window_losses.append(step_metrics["loss"])
-    done = step + 1
-    save_now = done % config.checkpoint.every_steps == 0 or done == total_steps
-    if done % config.train.log_every_steps == 0 or save_now or done == total_steps:
-      loss = float(np.mean(jax.device_get(window_losses)))
-      _check_finite(loss, done, workdir)
-      rate = window_examples / max(time.time() - window_start, 1e-9)
-      row = {"loss": loss, "grad_norm": step_metrics["grad_norm"],
-             "learning_rate": float(schedule(step)), "examples_per_sec": rate}
-      log.write(done, "train", row)
-      logging.info("step %d/%d train loss=%.4f lr=%.3g examples/s=%.1f", done, total_steps, loss,
-                   row["learning_rate"], rate)
-      progress.set_postfix(loss=f"{loss:.4f}")
-      window_losses, window_start, window_examples = [], time.time(), 0
-    if done % eval_every == 0 or done == total_steps:
-      for split, dataset in eval_sets.items():
-        dev_metrics[split] = evaluate(eval_step, state.params, dataset, task, config, mesh)
-        log.write(done, split, dev_metrics[split])
-        logging.info("step %d eval %s %s", done, split,
-                     " ".join(f"{k}={v:.4f}" for k, v in dev_metrics[split].items()))
-    if save_now:
-      checkpoint.save(manager, done, state, force=True)
-  manager.wait_until_finished()
-  progress.close()
-
-  if not dev_metrics:  # Resumed after the last step: evaluate the restored final state.
-    dev_metrics = {split: evaluate(eval_step, state.params, dataset, task, config, mesh)
-                   for split, dataset in eval_sets.items()}
-  first_split = task.eval_splits[0]
+  state, dev_metrics, total_steps = train_full_precision(config, workdir, model, params, task,
+                                                         train_set, eval_sets)
   summary = {
       "task": task.name,
       "method": config.method,
       "model": config.model,
       "metric": task.main_metric,
-      "dev": dev_metrics[first_split][task.main_metric],
+      "dev": dev_metrics[task.eval_splits[0]][task.main_metric],
       "dev_metrics": dev_metrics,
       **quant.size_report(jax.device_get(state.params)),
       "steps": total_steps,
@@ -169,3 +178,39 @@ def finetune(config, workdir: str | Path) -> dict[str, Any]:
   }
   results.write_results(workdir, summary)
   return summary
+
+
+def train_full_precision(config, workdir: Path, model, params: Any, task: data.GlueTask,
+                         train_set: data.TokenizedDataset,
+                         eval_sets: dict[str, data.TokenizedDataset]
+                         ) -> tuple[TrainState, dict[str, dict[str, float]], int]:
+  """AdamW fine-tuning of `params` under `config.train`, checkpointed in `workdir`."""
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  sharding.check_batch_size(config.train.eval_batch_size, mesh)
+  steps_per_epoch = data.num_train_batches(len(train_set), config.train.batch_size)
+  total_steps = num_train_steps(config.train, steps_per_epoch)
+  optimizer, schedule = optim.make_optimizer(config.train, total_steps)
+  state = sharding.replicate(TrainState.create(params, optimizer), mesh)
+  train_step = make_train_step(model, optimizer, task.is_regression, dropout_seed=config.seed)
+  eval_step = make_eval_step(model, task.is_regression)
+  logging.info("finetune task=%s train=%d examples, %d steps/epoch, %d steps, %d devices",
+               task.name, len(train_set), steps_per_epoch, total_steps, mesh.size)
+  state, dev_metrics = train_loop(
+      name=f"finetune {task.name}", workdir=workdir, state=state, train_step=train_step,
+      batches=lambda start: batches_for(config, train_set, start),
+      total_steps=total_steps,
+      evaluate_fn=lambda s: {split: evaluate(eval_step, s.params, ds, task, config, mesh)
+                             for split, ds in eval_sets.items()},
+      config=config, mesh=mesh, eval_every=config.train.eval_every_steps or steps_per_epoch,
+      learning_rate=schedule)
+  return state, dev_metrics, total_steps
+
+
+def batches_for(config, dataset: data.TokenizedDataset, start_step: int,
+                batch_size: int | None = None, seed_offset: int = 0):
+  """The seeded, resumable training batch stream of `config` over `dataset`."""
+  return data.train_batches_from(dataset, batch_size or config.train.batch_size,
+                                 seed=config.seed + seed_offset, start_step=start_step,
+                                 max_seq_length=config.data.max_seq_length,
+                                 pad_multiple=config.data.pad_multiple)

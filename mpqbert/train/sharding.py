@@ -65,4 +65,9 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+  """A replicated copy of `tree` on `mesh`.
+
+  Always a copy: train steps donate their state, and the caller's arrays (a teacher's weights,
+  say) must survive that.
+  """
+  return jax.device_put(tree, replicated(mesh), may_alias=False)

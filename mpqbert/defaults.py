@@ -1,0 +1,106 @@
+"""Default values of the configs in `configs/`: one place, so the methods share their keys.
+
+Config files call these and change what their method needs; every value is plain data.
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+
+def train_defaults(**overrides) -> config_dict.ConfigDict:
+  """AdamW fine-tuning budget and logging (`config.train`, and `config.teacher.train`)."""
+  train = config_dict.ConfigDict()
+  train.batch_size = 32
+  train.eval_batch_size = 128
+  train.num_epochs = 3.0
+  train.num_train_steps = -1  # >0 overrides num_epochs.
+  train.learning_rate = 5e-5
+  train.warmup_ratio = 0.1
+  train.weight_decay = 0.01
+  train.adam_b1 = 0.9
+  train.adam_b2 = 0.999
+  train.adam_eps = 1e-6
+  train.max_grad_norm = 1.0
+  train.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
+  train.remat = False
+  train.log_every_steps = 50
+  train.eval_every_steps = 0  # 0: evaluate at the end of every epoch.
+  train.update(overrides)
+  return train
+
+
+def finetune_config() -> config_dict.ConfigDict:
+  """Full-precision fine-tuning (`configs/finetune.py`)."""
+  config = config_dict.ConfigDict()
+  config.method = "finetune"
+  config.task = "mrpc"
+  config.model = "minilm"  # 'minilm' (embedded), a local checkpoint directory, or a hub name.
+  config.seed = 0
+
+  config.data = config_dict.ConfigDict()
+  config.data.glue_dir = config_dict.placeholder(str)  # None: $MPQBERT_GLUE_DIR, else the hub.
+  config.data.max_seq_length = 128
+  config.data.pad_multiple = 32  # Batches pad to a multiple of this: few shapes, few recompiles.
+  config.data.train_subset = 0  # >0: train on the first N examples of a seeded shuffle.
+
+  config.train = train_defaults()
+
+  config.checkpoint = config_dict.ConfigDict()
+  config.checkpoint.every_steps = 200
+  config.checkpoint.keep = 2
+  return config
+
+
+def compression_config(method: str) -> config_dict.ConfigDict:
+  """The shared keys of the compression pipelines (automp, uniform, hessian)."""
+  config = finetune_config()
+  config.method = method
+
+  # The full-precision teacher: a finished configs/finetune.py run, or fine-tuned here first.
+  config.teacher = config_dict.ConfigDict()
+  config.teacher.workdir = config_dict.placeholder(str)
+  config.teacher.train = train_defaults()
+
+  # Quantization-aware fine-tuning of every quantized model (the same budget for all methods).
+  config.train = train_defaults(num_epochs=1.0, learning_rate=2e-5)
+  config.train.distill_alpha = 0.5  # Weight of the teacher's soft logits (1 - it: the labels).
+  config.train.distill_hidden_weight = 1.0  # Weight of the layer-output MSE to the teacher.
+  config.train.distill_temperature = 1.0
+
+  config.quant = config_dict.ConfigDict()
+  config.quant.groups = 12  # Sub-groups (of output neurons) per matrix: 1, 12 (a head), 128...
+  config.quant.bit_choices = (0, 2, 4, 8)  # 0 = pruned.
+  config.quant.bits = 4  # uniform only: the one bit-width.
+  config.quant.activation_bits = 8  # Inputs of the quantized matmuls (32: float).
+  config.quant.calibration_batches = 4  # Batches that set the activation scales' start.
+  config.quant.scale_init = "mse"  # Initial weight step sizes: mse, absmax or lsq.
+
+  # The size target (automp and hessian): exactly one of target_compression / target_size_mb.
+  config.search = config_dict.ConfigDict()
+  config.search.target_compression = config_dict.placeholder(float)
+  config.search.target_size_mb = config_dict.placeholder(float)
+  config.search.tolerance = 0.05  # The band is (1 +- tolerance) * target.
+  config.search.size_weight = 1.0  # lambda of the size loss.
+  config.search.num_epochs = 2.0  # Over the weight split.
+  config.search.num_train_steps = -1  # >0 overrides num_epochs.
+  config.search.batch_size = 32
+  config.search.search_fraction = 0.2  # Share of the training data held out for the logits.
+  config.search.warmup_epochs = 0.5  # Weights-only epochs before architecture updates.
+  config.search.weight_lr = 2e-5  # AdamW on weights and scales.
+  config.search.arch_optimizer = "sgd"  # sgd or adam, on the logits (no weight decay).
+  config.search.arch_lr = 0.1
+  config.search.second_order = False  # DARTS second-order architecture gradient.
+  config.search.tau_start = 5.0  # Gumbel temperature t0 * exp(-tau_decay * (epoch - warmup)).
+  config.search.tau_decay = 1.0
+  config.search.eval_every_steps = 0  # 0: evaluate the argmax policy at the end only.
+
+  config.hessian = config_dict.ConfigDict()
+  config.hessian.batch_size = 32
+  config.hessian.num_batches = 2  # Training batches the Hessian is averaged over.
+  config.hessian.power_iterations = 10
+  config.hessian.eigenvalues_from = config_dict.placeholder(str)  # Reuse another run's JSON.
+
+  config.compare = config_dict.ConfigDict()
+  config.compare.uniform_bits = ()  # automp also trains these uniform baselines, for its table.
+  return config

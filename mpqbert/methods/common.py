@@ -1,0 +1,344 @@
+"""Pieces every compression pipeline shares: task context, teacher, quantized training, results.
+
+A pipeline's workdir holds one sub-directory per stage (`teacher/`, `search/`, `retrain/`,
+`uniform4/`, ...), each with its own checkpoints and `metrics.jsonl`; a finished stage leaves a
+JSON file that a resumed run reads instead of redoing the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mpqbert import data, models, quant
+from mpqbert.models.bert import BertLayer
+from mpqbert.train import checkpoint, loop, optim, results, sharding
+from mpqbert.train.steps import TrainState, make_eval_step, per_example_loss, weighted_mean
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, dict[str, float]]
+
+
+@dataclasses.dataclass
+class TaskContext:
+  """The task, data, model and device mesh of one pipeline run."""
+
+  config: ml_collections.ConfigDict
+  task: data.GlueTask
+  model: Any
+  pretrained_params: Any
+  train_set: data.TokenizedDataset
+  eval_sets: dict[str, data.TokenizedDataset]
+  mesh: Any
+
+  @property
+  def dev_split(self) -> str:
+    return self.task.eval_splits[0]
+
+  def dev_value(self, metrics: Metrics) -> float:
+    return metrics[self.dev_split][self.task.main_metric]
+
+  def evaluate(self, eval_step: Callable, variables: Any) -> Metrics:
+    return {split: loop.evaluate(eval_step, variables, ds, self.task, self.config, self.mesh)
+            for split, ds in self.eval_sets.items()}
+
+
+def make_context(config: ml_collections.ConfigDict) -> TaskContext:
+  tokenizer = models.load_tokenizer(config.model)
+  task, train_set, eval_sets = loop.load_glue(config, tokenizer)
+  model, params = models.load_pretrained(config.model, num_labels=task.num_labels,
+                                         dtype=loop.compute_dtype(config.train.dtype),
+                                         remat=config.train.remat, seed=config.seed)
+  mesh = sharding.make_mesh()
+  for size in (config.train.batch_size, config.train.eval_batch_size):
+    sharding.check_batch_size(size, mesh)
+  return TaskContext(config, task, model, params, train_set, eval_sets, mesh)
+
+
+def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+  """`compute()` once: its result is written to `path` and read back by a resumed run."""
+  if path.is_file():
+    return json.loads(path.read_text())
+  value = compute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(value, indent=2))
+  return value
+
+
+def split_for_search(dataset: data.TokenizedDataset, fraction: float, seed: int
+                     ) -> tuple[data.TokenizedDataset, data.TokenizedDataset]:
+  """A seeded (weights, search) split of the training data; the dev set is never used."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"search.search_fraction={fraction} must be in (0, 1).")
+  order = np.random.default_rng(seed + 7919).permutation(len(dataset))
+  cut = int(round(len(dataset) * (1.0 - fraction)))
+  if cut == 0 or cut == len(dataset):
+    raise ValueError(f"{len(dataset)} training examples are too few to split with "
+                     f"search_fraction={fraction}.")
+
+  def subset(indices):
+    indices = np.sort(indices)
+    return data.TokenizedDataset(input_ids=[dataset.input_ids[i] for i in indices],
+                                 token_type_ids=[dataset.token_type_ids[i] for i in indices],
+                                 labels=dataset.labels[indices])
+
+  return subset(order[:cut]), subset(order[cut:])
+
+
+# ----------------------------------------------------------------------------------- teacher
+
+
+def restore_params(workdir: Path, template: Any) -> Any:
+  """The `params` of the newest checkpoint of a finished fine-tuning run in `workdir`."""
+  manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints")
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; fine-tune a teacher with "
+                            "configs/finetune.py there first, or leave teacher.workdir unset.")
+  saved = manager.restore(step, args=ocp.args.StandardRestore())["params"]
+  got = jax.tree.map(np.shape, saved)
+  want = jax.tree.map(np.shape, template)
+  if got != want:
+    raise ValueError(f"the checkpoint in {workdir} holds another model (its parameter shapes "
+                     "differ from config.model with this task's head); point teacher.workdir "
+                     "at a fine-tuning run of the same model and task.")
+  return jax.tree.map(jnp.asarray, saved)
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `configs/finetune.py`-style config of the teacher fine-tuning stage."""
+  return ml_collections.ConfigDict({
+      "method": "finetune", "task": config.task, "model": config.model, "seed": config.seed,
+      "data": config.data.to_dict(), "train": config.teacher.train.to_dict(),
+      "checkpoint": config.checkpoint.to_dict()})
+
+
+def get_teacher(ctx: TaskContext, workdir: Path) -> Any:
+  """Full-precision fine-tuned params: from `teacher.workdir`, or fine-tuned in `workdir/teacher`.
+
+  A teacher fine-tuned here is resumable like any stage; its `results.json` marks it finished.
+  """
+  config = ctx.config
+  if config.teacher.workdir:
+    source = Path(config.teacher.workdir)
+    reported = json.loads((source / "results.json").read_text()) if (
+        source / "results.json").is_file() else {}
+    if reported and (reported.get("task") != ctx.task.name or reported.get("model") != config.model):
+      raise ValueError(f"teacher.workdir={source} was fine-tuned on task "
+                       f"{reported.get('task')!r} with model {reported.get('model')!r}, but this "
+                       f"run is {ctx.task.name!r} with {config.model!r}.")
+    return restore_params(source, ctx.pretrained_params)
+  stage = workdir / "teacher"
+  tconfig = teacher_config(config)
+  checkpoint.guard_workdir(stage, tconfig.to_json())
+  if (stage / "results.json").is_file():
+    return restore_params(stage, ctx.pretrained_params)
+  state, _, _ = loop.train_full_precision(tconfig, stage, ctx.model, ctx.pretrained_params,
+                                          ctx.task, ctx.train_set, ctx.eval_sets)
+  results.write_results(stage, {"task": ctx.task.name, "model": config.model,
+                                "config": tconfig.to_dict()})
+  return state.params
+
+
+# -------------------------------------------------------------------------- quantized model
+
+
+def make_spec(config: ml_collections.ConfigDict, num_heads: int,
+              bit_choices: tuple[int, ...] | None = None) -> quant.QuantSpec:
+  """The search space / numerics of `config.quant` over the six encoder matrices per layer."""
+  return quant.bert_encoder_spec(groups=config.quant.groups,
+                                 bit_choices=tuple(bit_choices or config.quant.bit_choices),
+                                 num_heads=num_heads,
+                                 activation_bits=config.quant.activation_bits,
+                                 activation_mode="learned")
+
+
+def _forward(apply_fn, variables, batch: Batch, **kwargs):
+  return apply_fn(*variables, batch["input_ids"], attention_mask=batch["attention_mask"],
+                  token_type_ids=batch["token_type_ids"], **kwargs)
+
+
+def make_quant_eval_step(qapply: Callable, is_regression: bool) -> Callable:
+  """Like `make_eval_step`; its variables are `(params, qparams, arch)` (a Policy or logits)."""
+
+  def eval_step(variables, batch: Batch) -> dict:
+    logits = _forward(qapply, variables, batch, deterministic=True)
+    losses = per_example_loss(logits, batch["labels"], is_regression)
+    predictions = logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1)
+    return {"predictions": predictions, "loss_sum": jnp.sum(losses * batch["weights"])}
+
+  return jax.jit(eval_step)
+
+
+def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qparams: Any,
+                          arch: Any) -> Any:
+  """qparams whose activation step sizes start at the moving max|x| of a few training batches."""
+  if ctx.config.quant.activation_bits >= quant.FULL_PRECISION:
+    return qparams
+
+  @jax.jit
+  def update(qparams, batch):
+    return _forward(qapply, (params, qparams, arch), batch, deterministic=True,
+                    update_act_stats=True)[1]
+
+  stream = loop.batches_for(ctx.config, ctx.train_set, 0)
+  for _ in range(ctx.config.quant.calibration_batches):
+    batch = next(stream)
+    qparams = update(qparams, sharding.shard_batch(batch, ctx.mesh))
+  return qparams
+
+
+def _is_layer(module, method_name: str) -> bool:
+  return isinstance(module, BertLayer) and method_name == "__call__"
+
+
+def layer_outputs(intermediates: Mapping[str, Any]) -> list[jax.Array]:
+  """The captured output of every `BertLayer`, in layer order."""
+  flat = quant.flatten_params(intermediates["intermediates"])
+  found = sorted((int(path.split("/")[-2]), value[0]) for path, value in flat.items()
+                 if path.endswith("/__call__"))
+  return [value for _, value in found]
+
+
+def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hidden,
+                      batch: Batch, *, is_regression: bool, temperature: float) -> tuple:
+  """(logit loss, hidden-state loss) of a student against its full-precision teacher.
+
+  Logits: soft cross-entropy at `temperature` (times T^2), or squared error for regression.
+  Hidden states: mean squared error of every layer's output over real tokens, averaged.
+  """
+  if is_regression:
+    logit_loss = jnp.square(student_logits[:, 0] - teacher_logits[:, 0])
+  else:
+    soft = jax.nn.softmax(teacher_logits / temperature)
+    logit_loss = -jnp.sum(soft * jax.nn.log_softmax(student_logits / temperature), -1)
+    logit_loss = logit_loss * temperature**2
+  logit_loss = weighted_mean(logit_loss, batch["weights"])
+  mask = batch["attention_mask"].astype(jnp.float32) * batch["weights"][:, None]
+  per_layer = [jnp.sum(jnp.mean(jnp.square(s - t), -1) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+               for s, t in zip(student_hidden, teacher_hidden)]
+  return logit_loss, sum(per_layer) / max(1, len(per_layer))
+
+
+def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer, policy: quant.Policy,
+                  teacher_params: Any) -> Callable:
+  """One AdamW step of weights and quantizer parameters under a fixed policy (+ distillation)."""
+  train = ctx.config.train
+  is_regression = ctx.task.is_regression
+  base_key = jax.random.key(ctx.config.seed)
+  distill = train.distill_alpha > 0 or train.distill_hidden_weight > 0
+
+  def loss_fn(weights, batch, key):
+    kwargs = dict(deterministic=False, rngs={"dropout": key})
+    if distill:
+      kwargs["capture_intermediates"] = _is_layer
+    out = _forward(qapply, (weights["params"], weights["qparams"], policy), batch, **kwargs)
+    logits = out[0] if distill else out
+    task_loss = weighted_mean(per_example_loss(logits, batch["labels"], is_regression),
+                              batch["weights"])
+    if not distill:
+      return task_loss, {"task_loss": task_loss}
+    t_logits, t_state = _forward(ctx.model.apply, ({"params": teacher_params},), batch,
+                                 deterministic=True, capture_intermediates=_is_layer)
+    t_logits, t_hidden = jax.lax.stop_gradient((t_logits, layer_outputs(t_state)))
+    kd_logits, kd_hidden = distillation_loss(logits, t_logits, layer_outputs(out[1]), t_hidden,
+                                             batch, is_regression=is_regression,
+                                             temperature=train.distill_temperature)
+    loss = ((1 - train.distill_alpha) * task_loss + train.distill_alpha * kd_logits
+            + train.distill_hidden_weight * kd_hidden)
+    return loss, {"task_loss": task_loss, "kd_logits": kd_logits, "kd_hidden": kd_hidden}
+
+  def step(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(base_key, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), {"loss": loss, **aux}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy: quant.Policy,
+                    params: Any, qparams: Any, teacher_params: Any) -> dict[str, Any]:
+  """Quantization-aware fine-tuning under a fixed `policy` from `params` (the teacher's weights).
+
+  Trains weights and quantizer scales for `config.train`'s budget, checkpointed in `stage`;
+  returns (and caches in `stage/result.json`) the dev metrics and sizes of the final model.
+  """
+  def run() -> dict[str, Any]:
+    start = time.time()
+    config = ctx.config
+    stage.mkdir(parents=True, exist_ok=True)
+    policy.save(stage / "policy.json")
+    qapply = quant.transform(ctx.model.apply, spec)
+    steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
+    total_steps = loop.num_train_steps(config.train, steps_per_epoch)
+    optimizer, schedule = optim.make_optimizer(config.train, total_steps,
+                                               mask=optim.weights_decay_mask)
+    calibrated = calibrate_activations(ctx, qapply, params, qparams, policy)
+    state = sharding.replicate(
+        TrainState.create({"params": params, "qparams": calibrated}, optimizer), ctx.mesh)
+    eval_step = make_quant_eval_step(qapply, ctx.task.is_regression)
+    state, dev_metrics = loop.train_loop(
+        name=f"{stage.name} {ctx.task.name}", workdir=stage, state=state,
+        train_step=make_qat_step(ctx, qapply, optimizer, policy, teacher_params),
+        batches=lambda s: loop.batches_for(config, ctx.train_set, s), total_steps=total_steps,
+        evaluate_fn=lambda s: ctx.evaluate(eval_step, (s.params["params"],
+                                                       s.params["qparams"], policy)),
+        config=config, mesh=ctx.mesh,
+        eval_every=config.train.eval_every_steps or steps_per_epoch, learning_rate=schedule)
+    return {"dev": ctx.dev_value(dev_metrics), "dev_metrics": dev_metrics,
+            **quant.size_report(jax.device_get(params), policy), "steps": total_steps,
+            "wall_time_s": time.time() - start}
+
+  return cached_json(stage / "result.json", run)
+
+
+def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path) -> dict[str, Any]:
+  """The teacher's dev metrics under this run's data settings (the full-precision row)."""
+  def run():
+    metrics = ctx.evaluate(make_eval_step(ctx.model, ctx.task.is_regression), params)
+    return {"dev": ctx.dev_value(metrics), "dev_metrics": metrics,
+            **quant.size_report(jax.device_get(params))}
+
+  return cached_json(workdir / "full_precision.json", run)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def row(method: str, result: Mapping[str, Any]) -> dict[str, Any]:
+  """One line of the size / accuracy table."""
+  return {"method": method, **{k: result[k] for k in ("size_mb", "compression", "avg_bits",
+                                                      "dev")}}
+
+
+def format_table(rows: list[Mapping[str, Any]], metric: str) -> str:
+  lines = [f"{'method':<24} {'size_mb':>9} {'compression':>11} {'avg_bits':>8} {metric:>9}"]
+  for r in rows:
+    lines.append(f"{r['method']:<24} {r['size_mb']:>9.3f} {r['compression']:>10.2f}x "
+                 f"{r['avg_bits']:>8.3f} {r['dev']:>9.4f}")
+  return "\n".join(lines)
+
+
+def write_summary(ctx: TaskContext, workdir: Path, *, method: str, result: Mapping[str, Any],
+                  rows: list[dict[str, Any]], start_time: float, **extra: Any) -> dict[str, Any]:
+  """`workdir/results.json` of a compression pipeline: the final model plus the table rows."""
+  summary = {"task": ctx.task.name, "method": method, "model": ctx.config.model,
+             "metric": ctx.task.main_metric, **dict(result), "rows": rows, **extra,
+             "train_examples": len(ctx.train_set), "wall_time_s": time.time() - start_time,
+             "git_commit": results.git_commit(), "config": ctx.config.to_dict()}
+  results.write_results(workdir, summary)
+  logging.info("table:\n%s", format_table(rows, ctx.task.main_metric))
+  return summary

@@ -1,0 +1,240 @@
+"""The compression methods of `mpqbert.main`, each one resumable pipeline over `common` stages.
+
+  automp   teacher -> bilevel search (mpqbert.search) -> derived policy -> QAT retrain -> eval
+  uniform  teacher -> n-bit policy -> QAT retrain -> eval
+  hessian  teacher -> Hessian eigenvalues -> sensitivity-assigned policy -> QAT retrain -> eval
+
+Every quantized model starts from the teacher's weights and gets the same `config.train` budget;
+the searched/assigned policy lands in the size band of `config.search`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+
+from mpqbert import data, quant, search
+from mpqbert.methods import common
+from mpqbert.methods.report import plot_bit_map
+from mpqbert.train import checkpoint, loop, optim, sharding
+from mpqbert.train.steps import per_example_loss, weighted_mean
+
+
+def policy_stats(policy: quant.Policy) -> dict[str, Any]:
+  """How many sub-groups got each bit-width (0 = pruned)."""
+  counts = Counter(int(b) for bits in policy.bits.values() for b in np.asarray(bits))
+  return {"groups": sum(counts.values()), "pruned_groups": counts.get(0, 0),
+          "groups_per_bits": {str(b): counts[b] for b in sorted(counts)}}
+
+
+def _start(config, workdir) -> tuple[float, Path, common.TaskContext, Any, dict[str, Any]]:
+  """Shared opening: guard the workdir, load data and model, get and evaluate the teacher."""
+  start = time.time()
+  workdir = Path(workdir)
+  checkpoint.guard_workdir(workdir, config.to_json())
+  ctx = common.make_context(config)
+  teacher = common.get_teacher(ctx, workdir)
+  full_precision = common.evaluate_full_precision(ctx, teacher, workdir)
+  logging.info("full precision dev %s = %.4f", ctx.task.main_metric, full_precision["dev"])
+  return start, workdir, ctx, teacher, full_precision
+
+
+def _num_heads(ctx: common.TaskContext) -> int:
+  return ctx.model.config.num_attention_heads
+
+
+def _uniform(ctx: common.TaskContext, stage: Path, bits: int, teacher: Any) -> dict[str, Any]:
+  """QAT of the teacher with every sub-group at `bits` (same sub-groups as `config.quant`)."""
+  spec = common.make_spec(ctx.config, _num_heads(ctx), bit_choices=(bits,))
+  policy = quant.uniform_policy(spec.plan(teacher), bits,
+                                activation_bits=ctx.config.quant.activation_bits)
+  qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
+  return common.train_quantized(ctx, stage, spec, policy, teacher, qparams, teacher)
+
+
+def _finish(ctx, workdir: Path, *, method: str, label: str, spec, policy: quant.Policy,
+            teacher, rows: list, start: float, **extra) -> dict[str, Any]:
+  """Retrain under `policy`, write policy.json, the bit map and results.json."""
+  qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
+  result = common.train_quantized(ctx, workdir / "retrain", spec, policy, teacher, qparams,
+                                  teacher)
+  policy.save(workdir / "policy.json")
+  plot_bit_map(policy, workdir / "bit_map.png",
+               title=f"{method} {ctx.task.name}: {result['size_mb']:.3f} MB, "
+                     f"{result['compression']:.1f}x, dev {result['dev']:.4f}")
+  rows = rows + [common.row(label, result)]
+  return common.write_summary(ctx, workdir, method=method, result=result, rows=rows,
+                              start_time=start, policy=policy_stats(policy), **extra)
+
+
+def _band(ctx, teacher, plan) -> search.SizeBand:
+  s = ctx.config.search
+  return search.make_band(teacher, plan, target_size_mb=s.target_size_mb,
+                          target_compression=s.target_compression, tolerance=s.tolerance)
+
+
+# ------------------------------------------------------------------------------------- automp
+
+
+def _arch_optimizer(search_config) -> optax.GradientTransformation:
+  if search_config.arch_optimizer == "sgd":
+    return optax.sgd(search_config.arch_lr)
+  if search_config.arch_optimizer == "adam":
+    return optax.adam(search_config.arch_lr)
+  raise ValueError(f"search.arch_optimizer={search_config.arch_optimizer!r}; use 'sgd' or "
+                   "'adam'.")
+
+
+def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
+               band: search.SizeBand, teacher: Any) -> dict[str, Any]:
+  """The bilevel search from the teacher's weights; returns (and caches) the final logits."""
+  config, sc = ctx.config, ctx.config.search
+  plan = spec.plan(teacher)
+  fixed = search.fixed_bits(teacher, plan)
+  weight_set, search_set = common.split_for_search(ctx.train_set, sc.search_fraction, config.seed)
+  steps_per_epoch = data.num_train_batches(len(weight_set), sc.batch_size)
+  total_steps = (int(sc.num_train_steps) if sc.num_train_steps > 0
+                 else max(1, math.ceil(sc.num_epochs * steps_per_epoch)))
+  arch_start = int(round(sc.warmup_epochs * steps_per_epoch))
+  weight_optimizer, schedule = optim.make_optimizer(config.train, total_steps,
+                                                    mask=optim.weights_decay_mask,
+                                                    learning_rate=sc.weight_lr)
+  arch_optimizer = _arch_optimizer(sc)
+  qapply = quant.transform(ctx.model.apply, spec)
+  qparams = quant.init_qparams(spec, teacher, scale_init=config.quant.scale_init)
+  arch = quant.init_arch(spec, teacher)
+  qparams = common.calibrate_activations(ctx, qapply, teacher, qparams, arch)
+  state = sharding.replicate(search.SearchState.create(teacher, qparams, arch, weight_optimizer,
+                                                       arch_optimizer), ctx.mesh)
+  tau_fn = lambda step: search.temperature(step, steps_per_epoch, tau_start=sc.tau_start,
+                                           tau_decay=sc.tau_decay, warmup_epochs=sc.warmup_epochs)
+  step_fn = search.make_search_step(
+      qapply, plan=plan, band=band, fixed_bits=fixed, size_weight=sc.size_weight,
+      weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer,
+      is_regression=ctx.task.is_regression, tau_fn=tau_fn, arch_start_step=arch_start,
+      second_order=sc.second_order, inner_lr=sc.weight_lr, seed=config.seed)
+  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
+
+  def evaluate(state):  # Report only: the argmax policy on the search's own weights.
+    argmax = quant.policy_from_logits(jax.device_get(state.arch), plan,
+                                      activation_bits=config.quant.activation_bits)
+    return ctx.evaluate(eval_step, (state.weights["params"], state.weights["qparams"], argmax))
+
+  def batches(start):
+    return zip(loop.batches_for(config, weight_set, start, batch_size=sc.batch_size),
+               loop.batches_for(config, search_set, start, batch_size=sc.batch_size,
+                                seed_offset=1))
+
+  logging.info("search: %d weight / %d search examples, %d steps (%d/epoch), architecture "
+               "updates from step %d, band %s", len(weight_set), len(search_set), total_steps,
+               steps_per_epoch, arch_start, band.describe())
+  state, argmax_metrics = loop.train_loop(
+      name=f"search {ctx.task.name}", workdir=stage, state=state, train_step=step_fn,
+      batches=batches, total_steps=total_steps, evaluate_fn=evaluate, config=config,
+      mesh=ctx.mesh, eval_every=sc.eval_every_steps or total_steps, learning_rate=schedule)
+  arch = jax.device_get(state.arch)
+  np.savez(stage / "arch_logits.npz", **{p.replace("/", "."): v for p, v in arch.items()})
+  probs = {p: jax.nn.softmax(v) for p, v in arch.items()}
+  return {"arch": arch, "steps": total_steps, "argmax_dev_metrics": argmax_metrics,
+          "expected_size_mb": float(search.expected_size_mb(probs, plan, fixed))}
+
+
+def load_arch(stage: Path) -> dict[str, np.ndarray]:
+  with np.load(stage / "arch_logits.npz") as f:
+    return {k.replace(".", "/"): f[k] for k in f.files}
+
+
+def automp(config, workdir) -> dict[str, Any]:
+  """AutoMPQ: search bits per sub-group (0 = pruned) under the size band, derive, retrain."""
+  start, workdir, ctx, teacher, full_precision = _start(config, workdir)
+  spec = common.make_spec(config, _num_heads(ctx))
+  plan = spec.plan(teacher)
+  band = _band(ctx, teacher, plan)
+  rows = [common.row("full precision", full_precision)]
+  for bits in config.compare.uniform_bits:
+    rows.append(common.row(f"uniform {bits}-bit",
+                           _uniform(ctx, workdir / f"uniform{bits}", bits, teacher)))
+  stage = workdir / "search"
+
+  def searched() -> dict[str, Any]:
+    out = run_search(ctx, stage, spec, band, teacher)
+    return {k: v for k, v in out.items() if k != "arch"}
+
+  search_info = common.cached_json(stage / "search.json", searched)
+  arch = load_arch(stage)
+  fixed = search.fixed_bits(teacher, plan)
+  argmax = quant.policy_from_logits(arch, plan, activation_bits=config.quant.activation_bits)
+  policy = search.derive_policy(arch, plan, band, fixed_bits=fixed,
+                                activation_bits=config.quant.activation_bits)
+  search_info["argmax_size_mb"] = quant.size_report(jax.device_get(teacher), argmax)["size_mb"]
+  search_info["band_mb"] = [band.lower, band.upper]
+  logging.info("search: expected size %.4f MB, argmax policy %.4f MB, derived policy in band %s",
+               search_info["expected_size_mb"], search_info["argmax_size_mb"], band.describe())
+  return _finish(ctx, workdir, method="automp", label="automp", spec=spec, policy=policy,
+                 teacher=teacher, rows=rows, start=start, search=search_info)
+
+
+# ---------------------------------------------------------------------------------- baselines
+
+
+def uniform(config, workdir) -> dict[str, Any]:
+  """Uniform n-bit quantization-aware fine-tuning (`config.quant.bits`)."""
+  start, workdir, ctx, teacher, full_precision = _start(config, workdir)
+  bits = int(config.quant.bits)
+  result = _uniform(ctx, workdir / "retrain", bits, teacher)
+  spec = common.make_spec(config, _num_heads(ctx), bit_choices=(bits,))
+  policy = quant.uniform_policy(spec.plan(teacher), bits,
+                                activation_bits=config.quant.activation_bits)
+  policy.save(workdir / "policy.json")
+  rows = [common.row("full precision", full_precision), common.row(f"uniform {bits}-bit", result)]
+  return common.write_summary(ctx, workdir, method=f"uniform{bits}", result=result, rows=rows,
+                              start_time=start, policy=policy_stats(policy))
+
+
+def hessian(config, workdir) -> dict[str, Any]:
+  """Q-BERT-style: Hessian top eigenvalue per matrix -> bits per sub-group in the band."""
+  start, workdir, ctx, teacher, full_precision = _start(config, workdir)
+  spec = common.make_spec(config, _num_heads(ctx))
+  plan = spec.plan(teacher)
+  band = _band(ctx, teacher, plan)
+  hc = config.hessian
+
+  def eigenvalues() -> dict[str, float]:
+    if hc.eigenvalues_from:
+      return json.loads(Path(hc.eigenvalues_from).read_text())
+    stream = loop.batches_for(config, ctx.train_set, 0, batch_size=hc.batch_size,
+                              seed_offset=2)
+    batches = [sharding.shard_batch(next(stream), ctx.mesh) for _ in range(hc.num_batches)]
+
+    def loss_fn(params, batch):
+      logits = ctx.model.apply({"params": params}, batch["input_ids"],
+                               attention_mask=batch["attention_mask"],
+                               token_type_ids=batch["token_type_ids"], deterministic=True)
+      return weighted_mean(per_example_loss(logits, batch["labels"], ctx.task.is_regression),
+                           batch["weights"])
+
+    return search.block_top_eigenvalues(loss_fn, teacher, batches, list(plan),
+                                        iterations=hc.power_iterations, seed=config.seed)
+
+  values = common.cached_json(workdir / "hessian_eigenvalues.json", eigenvalues)
+  missing = sorted(set(plan) - set(values))
+  if missing:
+    raise ValueError(f"hessian eigenvalues lack {missing[0]}; hessian.eigenvalues_from must come "
+                     "from a run of the same model.")
+  qparams = quant.init_qparams(spec, teacher, scale_init=config.quant.scale_init)
+  errors = search.quantization_errors(teacher, plan, qparams)
+  policy = search.hessian_policy(values, errors, plan, band,
+                                 fixed_bits=search.fixed_bits(teacher, plan),
+                                 activation_bits=config.quant.activation_bits)
+  rows = [common.row("full precision", full_precision)]
+  return _finish(ctx, workdir, method="hessian", label="hessian", spec=spec, policy=policy,
+                 teacher=teacher, rows=rows, start=start, eigenvalues=values)

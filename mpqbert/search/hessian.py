@@ -1,0 +1,89 @@
+"""Q-BERT-style baseline: Hessian sensitivity per matrix, bits per sub-group to meet a size band.
+
+Sensitivity of a weight matrix W is the top eigenvalue of the loss Hessian restricted to W (its
+diagonal block), by power iteration on exact Hessian-vector products (forward-over-reverse).
+Quantizing sub-group g of W to b bits then costs `lambda_W * ||Q_b(W_g) - W_g||^2`, the
+second-order loss increase along the top eigen-direction, and `fit_to_band` lowers bits from
+the largest choice where that cost per MB saved is least until the size is in the band.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from mpqbert import quant
+from mpqbert.quant import Plan, Policy
+from mpqbert.search.derive import fit_to_band, policy_from_choices
+from mpqbert.search.size import SizeBand
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x), 1e-30)
+
+
+def block_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
+                          batches: Sequence[Any], paths: Sequence[str], *, iterations: int,
+                          seed: int = 0) -> dict[str, float]:
+  """Top (largest-magnitude) eigenvalue of the Hessian block of each parameter in `paths`.
+
+  `loss_fn(params, batch)` is the scalar loss; the Hessian is that of its mean over `batches`.
+  One compiled HVP serves every block: the tangent is zero outside the block and the block of
+  the product is kept, which is exactly `H_bb v`.
+  """
+  flat = traverse_util.flatten_dict(params, sep="/")
+  zeros = {k: jnp.zeros_like(v) for k, v in flat.items()}
+
+  @jax.jit
+  def hvp(params, tangent, batch):
+    grad = jax.grad(loss_fn)
+    return jax.jvp(lambda p: grad(p, batch), (params,), (tangent,))[1]
+
+  def block_hvp(path: str, v: jax.Array) -> jax.Array:
+    tangent = traverse_util.unflatten_dict({**zeros, path: v}, sep="/")
+    products = [traverse_util.flatten_dict(hvp(params, tangent, b), sep="/")[path]
+                for b in batches]
+    return sum(products) / len(products)
+
+  eigenvalues = {}
+  key = jax.random.key(seed)
+  for i, path in enumerate(paths):
+    v = _unit(jax.random.normal(jax.random.fold_in(key, i), flat[path].shape, jnp.float32))
+    eigenvalue = 0.0
+    for _ in range(iterations):
+      hv = block_hvp(path, v)
+      eigenvalue = float(jnp.vdot(v, hv))
+      v = _unit(hv)
+    eigenvalues[path] = eigenvalue
+    logging.info("hessian top eigenvalue %s = %.5g", path, eigenvalue)
+  return eigenvalues
+
+
+def quantization_errors(params: Any, plan: Plan, qparams: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """`||Q_b(W_g) - W_g||^2` per sub-group and bit choice `[G, K]` of every planned matrix."""
+  flat = quant.flatten_params(params)
+  errors = {}
+  for path, matrix in plan.items():
+    w = jnp.asarray(flat[path], jnp.float32)
+    per_choice = []
+    for k in range(len(matrix.bit_choices)):
+      diff = quant.quantize_choice(w, matrix, qparams[path], k) - w
+      per_choice.append(jnp.sum(jnp.square(quant.group_view(diff, matrix.groups)),
+                                axis=tuple(i for i in range(diff.ndim + 1) if i != diff.ndim - 1)))
+    errors[path] = np.asarray(jnp.stack(per_choice, axis=-1), np.float64)
+  return errors
+
+
+def hessian_policy(eigenvalues: Mapping[str, float], errors: Mapping[str, np.ndarray], plan: Plan,
+                   band: SizeBand, *, fixed_bits: int = 0,
+                   activation_bits: int = quant.FULL_PRECISION) -> Policy:
+  """Every sub-group starts at its largest bit choice; bits drop where |lambda| * error is least."""
+  costs = {p: abs(eigenvalues[p]) * errors[p] for p in plan}
+  start = {p: np.full((m.groups,), int(np.argmax(m.bit_choices))) for p, m in plan.items()}
+  choice = fit_to_band(start, costs, plan, band, fixed_bits)
+  return policy_from_choices(choice, plan, activation_bits=activation_bits)
