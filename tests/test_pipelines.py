@@ -1,0 +1,101 @@
+"""The compression pipelines end to end on a tiny BERT: one command each, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, tiny_run_flags
+
+
+def _flags(model_dir, glue_dir, **extra) -> dict:
+  tiny = tiny_run_flags(model_dir, glue_dir)
+  flags = {**tiny, "teacher.train.batch_size": 8, "teacher.train.num_train_steps": 16,
+           "train.num_train_steps": 12, "search.num_train_steps": 24, "search.batch_size": 8,
+           "search.warmup_epochs": 0.5, "search.arch_optimizer": "adam", "search.arch_lr": 0.05,
+           "quant.groups": 4, "quant.calibration_batches": 2, "hessian.batch_size": 8,
+           "hessian.num_batches": 1, "hessian.power_iterations": 3, "checkpoint.every_steps": 6}
+  flags.pop("train.num_epochs")
+  flags.update(extra)
+  return flags
+
+
+def _launch(config: str, workdir: Path, flags: dict) -> subprocess.Popen:
+  args = [sys.executable, "-m", "mpqbert.main", f"--config=configs/{config}.py",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+  return subprocess.Popen(args, cwd=REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+  out, err = process.communicate(timeout=900)
+  assert process.returncode == 0, err[-3000:]
+  return out
+
+
+def _rows(path: Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_automp_resumes_after_kill_9_as_if_uninterrupted(tmp_path, tiny_model_dir, glue_dir):
+  flags = _flags(tiny_model_dir, glue_dir, **{"search.target_compression": 12.0})
+  reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+  out = _finish(_launch("automp", reference_dir, flags))
+  reference = json.loads((reference_dir / "results.json").read_text())
+  assert "full precision" in out and "automp" in out  # the printed table
+  low, high = reference["search"]["band_mb"]
+  assert low <= reference["size_mb"] <= high
+  assert (reference_dir / "bit_map.png").stat().st_size > 0
+  policy = json.loads((reference_dir / "policy.json").read_text())
+  assert policy["format"] == "mpqbert-policy/1"
+
+  process = _launch("automp", killed_dir, flags)
+  deadline = time.time() + 600
+  while not any(p.name.isdigit() for p in (killed_dir / "search" / "checkpoints").glob("*")):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  assert not (killed_dir / "results.json").exists(), "the run ended before it could be killed"
+
+  _finish(_launch("automp", killed_dir, flags))
+  resumed = json.loads((killed_dir / "results.json").read_text())
+  assert json.loads((killed_dir / "policy.json").read_text()) == policy
+  assert resumed["dev"] == pytest.approx(reference["dev"], rel=1e-6)
+  assert resumed["size_mb"] == reference["size_mb"]
+  for stage in ("search", "retrain"):
+    got, want = _rows(killed_dir / stage / "metrics.jsonl"), _rows(reference_dir / stage /
+                                                                   "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for key in ("loss", "expected_size_mb", "arch_entropy"):
+      if key in want[0]:
+        np.testing.assert_allclose([r[key] for r in got if key in r],
+                                   [r[key] for r in want if key in r], rtol=1e-5)
+
+
+def test_uniform_and_hessian_pipelines(tmp_path, tiny_model_dir, glue_dir):
+  flags = _flags(tiny_model_dir, glue_dir)
+  _finish(_launch("finetune", tmp_path / "teacher",
+                  {**tiny_run_flags(tiny_model_dir, glue_dir), "train.num_train_steps": 16}))
+  shared = {"teacher.workdir": str(tmp_path / "teacher")}
+  _finish(_launch("uniform", tmp_path / "uniform3", {**flags, **shared, "quant.bits": 3}))
+  uniform = json.loads((tmp_path / "uniform3" / "results.json").read_text())
+  assert uniform["avg_bits"] == 3.0 and uniform["method"] == "uniform3"
+  assert [r["method"] for r in uniform["rows"]] == ["full precision", "uniform 3-bit"]
+
+  _finish(_launch("hessian", tmp_path / "hessian",
+                  {**flags, **shared, "search.target_compression": 10.0}))
+  hessian = json.loads((tmp_path / "hessian" / "results.json").read_text())
+  target = hessian["rows"][0]["size_mb"] / 10.0
+  assert 0.95 * target <= hessian["size_mb"] <= 1.05 * target
+  assert set(hessian["eigenvalues"]) == set(json.loads(
+      (tmp_path / "hessian" / "policy.json").read_text())["matrices"])

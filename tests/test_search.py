@@ -1,0 +1,216 @@
+"""AutoMPQ search pieces: size band and loss, derivation into the band, Hessian eigenvalues,
+and a search on a tiny BERT that must prune the sub-groups its task does not need."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mpqbert import models, quant, search
+
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+TINY = models.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+
+
+@pytest.fixture(scope="module")
+def encoder_params():
+  return models.init_params(models.build_model(TINY), seed=0)
+
+
+def _plan(params, groups=4, bit_choices=(0, 2, 4, 8)):
+  return quant.bert_encoder_spec(groups=groups, bit_choices=bit_choices).plan(params)
+
+
+def test_size_loss_regimes_and_gradient():
+  band = search.SizeBand(target_mb=2.0, tolerance=0.1)  # [1.8, 2.2]
+  lam = 0.7
+  loss = lambda c: search.size_loss(c, band, lam)
+  grad = jax.grad(loss)
+  # Above the band: lam * log C, gradient lam / C (pushes the size down).
+  assert float(loss(3.0)) == pytest.approx(lam * math.log(3.0))
+  assert float(grad(3.0)) == pytest.approx(lam / 3.0)
+  # Inside: zero, with zero gradient, up to both edges.
+  for c in (1.8, 2.0, 2.2):
+    assert float(loss(c)) == 0.0 and float(grad(c)) == 0.0
+  # Below: -lam * log C, gradient -lam / C (pushes the size up).
+  assert float(loss(1.0)) == pytest.approx(-lam * math.log(1.0))
+  assert float(loss(0.5)) == pytest.approx(-lam * math.log(0.5))
+  assert float(grad(0.5)) == pytest.approx(-lam / 0.5)
+
+
+def test_expected_size_of_one_hot_probabilities_is_the_policy_size(encoder_params):
+  plan = _plan(encoder_params, groups=4)
+  rng = np.random.default_rng(0)
+  policy = search.policy_from_choices(
+      {p: rng.integers(0, 4, m.groups) for p, m in plan.items()}, plan)
+  one_hot = {p: quant.one_hot_bits(policy.bits[p], m.bit_choices) for p, m in plan.items()}
+  exact = quant.size_report(encoder_params, policy)["size_mb"]
+  assert float(search.expected_size_mb(one_hot, plan)) == pytest.approx(exact, rel=1e-6)
+  # Uniform probabilities: the mean over choices of each group's storage, by hand.
+  uniform = {p: jnp.full((m.groups, 4), 0.25) for p, m in plan.items()}
+  by_hand = sum(m.groups * np.mean([b * m.group_size + (32 if b else 0) for b in (0, 2, 4, 8)])
+                for m in plan.values()) / (8 * 2**20)
+  assert float(search.expected_size_mb(uniform, plan)) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_band_from_compression_and_unreachable_targets(encoder_params):
+  plan = _plan(encoder_params, groups=4, bit_choices=(2, 4, 8))
+  fp32 = quant.size_report(encoder_params)["size_mb"]
+  band = search.make_band(encoder_params, plan, target_size_mb=None, target_compression=8.0,
+                          tolerance=0.05)
+  assert band.target_mb == pytest.approx(fp32 / 8) and band.contains(fp32 / 8)
+  with pytest.raises(ValueError, match="no policy can reach"):
+    search.make_band(encoder_params, plan, target_size_mb=None, target_compression=2.0,
+                     tolerance=0.05)  # 8 bits is 4x at best
+  with pytest.raises(ValueError, match="exactly one"):
+    search.make_band(encoder_params, plan, target_size_mb=1.0, target_compression=8.0,
+                     tolerance=0.05)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), position=st.floats(0.05, 0.95),
+       tolerance=st.floats(0.03, 0.3), groups=st.sampled_from([4, 8, 16]))
+def test_derived_policy_always_lands_in_the_band(encoder_params, seed, position, tolerance,
+                                                 groups):
+  plan = _plan(encoder_params, groups=groups)
+  low, high = search.size_range_mb(encoder_params, plan)
+  target = low + position * (high - low)
+  band = search.SizeBand(target, tolerance)
+  rng = np.random.default_rng(seed)
+  arch = {p: rng.normal(size=(m.groups, 4)) * rng.uniform(0.1, 5) for p, m in plan.items()}
+  policy = search.derive_policy(arch, plan, band)
+  size = quant.size_report(encoder_params, policy)["size_mb"]
+  assert band.lower <= size <= band.upper
+  # Groups the repair did not need to touch keep their argmax.
+  argmax = quant.policy_from_logits(arch, plan)
+  if band.contains(quant.size_report(encoder_params, argmax)["size_mb"]):
+    for p in plan:
+      np.testing.assert_array_equal(policy.bits[p], argmax.bits[p])
+
+
+def test_repair_moves_the_least_decided_groups_first(encoder_params):
+  plan = _plan(encoder_params, groups=4)
+  # Everything confidently at 8 bits except one group that barely prefers 8 over 4.
+  arch = {p: jnp.tile(jnp.array([0.0, 0.0, 0.0, 10.0]), (m.groups, 1)) for p, m in plan.items()}
+  undecided = next(iter(plan))
+  arch[undecided] = arch[undecided].at[1].set(jnp.array([0.0, 0.0, 9.9, 10.0]))
+  all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8))["size_mb"]
+  shrink = plan[undecided].group_size * 4 / (8 * 2**20)  # one group from 8 to 4 bits
+  band = search.SizeBand(all8 - shrink, tolerance=0.3 * shrink / all8)
+  policy = search.derive_policy(arch, plan, band)
+  assert np.asarray(policy.bits[undecided]).tolist() == [8, 4, 8, 8]
+  assert all(np.all(np.asarray(policy.bits[p]) == 8) for p in plan if p != undecided)
+
+
+def test_too_narrow_band_is_a_clear_error(encoder_params):
+  plan = _plan(encoder_params, groups=1, bit_choices=(2, 8))
+  all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8))["size_mb"]
+  with pytest.raises(ValueError, match="Raise search.tolerance"):
+    search.derive_policy({p: jnp.array([[0.0, 1.0]]) for p in plan}, plan,
+                         search.SizeBand(all8 * 0.999, 1e-5))
+
+
+def test_temperature_schedule():
+  tau = lambda step: float(search.temperature(step, 100, tau_start=5.0, tau_decay=0.5,
+                                              warmup_epochs=1.0))
+  assert tau(0) == tau(100) == 5.0
+  assert tau(300) == pytest.approx(5.0 * math.exp(-0.5 * 2.0))
+  assert tau(150) == pytest.approx(5.0 * math.exp(-0.25))
+
+
+def test_block_eigenvalues_match_numpy_float64():
+  """A loss with known Hessian blocks A (for x) and B (for y), coupled by a cross term."""
+  rng = np.random.default_rng(0)
+
+  def spd(n, top):
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (q * np.r_[top, rng.uniform(0.1, 1.0, n - 1)]) @ q.T
+
+  a, b, c = spd(6, 7.0), spd(4, -5.0), rng.normal(size=(6, 4))
+  params = {"x": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+            "y": {"kernel": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)}}
+
+  def loss(p, batch):
+    x, y = p["x"]["kernel"].reshape(-1), p["y"]["kernel"].reshape(-1)
+    return batch * (0.5 * x @ a @ x + 0.5 * y @ b @ y + x @ c @ y + jnp.sum(x**3) * 0)
+
+  values = search.block_top_eigenvalues(loss, params, [jnp.float32(1.0), jnp.float32(3.0)],
+                                        ["x/kernel", "y/kernel"], iterations=60)
+  # Mean over the two "batches" scales the Hessian by 2; the cross term c is outside the blocks.
+  assert values["x/kernel"] == pytest.approx(2 * 7.0, rel=1e-3)
+  assert values["y/kernel"] == pytest.approx(2 * -5.0, rel=1e-3)
+
+
+def test_hessian_policy_gives_sensitive_matrices_more_bits(encoder_params):
+  plan = _plan(encoder_params, groups=4, bit_choices=(2, 4, 8))
+  spec = quant.bert_encoder_spec(groups=4, bit_choices=(2, 4, 8))
+  errors = search.quantization_errors(encoder_params, plan,
+                                      quant.init_qparams(spec, encoder_params))
+  for p, e in errors.items():  # Fewer bits, larger error, per sub-group.
+    assert np.all(e[:, 0] > e[:, 1]) and np.all(e[:, 1] > e[:, 2]), p
+  sensitive = sorted(plan)[:3]
+  eigen = {p: (100.0 if p in sensitive else 0.01) for p in plan}
+  band = search.make_band(encoder_params, plan, target_size_mb=None, target_compression=8.0,
+                          tolerance=0.05)
+  policy = search.hessian_policy(eigen, errors, plan, band)
+  assert band.contains(quant.size_report(encoder_params, policy)["size_mb"])
+  mean_bits = {p: float(np.mean(policy.bits[p])) for p in plan}
+  assert min(mean_bits[p] for p in sensitive) > max(mean_bits[p] for p in plan
+                                                     if p not in sensitive)
+
+
+def test_search_prunes_the_sub_groups_the_task_does_not_need():
+  """Only 2 of the 8 FFN-in sub-groups feed the output (the FFN-out rows of the other 6 are 0).
+
+  The task is to reproduce the float model's output (regression), weights frozen, so only the
+  logits learn: the size penalty pushes every group down, the task loss holds the 2 useful ones.
+  """
+  config = TINY.replace(num_hidden_layers=1, initializer_range=0.5, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+  model = models.build_model(config, num_labels=1)
+  params = models.init_params(model, seed=1)
+  ffn_out = params["bert"]["encoder"]["layer"]["0"]["output"]["dense"]["kernel"]  # [32, 16]
+  groups, useful = 8, (1, 5)
+  neuron_group = np.arange(ffn_out.shape[0]) // (ffn_out.shape[0] // groups)
+  params["bert"]["encoder"]["layer"]["0"]["output"]["dense"]["kernel"] = jnp.where(
+      np.isin(neuron_group, useful)[:, None], ffn_out, 0.0)
+  spec = quant.QuantSpec(rules=(quant.Rule(pattern=quant.BERT_MATRIX_KINDS["ffn_in"],
+                                           groups=groups, bit_choices=(0, 2, 4, 8)),),
+                         activation_bits=32)
+  plan = spec.plan(params)
+  (path, matrix), = plan.items()
+  fixed = search.fixed_bits(params, plan)
+  group_bits = lambda b: matrix.group_size * b + (32 if b else 0)
+  band = search.SizeBand((fixed + len(useful) * group_bits(8)) / search.BITS_PER_MB, 0.002)
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, config.vocab_size, (64, 8))
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids)),
+           "token_type_ids": jnp.zeros_like(jnp.asarray(ids)), "weights": jnp.ones(64)}
+  batch["labels"] = model.apply({"params": params}, ids)[:, 0] * 1.0
+  qapply = quant.transform(model.apply, spec)
+  weight_optimizer, arch_optimizer = optax.sgd(0.0), optax.adam(0.05)
+  state = search.SearchState.create(params, quant.init_qparams(spec, params),
+                                    quant.init_arch(spec, params), weight_optimizer,
+                                    arch_optimizer)
+  step = search.make_search_step(
+      qapply, plan=plan, band=band, fixed_bits=fixed, size_weight=1.0,
+      weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer, is_regression=True,
+      tau_fn=lambda s: search.temperature(s, 50, tau_start=2.0, tau_decay=0.5,
+                                          warmup_epochs=0.0),
+      arch_start_step=0)
+  for _ in range(300):
+    state, metrics = step(state, (batch, batch))
+  bits = np.asarray(quant.policy_from_logits(state.arch, plan).bits[path])
+  useless = [g for g in range(groups) if g not in useful]
+  assert np.all(bits[useless] == 0), bits
+  assert np.all(bits[list(useful)] > 0), bits
+  derived = search.derive_policy(state.arch, plan, band, fixed_bits=fixed)
+  assert np.all(np.asarray(derived.bits[path])[useless] == 0)
