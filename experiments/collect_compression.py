@@ -1,0 +1,149 @@
+"""Gathers experiments/run_compression.sh runs into tables and Pareto plots.
+
+  python experiments/collect_compression.py [--root workdirs/compression] [--out experiments/results]
+
+Writes compression.{md,csv}: a row per (task, method) with the command that reproduces it (the
+run's config as overrides of its config file) and the git commit; pareto_<task>.png: dev metric
+against size_mb for every method; the ablation table of SST-2 inside compression.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from mpqbert import defaults  # noqa: E402
+
+METHOD_ORDER = ["full precision", "uniform8", "uniform4", "uniform2", "hessian8", "automp8",
+                "hessian16", "automp16"]
+ABLATIONS = {"automp16": "12 groups, {0,2,4,8}, Adam", "ablation_groups1": "1 group",
+             "ablation_groups128": "128 groups", "ablation_bits024": "bit choices {0,2,4}",
+             "ablation_sgd": "SGD lr 0.1 on the logits"}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def command(config: dict, workdir: Path) -> str:
+  """`python -m mpqbert.main` with the overrides that turn the config file into this run."""
+  method = config["method"]
+  base = defaults.compression_config(method)
+  if method in ("automp", "hessian"):
+    base.search.target_compression = 16.0
+  want, have = flatten(config), flatten(base.to_dict())
+  fmt = lambda v: f'"({",".join(map(str, v))})"' if isinstance(v, (list, tuple)) else v
+  flags = [f"--config.{k}={fmt(v)}" for k, v in sorted(want.items()) if have.get(k) != v
+           and not (isinstance(v, list) and tuple(v) == tuple(have.get(k) or ()))]
+  return " ".join([f"python -m mpqbert.main --config=configs/{method}.py",
+                   f"--workdir={workdir}", *flags])
+
+
+def load_rows(root: Path) -> list[dict]:
+  rows = []
+  for path in sorted(root.glob("*/*/results.json")):
+    result = json.loads(path.read_text())
+    run = path.parent.name
+    base = {"task": result["task"], "metric": result["metric"],
+            "git_commit": result["git_commit"][:10]}
+    rows.append({**base, "run": run, "size_mb": result["size_mb"],
+                 "compression": result["compression"], "avg_bits": result["avg_bits"],
+                 "dev": result["dev"], "pruned_groups": result.get("policy", {}).get(
+                     "pruned_groups", 0), "wall_time_s": result["wall_time_s"],
+                 "command": command(result["config"], path.parent.relative_to(REPO)
+                                    if path.is_relative_to(REPO) else path.parent)})
+    if not any(r["task"] == result["task"] and r["run"] == "full precision" for r in rows):
+      fp = result["rows"][0]
+      rows.append({**base, "run": "full precision", **{k: fp[k] for k in (
+          "size_mb", "compression", "avg_bits", "dev")}, "pruned_groups": 0, "wall_time_s": 0.0,
+                   "command": f"experiments/run_finetune_fp.sh (teacher, evaluated by {run})"})
+  return rows
+
+
+def write_pareto(rows: list[dict], task: str, out: Path) -> None:
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  styles = {"full precision": ("k", "*"), "uniform": ("tab:blue", "o"),
+            "hessian": ("tab:orange", "s"), "automp": ("tab:green", "D")}
+  for name, (color, marker) in styles.items():
+    pts = sorted((r["size_mb"], r["dev"], r["run"]) for r in rows if r["task"] == task
+                 and r["run"].startswith(name) and not r["run"].startswith("ablation"))
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=name,
+              linestyle="-" if len(pts) > 1 else "none")
+      for x, y, run in pts:
+        ax.annotate(run.replace(name, "") or run, (x, y), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+  ax.set_xscale("log")
+  ax.set_xlabel("encoder matrices size (MB, log scale)")
+  metric = next(r["metric"] for r in rows if r["task"] == task)
+  ax.set_ylabel(f"dev {metric}")
+  ax.set_title(f"MiniLM on {task}: size vs accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / f"pareto_{task}.png", dpi=120)
+  plt.close(fig)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--root", type=Path, default=REPO / "workdirs" / "compression")
+  parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results")
+  args = parser.parse_args()
+  rows = load_rows(args.root)
+  if not rows:
+    sys.exit(f"no results.json under {args.root}/<task>/<run>/; run experiments/run_compression.sh")
+  args.out.mkdir(parents=True, exist_ok=True)
+  order = lambda r: (r["task"], METHOD_ORDER.index(r["run"]) if r["run"] in METHOD_ORDER else 99,
+                     r["run"])
+  rows.sort(key=order)
+  fields = ["task", "run", "metric", "dev", "size_mb", "compression", "avg_bits",
+            "pruned_groups", "wall_time_s", "git_commit", "command"]
+  with (args.out / "compression.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows({k: r[k] for k in fields} for r in rows)
+  main_rows = [r for r in rows if not r["run"].startswith("ablation")]
+  lines = ["# MiniLM: size / accuracy of every method", "",
+           "Produced by `bash experiments/run_compression.sh` then "
+           "`python experiments/collect_compression.py`. size_mb, compression and avg_bits "
+           "count the encoder's 36 weight matrices (scales included), as AQ-BERT does.", "",
+           "| task | method | dev | size_mb | compression | avg_bits | pruned groups | "
+           "wall s | commit |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in main_rows:
+    lines.append(f"| {r['task']} | {r['run']} | {r['metric']} {r['dev']:.4f} | "
+                 f"{r['size_mb']:.3f} | {r['compression']:.2f}x | {r['avg_bits']:.3f} | "
+                 f"{r['pruned_groups']} | {r['wall_time_s']:.0f} | {r['git_commit']} |")
+  ablation = [r for r in rows if r["task"] == "sst2" and r["run"] in ABLATIONS]
+  if len(ablation) > 1:
+    lines += ["", "## Ablation (SST-2, AutoMPQ at 16x)", "",
+              "| setting | dev | size_mb | avg_bits | pruned groups |", "|---|---|---|---|---|"]
+    for r in sorted(ablation, key=lambda r: list(ABLATIONS).index(r["run"])):
+      lines.append(f"| {ABLATIONS[r['run']]} | {r['dev']:.4f} | {r['size_mb']:.3f} | "
+                   f"{r['avg_bits']:.3f} | {r['pruned_groups']} |")
+  lines += ["", "## Commands", ""] + [f"- {r['task']} {r['run']}: `{r['command']}`"
+                                     for r in rows]
+  (args.out / "compression.md").write_text("\n".join(lines) + "\n")
+  for task in sorted({r["task"] for r in rows}):
+    write_pareto(rows, task, args.out)
+  print("\n".join(lines[:len(main_rows) + 6]))
+
+
+if __name__ == "__main__":
+  main()
