@@ -214,3 +214,40 @@ def test_search_prunes_the_sub_groups_the_task_does_not_need():
   assert np.all(bits[list(useful)] > 0), bits
   derived = search.derive_policy(state.arch, plan, band, fixed_bits=fixed)
   assert np.all(np.asarray(derived.bits[path])[useless] == 0)
+
+
+def _one_search_step(second_order: bool, inner_lr: float):
+  config = TINY.replace(num_hidden_layers=1, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, initializer_range=0.3)
+  model = models.build_model(config, num_labels=2)
+  params = models.init_params(model, seed=2)
+  spec = quant.bert_encoder_spec(groups=2, bit_choices=(2, 4, 8), activation_bits=32)
+  plan = spec.plan(params)
+  rng = np.random.default_rng(3)
+  batch = lambda: {"input_ids": jnp.asarray(rng.integers(1, 50, (8, 6))),
+                   "attention_mask": jnp.ones((8, 6), jnp.int32),
+                   "token_type_ids": jnp.zeros((8, 6), jnp.int32),
+                   "labels": jnp.asarray(rng.integers(0, 2, 8)), "weights": jnp.ones(8)}
+  batches = (batch(), batch())
+  weight_optimizer, arch_optimizer = optax.sgd(0.5), optax.sgd(1.0)
+  state = search.SearchState.create(params, quant.init_qparams(spec, params),
+                                    quant.init_arch(spec, params), weight_optimizer,
+                                    arch_optimizer)
+  step = search.make_search_step(  # size_weight 0: only the task loss moves the logits
+      quant.transform(model.apply, spec), plan=plan, band=search.SizeBand(1.0, 0.5),
+      fixed_bits=0, size_weight=0.0,
+      weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer, is_regression=False,
+      tau_fn=lambda s: jnp.float32(1.0), arch_start_step=0, second_order=second_order,
+      inner_lr=inner_lr)
+  return jax.device_get(step(state, batches)[0].arch)
+
+
+def test_second_order_step_reduces_to_first_order_without_an_inner_step():
+  first = _one_search_step(False, 0.0)
+  assert all(np.abs(v).max() > 0 for v in first.values())  # the logits moved
+  same = _one_search_step(True, 0.0)
+  for p in first:
+    np.testing.assert_allclose(same[p], first[p], rtol=1e-5, atol=1e-7)
+  second = _one_search_step(True, 1.0)  # differentiates through the inner weight step
+  change = max(float(np.abs(second[p] - first[p]).max()) for p in first)
+  assert change > 1e-2 * max(float(np.abs(first[p]).max()) for p in first)
