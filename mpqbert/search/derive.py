@@ -84,9 +84,8 @@ def derive_policy(arch: Mapping[str, Any], plan: Plan, band: SizeBand, *, fixed_
   costs, argmax = {}, {}
   for path, matrix in plan.items():
     logits = np.asarray(arch[path], np.float64)
-    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
-                                       keepdims=True)) - logits.max(-1, keepdims=True)
-    costs[path] = -log_probs
+    shifted = logits - logits.max(-1, keepdims=True)
+    costs[path] = np.log(np.sum(np.exp(shifted), -1, keepdims=True)) - shifted  # -log softmax
     argmax[path] = np.argmax(logits, axis=-1)
   choice = fit_to_band(argmax, costs, plan, band, fixed_bits)
   return policy_from_choices(choice, plan, activation_bits=activation_bits,
