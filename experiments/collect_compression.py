@@ -87,9 +87,13 @@ def write_pareto(rows: list[dict], task: str, out: Path) -> None:
       ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=name,
               linestyle="-" if len(pts) > 1 else "none")
       for x, y, run in pts:
-        ax.annotate(run.replace(name, "") or run, (x, y), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+        suffix = run.replace(name, "")
+        label = "" if not suffix else f"{suffix}-bit" if name == "uniform" else f"{suffix}x"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
   ax.set_xscale("log")
+  ticks = [2, 3, 5, 10, 20, 40]
+  ax.set_xticks(ticks, [str(t) for t in ticks])
+  ax.minorticks_off()
   ax.set_xlabel("encoder matrices size (MB, log scale)")
   metric = next(r["metric"] for r in rows if r["task"] == task)
   ax.set_ylabel(f"dev {metric}")
