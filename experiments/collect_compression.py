@@ -4,7 +4,9 @@
 
 Writes compression.{md,csv}: a row per (task, method) with the command that reproduces it (the
 run's config as overrides of its config file) and the git commit; pareto_<task>.png: dev metric
-against size_mb for every method; the ablation table of SST-2 inside compression.md.
+against size_mb for every method; the ablation table of SST-2 inside compression.md. Rows already
+in compression.csv whose run is not under --root are kept, so the table grows across machines
+and sessions (workdirs are not committed, the CSV is).
 """
 
 from __future__ import annotations
@@ -76,6 +78,21 @@ def load_rows(root: Path) -> list[dict]:
   return rows
 
 
+NUMERIC = {"dev": float, "size_mb": float, "compression": float, "avg_bits": float,
+           "pruned_groups": int, "wall_time_s": float}
+
+
+def merge_committed(rows: list[dict], csv_path: Path) -> list[dict]:
+  """`rows` plus the rows of an earlier compression.csv that `rows` does not redo."""
+  if not csv_path.is_file():
+    return rows
+  fresh = {(r["task"], r["run"]) for r in rows}
+  with csv_path.open(newline="") as f:
+    kept = [{k: NUMERIC.get(k, str)(v) for k, v in r.items()} for r in csv.DictReader(f)
+            if (r["task"], r["run"]) not in fresh]
+  return rows + kept
+
+
 def write_pareto(rows: list[dict], task: str, out: Path) -> None:
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   styles = {"full precision": ("k", "*"), "uniform": ("tab:blue", "o"),
@@ -110,7 +127,7 @@ def main() -> None:
   parser.add_argument("--root", type=Path, default=REPO / "workdirs" / "compression")
   parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results")
   args = parser.parse_args()
-  rows = load_rows(args.root)
+  rows = merge_committed(load_rows(args.root), args.out / "compression.csv")
   if not rows:
     sys.exit(f"no results.json under {args.root}/<task>/<run>/; run experiments/run_compression.sh")
   args.out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 #   bash experiments/run_compression.sh [task ...]     (default: sst2 mrpc rte stsb cola)
 #
 # Every quantized model starts from the full-precision teacher of experiments/run_finetune_fp.sh
-# (workdirs/finetune_fp/<task>) and gets the same budget: TRAIN_STEPS steps of QAT with
+# (workdirs/finetune_fp/<task>, fine-tuned first when missing) and gets the same budget: TRAIN_STEPS steps of QAT with
 # distillation on a 4000-example training subset. A run whose results.json exists is skipped and
 # a killed run resumes, so rerunning this script finishes what is left. Then:
 #   python experiments/collect_compression.py
@@ -34,9 +34,23 @@ run() {  # run <config> <workdir> [overrides...]
   tail -n 1 "$workdir.log"
 }
 
+teacher() {  # teacher <task>: the full-precision fine-tuning of run_finetune_fp.sh, if missing.
+  local task=$1 epochs=3 dir=workdirs/finetune_fp/$1
+  if [[ -f "$dir/results.json" ]]; then return; fi
+  [[ $task == sst2 ]] && epochs=1
+  echo "teacher: $dir"
+  mkdir -p workdirs/finetune_fp
+  python -m mpqbert.main --config=configs/finetune.py --config.task="$task" \
+    --config.data.glue_dir=../shared/data/glue --config.checkpoint.keep=1 \
+    --config.train.num_epochs=$epochs --workdir="$dir" > "$dir.log" 2>&1 \
+    || { echo "FAILED: $dir"; return 1; }
+  tail -n 1 "$dir.log"
+}
+
 for task in $TASKS; do
   d=$ROOT/$task
   mkdir -p "$d"
+  teacher "$task"
   run uniform "$d/uniform4" "$task" --config.quant.bits=4
   run automp "$d/automp16" "$task" --config.search.target_compression=16
   run hessian "$d/hessian16" "$task" --config.search.target_compression=16

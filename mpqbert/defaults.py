@@ -98,7 +98,8 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.hessian = config_dict.ConfigDict()
   config.hessian.batch_size = 32
   config.hessian.num_batches = 2  # Training batches the Hessian is averaged over.
-  config.hessian.power_iterations = 10
+  config.hessian.power_iterations = 10  # At most; each is one Hessian-vector product per batch.
+  config.hessian.tolerance = 1e-3  # Stop once the eigenvalue's relative change is below this.
   config.hessian.eigenvalues_from = config_dict.placeholder(str)  # Reuse another run's JSON.
 
   config.compare = config_dict.ConfigDict()

@@ -3,7 +3,9 @@ and a search on a tiny BERT that must prune the sub-groups its task does not nee
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +127,7 @@ def test_temperature_schedule():
   assert tau(150) == pytest.approx(5.0 * math.exp(-0.25))
 
 
-def test_block_eigenvalues_match_numpy_float64():
+def test_block_eigenvalues_match_numpy_float64(caplog):
   """A loss with known Hessian blocks A (for x) and B (for y), coupled by a cross term."""
   rng = np.random.default_rng(0)
 
@@ -146,6 +148,14 @@ def test_block_eigenvalues_match_numpy_float64():
   # Mean over the two "batches" scales the Hessian by 2; the cross term c is outside the blocks.
   assert values["x/kernel"] == pytest.approx(2 * 7.0, rel=1e-3)
   assert values["y/kernel"] == pytest.approx(2 * -5.0, rel=1e-3)
+
+  # With a tolerance, power iteration stops early on the same values.
+  caplog.set_level(logging.INFO)
+  early = search.block_top_eigenvalues(loss, params, [jnp.float32(1.0), jnp.float32(3.0)],
+                                       ["x/kernel", "y/kernel"], iterations=60, tolerance=1e-5)
+  assert early == pytest.approx(values, rel=1e-3)
+  products = [int(m) for m in re.findall(r"\((\d+) products\)", caplog.text)]
+  assert len(products) == 2 and max(products) < 20, products
 
 
 def test_hessian_policy_gives_sensitive_matrices_more_bits(encoder_params):

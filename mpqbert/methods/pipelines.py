@@ -223,7 +223,8 @@ def hessian(config, workdir) -> dict[str, Any]:
                            batch["weights"])
 
     return search.block_top_eigenvalues(loss_fn, teacher, batches, list(plan),
-                                        iterations=hc.power_iterations, seed=config.seed)
+                                        iterations=hc.power_iterations,
+                                        tolerance=hc.tolerance, seed=config.seed)
 
   values = common.cached_json(workdir / "hessian_eigenvalues.json", eigenvalues)
   missing = sorted(set(plan) - set(values))
