@@ -52,8 +52,8 @@ def finetune_config() -> config_dict.ConfigDict:
   return config
 
 
-def compression_config(method: str) -> config_dict.ConfigDict:
-  """The shared keys of the compression pipelines (automp, uniform, hessian)."""
+def _teacher_and_qat(method: str) -> config_dict.ConfigDict:
+  """Keys every compression method shares: the teacher and the quantization-aware training."""
   config = finetune_config()
   config.method = method
 
@@ -67,6 +67,12 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.train.distill_alpha = 0.5  # Weight of the teacher's soft logits (1 - it: the labels).
   config.train.distill_hidden_weight = 1.0  # Weight of the layer-output MSE to the teacher.
   config.train.distill_temperature = 1.0
+  return config
+
+
+def compression_config(method: str) -> config_dict.ConfigDict:
+  """The shared keys of the search-style pipelines (automp, uniform, hessian)."""
+  config = _teacher_and_qat(method)
 
   config.quant = config_dict.ConfigDict()
   config.quant.groups = 12  # Sub-groups (of output neurons) per matrix: 1, 12 (a head), 128...
@@ -104,4 +110,36 @@ def compression_config(method: str) -> config_dict.ConfigDict:
 
   config.compare = config_dict.ConfigDict()
   config.compare.uniform_bits = ()  # automp also trains these uniform baselines, for its table.
+  return config
+
+
+def sensimix_config() -> config_dict.ConfigDict:
+  """SensiMix (`configs/sensimix.py`): 8-bit index / 1-bit value split, ABWR, PT and ILF.
+
+  `config.train` is the whole budget; the PT and ILF stages share it equally.
+  """
+  config = _teacher_and_qat("sensimix")
+  config.train.num_epochs = 3.0
+
+  config.quant = config_dict.ConfigDict()
+  config.quant.weight_bits = 8  # Index quantization of the sensitive parts.
+  config.quant.embedding_bits = 8  # Word and position tables, index (32: float).
+  config.quant.other_bits = 16  # LayerNorm, biases, token types, pooler, classifier: half.
+  config.quant.binary_scale = False  # True: XNOR-Net mean|w| per sub-group on the 1-bit weights.
+  config.quant.binary_groups = 1  # Sub-groups of that scale (binary_scale only).
+  config.quant.ffn_input_bits = 1  # Inputs of the 1-bit FFNs: 1 (sign, XNOR GEMM) or 2..8.
+  config.quant.calibration_batches = 4  # Batches that set the input step sizes (2..8 bits).
+
+  config.sensimix = config_dict.ConfigDict()
+  config.sensimix.split = "fixed"  # fixed: num_8bit_layers; auto: by measured sensitivity.
+  config.sensimix.num_8bit_layers = 3  # fixed: the first N layers stay all 8-bit.
+  # auto: binarize the least sensitive FFNs until size_mb <= the target (default: the size of
+  # the fixed split, for an equal-size comparison); at most one of the two.
+  config.sensimix.target_size_mb = config_dict.placeholder(float)
+  config.sensimix.target_compression = config_dict.placeholder(float)
+  config.sensimix.search_fraction = 0.2  # auto: training data held out to measure sensitivity.
+  config.sensimix.sensitivity_batches = 8  # auto: batches of that split per measurement.
+  config.sensimix.abwr_weight = 1.0  # lambda of the Absolute Binary Weight Regularization.
+  config.sensimix.prioritized_training = True  # PT: a first stage with the 1-bit FFNs in float.
+  config.sensimix.inverse_layerwise = True  # ILF: binarize top-down, one layer per stage.
   return config

@@ -26,7 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<me
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 
 METHODS: dict[str, Callable] = {"finetune": finetune, "automp": methods.automp,
-                                "uniform": methods.uniform, "hessian": methods.hessian}
+                                "uniform": methods.uniform, "hessian": methods.hessian,
+                                "sensimix": methods.sensimix}
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
-"""Compression pipelines (`config.method`): automp, uniform and hessian."""
+"""Compression pipelines (`config.method`): automp, uniform, hessian and sensimix."""
 
 from mpqbert.methods.pipelines import automp, hessian, uniform
+from mpqbert.methods.sensimix import sensimix
 
-__all__ = ["automp", "hessian", "uniform"]
+__all__ = ["automp", "hessian", "sensimix", "uniform"]

@@ -184,8 +184,12 @@ def make_quant_eval_step(qapply: Callable, is_regression: bool) -> Callable:
 def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qparams: Any,
                           arch: Any) -> Any:
   """qparams whose activation step sizes start at the moving max|x| of a few training batches."""
-  if ctx.config.quant.activation_bits >= quant.FULL_PRECISION:
-    return qparams
+  if isinstance(arch, quant.Policy):
+    input_bits = [m.input_bits(arch.activation_bits) for m in arch.matrices]
+  else:
+    input_bits = [ctx.config.quant.activation_bits]
+  if not any(1 < bits < quant.FULL_PRECISION for bits in input_bits):
+    return qparams  # No input has a step size (float or sign inputs only).
 
   @jax.jit
   def update(qparams, batch):
@@ -231,15 +235,26 @@ def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hi
   return logit_loss, sum(per_layer) / max(1, len(per_layer))
 
 
+Regularizer = Callable[[Any], jax.Array]  # weights {"params", "qparams"} -> scalar added to the loss
+
+
 def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer, policy: quant.Policy,
-                  teacher_params: Any) -> Callable:
-  """One AdamW step of weights and quantizer parameters under a fixed policy (+ distillation)."""
+                  teacher_params: Any, regularizer: Regularizer | None = None) -> Callable:
+  """One AdamW step of weights and quantizer parameters under a fixed policy (+ distillation,
+  + an optional `regularizer` of the weights, logged as "regularizer")."""
   train = ctx.config.train
   is_regression = ctx.task.is_regression
   base_key = jax.random.key(ctx.config.seed)
   distill = train.distill_alpha > 0 or train.distill_hidden_weight > 0
 
   def loss_fn(weights, batch, key):
+    loss, aux = task_and_distillation_loss(weights, batch, key)
+    if regularizer is None:
+      return loss, aux
+    penalty = regularizer(weights)
+    return loss + penalty, {**aux, "regularizer": penalty}
+
+  def task_and_distillation_loss(weights, batch, key):
     kwargs = dict(deterministic=False, rngs={"dropout": key})
     if distill:
       kwargs["capture_intermediates"] = _is_layer
@@ -270,11 +285,14 @@ def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer, policy: quant.P
 
 
 def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy: quant.Policy,
-                    params: Any, qparams: Any, teacher_params: Any) -> dict[str, Any]:
+                    params: Any, qparams: Any, teacher_params: Any, *,
+                    num_steps: int | None = None,
+                    regularizer: Regularizer | None = None) -> dict[str, Any]:
   """Quantization-aware fine-tuning under a fixed `policy` from `params` (the teacher's weights).
 
-  Trains weights and quantizer scales for `config.train`'s budget, checkpointed in `stage`;
-  returns (and caches in `stage/result.json`) the dev metrics and sizes of the final model.
+  Trains weights and quantizer scales for `config.train`'s budget (or `num_steps`), checkpointed
+  in `stage`; returns (and caches in `stage/result.json`) the dev metrics and sizes of the final
+  model, whose weights `stage_weights` reads back.
   """
   def run() -> dict[str, Any]:
     start = time.time()
@@ -283,7 +301,7 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
     policy.save(stage / "policy.json")
     qapply = quant.transform(ctx.model.apply, spec)
     steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
-    total_steps = loop.num_train_steps(config.train, steps_per_epoch)
+    total_steps = num_steps or loop.num_train_steps(config.train, steps_per_epoch)
     optimizer, schedule = optim.make_optimizer(config.train, total_steps,
                                                mask=optim.weights_decay_mask)
     calibrated = calibrate_activations(ctx, qapply, params, qparams, policy)
@@ -292,7 +310,7 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
     eval_step = make_quant_eval_step(qapply, ctx.task.is_regression)
     state, dev_metrics = loop.train_loop(
         name=f"{stage.name} {ctx.task.name}", workdir=stage, state=state,
-        train_step=make_qat_step(ctx, qapply, optimizer, policy, teacher_params),
+        train_step=make_qat_step(ctx, qapply, optimizer, policy, teacher_params, regularizer),
         batches=lambda s: loop.batches_for(config, ctx.train_set, s), total_steps=total_steps,
         evaluate_fn=lambda s: ctx.evaluate(eval_step, (s.params["params"],
                                                        s.params["qparams"], policy)),
@@ -305,6 +323,11 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
   return cached_json(stage / "result.json", run)
 
 
+def stage_weights(stage: Path, params: Any, qparams: Any) -> dict[str, Any]:
+  """The final {"params", "qparams"} of a finished `train_quantized` stage."""
+  return restore_params(stage, {"params": params, "qparams": qparams})
+
+
 def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path) -> dict[str, Any]:
   """The teacher's dev metrics under this run's data settings (the full-precision row)."""
   def run():
@@ -313,6 +336,20 @@ def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path) -> dic
             **quant.size_report(jax.device_get(params))}
 
   return cached_json(workdir / "full_precision.json", run)
+
+
+def start_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
+                   ) -> tuple[float, Path, TaskContext, Any, dict[str, Any]]:
+  """Every pipeline's opening: guard the workdir, load data and model, get and evaluate the
+  teacher. Returns (start time, workdir, context, teacher params, full-precision result)."""
+  start = time.time()
+  workdir = Path(workdir)
+  checkpoint.guard_workdir(workdir, config.to_json())
+  ctx = make_context(config)
+  teacher = get_teacher(ctx, workdir)
+  full_precision = evaluate_full_precision(ctx, teacher, workdir)
+  logging.info("full precision dev %s = %.4f", ctx.task.main_metric, full_precision["dev"])
+  return start, workdir, ctx, teacher, full_precision
 
 
 # ------------------------------------------------------------------------------------ results

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from absl import logging
 from mpqbert import data, quant, search
 from mpqbert.methods import common
 from mpqbert.methods.report import plot_bit_map
-from mpqbert.train import checkpoint, loop, optim, sharding
+from mpqbert.train import loop, optim, sharding
 from mpqbert.train.steps import per_example_loss, weighted_mean
 
 
@@ -34,18 +33,6 @@ def policy_stats(policy: quant.Policy) -> dict[str, Any]:
   counts = Counter(int(b) for bits in policy.bits.values() for b in np.asarray(bits))
   return {"groups": sum(counts.values()), "pruned_groups": counts.get(0, 0),
           "groups_per_bits": {str(b): counts[b] for b in sorted(counts)}}
-
-
-def _start(config, workdir) -> tuple[float, Path, common.TaskContext, Any, dict[str, Any]]:
-  """Shared opening: guard the workdir, load data and model, get and evaluate the teacher."""
-  start = time.time()
-  workdir = Path(workdir)
-  checkpoint.guard_workdir(workdir, config.to_json())
-  ctx = common.make_context(config)
-  teacher = common.get_teacher(ctx, workdir)
-  full_precision = common.evaluate_full_precision(ctx, teacher, workdir)
-  logging.info("full precision dev %s = %.4f", ctx.task.main_metric, full_precision["dev"])
-  return start, workdir, ctx, teacher, full_precision
 
 
 def _num_heads(ctx: common.TaskContext) -> int:
@@ -155,7 +142,7 @@ def load_arch(stage: Path) -> dict[str, np.ndarray]:
 
 def automp(config, workdir) -> dict[str, Any]:
   """AutoMPQ: search bits per sub-group (0 = pruned) under the size band, derive, retrain."""
-  start, workdir, ctx, teacher, full_precision = _start(config, workdir)
+  start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   spec = common.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
   band = _band(ctx, teacher, plan)
@@ -188,7 +175,7 @@ def automp(config, workdir) -> dict[str, Any]:
 
 def uniform(config, workdir) -> dict[str, Any]:
   """Uniform n-bit quantization-aware fine-tuning (`config.quant.bits`)."""
-  start, workdir, ctx, teacher, full_precision = _start(config, workdir)
+  start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   bits = int(config.quant.bits)
   result = _uniform(ctx, workdir / "retrain", bits, teacher)
   spec = common.make_spec(config, _num_heads(ctx), bit_choices=(bits,))
@@ -202,7 +189,7 @@ def uniform(config, workdir) -> dict[str, Any]:
 
 def hessian(config, workdir) -> dict[str, Any]:
   """Q-BERT-style: Hessian top eigenvalue per matrix -> bits per sub-group in the band."""
-  start, workdir, ctx, teacher, full_precision = _start(config, workdir)
+  start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   spec = common.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
   band = _band(ctx, teacher, plan)

@@ -12,15 +12,16 @@ from mpqbert.quant.quantizers import (QUANTIZER_BITS, SCALES_PER_GROUP, absmax_s
                                       quantize_activation, quantize_index, quantize_symmetric,
                                       symmetric_levels)
 from mpqbert.quant.spec import (BERT_MATRIX_KINDS, EMBEDDING_TABLE, ENCODER_MATRIX,
-                                FULL_PRECISION, MatrixSpec, Plan, QuantSpec, Rule,
-                                bert_encoder_spec, flatten_params)
+                                FULL_PRECISION, INDEX_EMBEDDING_TABLE, MatrixSpec, Plan, QuantSpec,
+                                Rule, bert_encoder_spec, flatten_params)
 from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
 from mpqbert.quant.transform import (init_arch, init_qparams, matrix_key, quantize_choice,
                                      quantize_embedding, quantize_weight, sample_probs,
                                      transform)
 
 __all__ = [
-    "BERT_MATRIX_KINDS", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION", "MatrixSpec",
+    "BERT_MATRIX_KINDS", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION",
+    "INDEX_EMBEDDING_TABLE", "MatrixSpec",
     "Plan", "Policy", "QUANTIZER_BITS", "QuantSpec", "Rule", "SCALES_PER_GROUP", "absmax_scale",
     "bert_encoder_spec", "binarize_sign", "binarize_xnor", "expected_bits", "flatten_params",
     "group_view", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",

@@ -7,8 +7,10 @@ follow one convention (../shared/DESIGN.md):
   size_mb        encoder weight matrices (`ENCODER_MATRIX`) under the policy: per sub-group
                  bits * weights + 32 * scale floats if kept (pruned groups cost nothing);
                  matrices the policy leaves out count at 32 bits; / 8 / 2^20.
-  size_mb_other  every other parameter at 32 bits, except embedding tables at `embedding_bits`
-                 (+ one float32 scale per row) when that is below 32.
+  size_mb_other  every other parameter at `other_bits` (32, or 16 for half precision), except
+                 embedding tables at `embedding_bits` when that is below 32: per row with one
+                 float32 scale per row ("symmetric"), or the word and position tables with a
+                 float32 (min, max) each ("index").
   compression    32-bit size of the encoder matrices / size_mb.
   avg_bits       weight bits of the encoder matrices (without scales) / their weight count.
 """
@@ -24,8 +26,11 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from mpqbert.quant.spec import (EMBEDDING_TABLE, ENCODER_MATRIX, FULL_PRECISION, MatrixSpec, Plan,
+from mpqbert.quant.spec import (EMBEDDING_QUANTIZERS, EMBEDDING_TABLE, ENCODER_MATRIX,
+                                FULL_PRECISION, INDEX_EMBEDDING_TABLE, MatrixSpec, Plan,
                                 _check_bits_or_fp, flatten_params)
+
+OTHER_BITS = (16, FULL_PRECISION)  # Storage of the unquantized parameters: half or float32.
 
 _FORMAT = "mpqbert-policy/1"
 _MB = 8 * 2**20  # bits per MiB
@@ -34,7 +39,7 @@ _MB = 8 * 2**20  # bits per MiB
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Policy:
-  """Bits per sub-group of every quantized kernel, plus embedding and activation bits.
+  """Bits per sub-group of every quantized kernel, plus embedding, activation and other bits.
 
   Build one with `uniform_policy`, `policy_from_logits` or `Policy.load`; those validate it.
   """
@@ -43,6 +48,8 @@ class Policy:
   matrices: tuple[MatrixSpec, ...] = dataclasses.field(metadata=dict(static=True))
   embedding_bits: int = dataclasses.field(default=FULL_PRECISION, metadata=dict(static=True))
   activation_bits: int = dataclasses.field(default=FULL_PRECISION, metadata=dict(static=True))
+  embedding_quantizer: str = dataclasses.field(default="symmetric", metadata=dict(static=True))
+  other_bits: int = dataclasses.field(default=FULL_PRECISION, metadata=dict(static=True))
 
   @property
   def plan(self) -> Plan:
@@ -52,6 +59,11 @@ class Policy:
     """Checks the layout and that every bit-width is one of its matrix's choices."""
     _check_bits_or_fp("embedding_bits", self.embedding_bits)
     _check_bits_or_fp("activation_bits", self.activation_bits)
+    if self.embedding_quantizer not in EMBEDDING_QUANTIZERS:
+      raise ValueError(f"embedding_quantizer={self.embedding_quantizer!r}; use one of "
+                       f"{EMBEDDING_QUANTIZERS}.")
+    if self.other_bits not in OTHER_BITS:
+      raise ValueError(f"other_bits={self.other_bits}; use 16 (half precision) or 32.")
     if set(self.bits) != set(self.plan):
       raise ValueError("Policy.bits and Policy.matrices name different matrices.")
     for path, matrix in self.plan.items():
@@ -89,6 +101,7 @@ class Policy:
   def to_json(self) -> dict[str, Any]:
     return {"format": _FORMAT, "embedding_bits": self.embedding_bits,
             "activation_bits": self.activation_bits,
+            "embedding_quantizer": self.embedding_quantizer, "other_bits": self.other_bits,
             "matrices": {m.path: {**m.to_json(), "bits": np.asarray(self.bits[m.path]).tolist()}
                          for m in self.matrices}}
 
@@ -100,7 +113,9 @@ class Policy:
     matrices = tuple(MatrixSpec.from_json(p, m) for p, m in sorted(d["matrices"].items()))
     bits = {p: np.asarray(m["bits"], np.int32) for p, m in d["matrices"].items()}
     return cls(bits=bits, matrices=matrices, embedding_bits=int(d["embedding_bits"]),
-               activation_bits=int(d["activation_bits"])).validate()
+               activation_bits=int(d["activation_bits"]),
+               embedding_quantizer=d.get("embedding_quantizer", "symmetric"),
+               other_bits=int(d.get("other_bits", FULL_PRECISION))).validate()
 
   def save(self, path: str | Path) -> Path:
     path = Path(path)
@@ -155,19 +170,27 @@ def policy_from_logits(arch: Mapping[str, Any], plan: Plan, *,
 
 
 def size_report(params: Any, policy: Policy | None = None) -> dict[str, float]:
-  """size_mb, size_mb_other, compression, avg_bits of `params` under `policy` (None: float32)."""
-  quantized = policy.plan if policy is not None else {}
-  embedding_bits = policy.embedding_bits if policy is not None else FULL_PRECISION
-  matrix_bits = other_bits = matrix_weight_bits = matrix_count = 0
+  """size_mb, size_mb_other, compression, avg_bits of `params` under `policy` (None: float32).
+
+  Also size_mb_total (both parts) and compression_total (the float32 model over it).
+  """
+  policy = policy or Policy(bits={}, matrices=())
+  quantized = policy.plan
+  tables = EMBEDDING_TABLE if policy.embedding_quantizer == "symmetric" else INDEX_EMBEDDING_TABLE
+  matrix_bits = other_bits = matrix_weight_bits = matrix_count = total_count = 0
   for path, value in flatten_params(params).items():
     shape = np.shape(value)
     count = math.prod(shape)
+    total_count += count
     if path in quantized:
       bits, weight_bits = policy.matrix_bits(path), policy.weight_bits(path)
-    elif EMBEDDING_TABLE.search(path) and embedding_bits < FULL_PRECISION:
-      bits = weight_bits = count * embedding_bits + shape[0] * 32
-    else:
+    elif tables.search(path) and policy.embedding_bits < FULL_PRECISION:
+      scales = shape[0] if policy.embedding_quantizer == "symmetric" else 2
+      bits = weight_bits = count * policy.embedding_bits + scales * 32
+    elif ENCODER_MATRIX.search(path):
       bits = weight_bits = count * FULL_PRECISION
+    else:
+      bits = weight_bits = count * policy.other_bits
     if ENCODER_MATRIX.search(path):
       matrix_bits += bits
       matrix_weight_bits += weight_bits
@@ -176,7 +199,9 @@ def size_report(params: Any, policy: Policy | None = None) -> dict[str, float]:
       other_bits += bits
   if matrix_count == 0:
     raise ValueError("params have no encoder weight matrices (ENCODER_MATRIX); is this a BERT?")
+  ratio = lambda fp32_count, bits: fp32_count * FULL_PRECISION / bits if bits else math.inf
   return {"size_mb": matrix_bits / _MB, "size_mb_other": other_bits / _MB,
-          "compression": (matrix_count * FULL_PRECISION / matrix_bits if matrix_bits
-                          else math.inf),
-          "avg_bits": matrix_weight_bits / matrix_count}
+          "compression": ratio(matrix_count, matrix_bits),
+          "avg_bits": matrix_weight_bits / matrix_count,
+          "size_mb_total": (matrix_bits + other_bits) / _MB,
+          "compression_total": ratio(total_count, matrix_bits + other_bits)}

@@ -23,8 +23,12 @@ from mpqbert.quant.quantizers import QUANTIZER_BITS, SCALES_PER_GROUP
 ENCODER_MATRIX = re.compile(
     r"encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|"
     r"intermediate/dense|output/dense)/kernel$")
-# Embedding tables, quantized (per row, symmetric, max-abs scale) when embedding_bits < 32.
+# Embedding tables, quantized when embedding_bits < 32: every table per row (symmetric, max-abs
+# scale) with embedding_quantizer "symmetric"; the word and position tables per tensor (min-max
+# index, SensiMix's recipe) with "index".
 EMBEDDING_TABLE = re.compile(r"embeddings/(word|position|token_type)_embeddings/embedding$")
+INDEX_EMBEDDING_TABLE = re.compile(r"embeddings/(word|position)_embeddings/embedding$")
+EMBEDDING_QUANTIZERS = ("symmetric", "index")
 # The matrix kinds of a BERT layer, for per-kind settings in `bert_encoder_spec`.
 BERT_MATRIX_KINDS = {
     "qkv": r"encoder/layer/\d+/attention/self/(query|key|value)/kernel$",
@@ -44,6 +48,12 @@ def _check_bits_or_fp(name: str, bits: int) -> None:
                      "full precision.")
 
 
+def _check_input_bits(name: str, bits: int | None) -> None:
+  """A matrix's input bits: None (the global setting), 1 (sign, binarized), 2..8 or 32."""
+  if bits is not None and bits != 1:
+    _check_bits_or_fp(name, bits)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
   """Quantize kernels whose parameter path matches `pattern` (`re.search`)."""
@@ -53,8 +63,12 @@ class Rule:
   groups: Groups = 1
   bit_choices: tuple[int, ...] = (0, 2, 4, 8)
   learn_range: bool = False  # "index" only: learn (lo, hi) instead of taking min/max of w.
+  # Bits of the matmul's input: None takes the spec's (or policy's) activation_bits; 1 binarizes
+  # it to sign(x), which with 1-bit weights makes the product an XNOR-popcount (SensiMix).
+  activation_bits: int | None = None
 
   def __post_init__(self):
+    _check_input_bits("Rule.activation_bits", self.activation_bits)
     try:
       re.compile(self.pattern)
     except re.error as e:
@@ -85,6 +99,11 @@ class MatrixSpec:
   quantizer: str
   bit_choices: tuple[int, ...]
   learn_range: bool = False
+  activation_bits: int | None = None
+
+  def input_bits(self, default: int) -> int:
+    """Bits of this matrix's input, given the global activation bits."""
+    return default if self.activation_bits is None else self.activation_bits
 
   @property
   def group_size(self) -> int:
@@ -97,14 +116,18 @@ class MatrixSpec:
     return SCALES_PER_GROUP[self.quantizer]
 
   def to_json(self) -> dict[str, Any]:
-    return {"shape": list(self.shape), "groups": self.groups, "quantizer": self.quantizer,
-            "bit_choices": list(self.bit_choices), "learn_range": self.learn_range}
+    out = {"shape": list(self.shape), "groups": self.groups, "quantizer": self.quantizer,
+           "bit_choices": list(self.bit_choices), "learn_range": self.learn_range}
+    if self.activation_bits is not None:
+      out["activation_bits"] = self.activation_bits
+    return out
 
   @classmethod
   def from_json(cls, path: str, d: Mapping[str, Any]) -> "MatrixSpec":
     return cls(path=path, shape=tuple(d["shape"]), groups=int(d["groups"]),
                quantizer=d["quantizer"], bit_choices=tuple(d["bit_choices"]),
-               learn_range=bool(d.get("learn_range", False)))
+               learn_range=bool(d.get("learn_range", False)),
+               activation_bits=d.get("activation_bits"))
 
 
 Plan = dict[str, MatrixSpec]  # parameter path -> MatrixSpec, sorted by path
@@ -119,6 +142,8 @@ class QuantSpec:
   activation_mode: "learned" (LSQ step size, trained) or "moving" (max|x| moving average,
     updated by `qapply(..., update_act_stats=True)`).
   embedding_bits: bits of the embedding tables during search (32: not quantized).
+  embedding_quantizer: "symmetric" (every table, per row) or "index" (word and position tables,
+    per tensor min-max, as SensiMix); see `EMBEDDING_TABLE`.
   num_heads: needed by rules with groups="head".
   """
 
@@ -128,9 +153,13 @@ class QuantSpec:
   activation_mode: str = "learned"
   activation_momentum: float = 0.9
   embedding_bits: int = FULL_PRECISION
+  embedding_quantizer: str = "symmetric"
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
+    if self.embedding_quantizer not in EMBEDDING_QUANTIZERS:
+      raise ValueError(f"embedding_quantizer={self.embedding_quantizer!r}; use one of "
+                       f"{EMBEDDING_QUANTIZERS}.")
     if not all(isinstance(r, Rule) for r in self.rules):
       raise TypeError("QuantSpec.rules must be a sequence of Rule.")
     _check_bits_or_fp("activation_bits", self.activation_bits)
@@ -154,7 +183,7 @@ class QuantSpec:
                            "choose groups that divide the output size.")
         return MatrixSpec(path=path, shape=tuple(int(d) for d in shape), groups=int(groups),
                           quantizer=rule.quantizer, bit_choices=rule.bit_choices,
-                          learn_range=rule.learn_range)
+                          learn_range=rule.learn_range, activation_bits=rule.activation_bits)
     return None
 
   def plan(self, params: Any) -> Plan:

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from mpqbert.quant import quantizers
 from mpqbert.quant.mixture import gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import Policy
-from mpqbert.quant.spec import (EMBEDDING_TABLE, FULL_PRECISION, MatrixSpec, Plan, QuantSpec,
-                                flatten_params)
+from mpqbert.quant.spec import (EMBEDDING_TABLE, FULL_PRECISION, INDEX_EMBEDDING_TABLE,
+                                MatrixSpec, Plan, QuantSpec, flatten_params)
 
 Array = jax.Array
 QParams = dict[str, dict[str, Array]]
@@ -82,8 +82,12 @@ def quantize_weight(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array],
   return mixed(w, qparams, probs)
 
 
-def quantize_embedding(table: Array, bits: int) -> Array:
-  """Per-row symmetric quantization of an embedding table with a max-abs scale per row."""
+def quantize_embedding(table: Array, bits: int, quantizer: str = "symmetric") -> Array:
+  """An embedding table quantized per row (symmetric, max-abs scale per row) or per tensor
+  ("index": min-max asymmetric, SensiMix's 8-bit embeddings)."""
+  if quantizer == "index":
+    lo, hi = quantizers.minmax_range(table.reshape(1, -1), 1)
+    return quantizers.quantize_index(table.reshape(1, -1), lo, hi, bits).reshape(table.shape)
   rows = jax.lax.stop_gradient(table)
   _, q_pos = quantizers.symmetric_levels(bits)
   scale = jnp.maximum(jnp.max(jnp.abs(rows), axis=1) / q_pos, quantizers.MIN_SCALE)
@@ -142,25 +146,25 @@ def _check_trees(plan: Plan, qparams: Mapping[str, Any], arch: Arch) -> None:
                        f"{expected} (sub-groups, bit choices).")
 
 
-def _quantize_embeddings(params: Any, bits: int) -> Any:
+def _quantize_embeddings(params: Any, bits: int, quantizer: str) -> Any:
   if bits >= FULL_PRECISION:
     return params
+  tables = EMBEDDING_TABLE if quantizer == "symmetric" else INDEX_EMBEDDING_TABLE
 
   def visit(tree, prefix):
     if isinstance(tree, Mapping):
       return {k: visit(v, f"{prefix}{k}/") for k, v in tree.items()}
-    return quantize_embedding(tree, bits) if EMBEDDING_TABLE.search(prefix[:-1]) else tree
+    return quantize_embedding(tree, bits, quantizer) if tables.search(prefix[:-1]) else tree
 
   return visit(params, "")
 
 
-def _updated_act_scales(qparams: QParams, stats: Mapping[str, Any], bits: int,
+def _updated_act_scales(qparams: QParams, stats: Mapping[str, Any], bits: Mapping[str, int],
                         momentum: float) -> QParams:
   """qparams with act_scale <- moving average of max|x| / q_pos (the first batch sets it)."""
-  _, q_pos = quantizers.symmetric_levels(bits)
   new = {path: dict(entry) for path, entry in qparams.items()}
   for path, absmax in stats.items():
-    batch_scale = absmax / q_pos
+    batch_scale = absmax / quantizers.symmetric_levels(bits[path])[1]
     old = new[path]["act_scale"]
     new[path]["act_scale"] = jnp.where(old > 0, momentum * old + (1 - momentum) * batch_scale,
                                        batch_scale)
@@ -191,11 +195,10 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
   def qapply(params: Any, qparams: QParams, arch: Arch, *args, key: jax.Array | None = None,
              tau: float | Array = 1.0, hard: bool = False, update_act_stats: bool = False,
              **kwargs):
-    _check_trees(spec.plan(params), qparams, arch)
-    if isinstance(arch, Policy):
-      act_bits, emb_bits = arch.activation_bits, arch.embedding_bits
-    else:
-      act_bits, emb_bits = spec.activation_bits, spec.embedding_bits
+    plan = spec.plan(params)
+    _check_trees(plan, qparams, arch)
+    settings = arch if isinstance(arch, Policy) else spec
+    act_bits, emb_bits = settings.activation_bits, settings.embedding_bits
     learned_act = spec.activation_mode == "learned"
 
     def probs_of(path: str, matrix: MatrixSpec) -> Array:
@@ -208,25 +211,28 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
         return next_fun(*call_args, **call_kwargs)
       x, kernel = call_args
       path = "/".join((*context.module.path, "kernel"))
-      matrix = spec.resolve(path, kernel.shape)
+      matrix = plan.get(path)
       if matrix is None:
         return x, kernel
       kernel = quantize_weight(kernel, matrix, qparams[path], probs_of(path, matrix))
-      if act_bits < FULL_PRECISION:
+      input_bits = matrix.input_bits(act_bits)
+      if input_bits == 1:
+        x = quantizers.binarize_sign(x)
+      elif input_bits < FULL_PRECISION:
         if update_act_stats:
           context.module.sow(_STATS, "act_absmax", jnp.max(jnp.abs(jax.lax.stop_gradient(x))))
-        x = quantizers.quantize_activation(x, qparams[path]["act_scale"], act_bits,
+        x = quantizers.quantize_activation(x, qparams[path]["act_scale"], input_bits,
                                            learned=learned_act)
       return x, kernel
 
-    variables = {"params": _quantize_embeddings(params, emb_bits)}
+    variables = {"params": _quantize_embeddings(params, emb_bits,
+                                                settings.embedding_quantizer)}
     with nn.intercept_methods(interceptor):
       if not update_act_stats:
         return apply_fn(variables, *args, **kwargs)
       outputs, state = apply_fn(variables, *args, mutable=[_STATS], **kwargs)
-    if act_bits >= FULL_PRECISION:
-      return outputs, qparams
     stats = _collect_stats(state.get(_STATS, {}))
-    return outputs, _updated_act_scales(qparams, stats, act_bits, spec.activation_momentum)
+    input_bits = {path: m.input_bits(act_bits) for path, m in plan.items()}
+    return outputs, _updated_act_scales(qparams, stats, input_bits, spec.activation_momentum)
 
   return qapply

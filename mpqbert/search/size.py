@@ -8,7 +8,6 @@ leaves out count at 32 bits).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax

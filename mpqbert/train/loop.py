@@ -53,9 +53,9 @@ def num_train_steps(train_config, steps_per_epoch: int) -> int:
   return max(1, math.ceil(train_config.num_epochs * steps_per_epoch))
 
 
-def evaluate(eval_step, params, dataset: data.TokenizedDataset, task: data.GlueTask, config,
-             mesh) -> dict[str, float]:
-  """GLUE metrics and mean loss of `params` on one eval split."""
+def predict(eval_step, params, dataset: data.TokenizedDataset, config,
+            mesh) -> tuple[np.ndarray, float]:
+  """Predictions of `eval_step` for every example of `dataset`, in its order, and the loss sum."""
   indices, predictions, loss_sum = [], [], 0.0
   for batch in data.eval_batches(dataset, config.train.eval_batch_size,
                                  max_seq_length=config.data.max_seq_length,
@@ -64,8 +64,14 @@ def evaluate(eval_step, params, dataset: data.TokenizedDataset, task: data.GlueT
     out = jax.device_get(eval_step(params, sharding.shard_batch(batch, mesh)))
     predictions.append(out["predictions"])
     loss_sum += float(out["loss_sum"])
-  ordered = data.restore_order(indices, predictions, len(dataset))
-  metrics = data.glue_metrics(task, ordered, dataset.labels)
+  return data.restore_order(indices, predictions, len(dataset)), loss_sum
+
+
+def evaluate(eval_step, params, dataset: data.TokenizedDataset, task: data.GlueTask, config,
+             mesh) -> dict[str, float]:
+  """GLUE metrics and mean loss of `params` on one eval split."""
+  predictions, loss_sum = predict(eval_step, params, dataset, config, mesh)
+  metrics = data.glue_metrics(task, predictions, dataset.labels)
   return {**metrics, "loss": loss_sum / len(dataset)}
 
 

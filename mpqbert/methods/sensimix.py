@@ -1,0 +1,280 @@
+"""SensiMix (Piao, Cho, Kang, PLoS ONE 2022) as one resumable pipeline.
+
+  teacher -> split (fixed `num_8bit_layers`, or the least binarization-sensitive FFNs up to a
+  size target) -> PT stage (1-bit FFNs still float) -> ILF stages (binarize FFNs top-down, one
+  layer per stage) -> eval -> packed export -> packed inference, checked against the model
+  it was exported from
+
+Sensitive parts (every attention Q/K/V/O, the FFNs of the 8-bit layers, word and position
+embeddings) get 8-bit min-max index quantization per tensor; the FFNs of the other layers get
+1-bit value quantization sign(w) with sign-binarized inputs (an XNOR-popcount GEMM), trained with
+the Absolute Binary Weight Regularization `lambda * sum mean((|W| - 1)^2)`. The stages share the
+`config.train` budget equally; each starts from the previous stage's weights.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mpqbert import data, export, quant
+from mpqbert.methods import common
+from mpqbert.methods.report import plot_bit_map
+from mpqbert.train import loop
+from mpqbert.train.steps import per_example_loss
+
+_ATTENTION = r"attention/(self/(query|key|value)|output/dense)/kernel$"
+_FFN = r"(intermediate|output)/dense/kernel$"
+_BINARY = ("sign", "xnor")
+
+
+def _layers(layers: Sequence[int], tail: str) -> str:
+  return rf"encoder/layer/({'|'.join(str(l) for l in sorted(layers))})/{tail}"
+
+
+def sensimix_spec(eight_bit_ffn_layers: Sequence[int], binary_ffn_layers: Sequence[int], *,
+                  weight_bits: int = 8, embedding_bits: int = 8, binary_scale: bool = False,
+                  binary_groups: int = 1, ffn_input_bits: int = 1) -> quant.QuantSpec:
+  """Every attention matrix and the FFNs of `eight_bit_ffn_layers` at `weight_bits` index; the
+  FFNs of `binary_ffn_layers` at 1 bit (sign, or xnor with `binary_scale`) with inputs at
+  `ffn_input_bits`; FFNs in neither list stay float (the layers PT / ILF have not reached)."""
+  if set(eight_bit_ffn_layers) & set(binary_ffn_layers):
+    raise ValueError(f"layers {sorted(set(eight_bit_ffn_layers) & set(binary_ffn_layers))} are "
+                     "both 8-bit and binary.")
+  rules = [quant.Rule(pattern=r"encoder/layer/\d+/" + _ATTENTION, quantizer="index",
+                      bit_choices=(weight_bits,))]
+  if eight_bit_ffn_layers:
+    rules.append(quant.Rule(pattern=_layers(eight_bit_ffn_layers, _FFN), quantizer="index",
+                            bit_choices=(weight_bits,)))
+  if binary_ffn_layers:
+    rules.append(quant.Rule(pattern=_layers(binary_ffn_layers, _FFN),
+                            quantizer="xnor" if binary_scale else "sign",
+                            groups=binary_groups if binary_scale else 1, bit_choices=(1,),
+                            activation_bits=ffn_input_bits))
+  return quant.QuantSpec(rules=tuple(rules), activation_bits=quant.FULL_PRECISION,
+                         embedding_bits=embedding_bits, embedding_quantizer="index")
+
+
+def fixed_policy(spec: quant.QuantSpec, params: Any, *, other_bits: int) -> quant.Policy:
+  """The only policy of a SensiMix spec: each matrix at its rule's one bit-width."""
+  plan = spec.plan(params)
+  return quant.Policy(bits={p: np.full((m.groups,), m.bit_choices[0], np.int32)
+                            for p, m in plan.items()},
+                      matrices=tuple(plan.values()), embedding_bits=spec.embedding_bits,
+                      activation_bits=spec.activation_bits,
+                      embedding_quantizer=spec.embedding_quantizer,
+                      other_bits=other_bits).validate()
+
+
+def stage_schedule(binary_layers: Sequence[int], *, prioritized: bool,
+                   inverse_layerwise: bool) -> list[tuple[int, ...]]:
+  """The binary FFN layers of each training stage.
+
+  PT adds a first stage with none; ILF then adds one layer per stage from the top (the last
+  layer first); without ILF every binary layer is binarized in one stage.
+  """
+  top_down = sorted(binary_layers, reverse=True)
+  if not top_down:
+    return [()]
+  stages = [()] if prioritized else []
+  if inverse_layerwise:
+    stages += [tuple(sorted(top_down[:k])) for k in range(1, len(top_down) + 1)]
+  else:
+    stages.append(tuple(sorted(top_down)))
+  return stages
+
+
+def split_budget(total_steps: int, num_stages: int) -> list[int]:
+  """`total_steps` shared as equally as possible, the earlier stages taking the remainder."""
+  if total_steps < num_stages:
+    raise ValueError(f"{total_steps} training steps cannot cover {num_stages} SensiMix stages; "
+                     "raise train.num_train_steps (or train.num_epochs).")
+  base, extra = divmod(total_steps, num_stages)
+  return [base + (1 if i < extra else 0) for i in range(num_stages)]
+
+
+def abwr(params: Any, paths: Sequence[str]) -> jax.Array:
+  """Absolute Binary Weight Regularization: sum over the matrices of mean((|W| - 1)^2)."""
+  flat = quant.flatten_params(params)
+  return sum(jnp.mean(jnp.square(jnp.abs(flat[p]) - 1.0)) for p in paths)
+
+
+def choose_binary_layers(sensitivity: Mapping[int, float], size_mb: Callable[[tuple], float],
+                         target_mb: float) -> tuple[int, ...]:
+  """The least sensitive layers, added one at a time until `size_mb(layers) <= target_mb`."""
+  chosen: list[int] = []
+  for layer in sorted(sensitivity, key=lambda l: (sensitivity[l], -l)):
+    if size_mb(tuple(sorted(chosen))) <= target_mb:
+      break
+    chosen.append(layer)
+  size = size_mb(tuple(sorted(chosen)))
+  if size > target_mb:
+    raise ValueError(f"binarizing every FFN still leaves {size:.3f} MB, above the target "
+                     f"{target_mb:.3f} MB; raise sensimix.target_size_mb or lower "
+                     "sensimix.target_compression.")
+  return tuple(sorted(chosen))
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def _spec(config, eight_bit: Sequence[int], binary: Sequence[int],
+          embedding_bits: int | None = None) -> quant.QuantSpec:
+  qc = config.quant
+  return sensimix_spec(eight_bit, binary, weight_bits=qc.weight_bits,
+                       embedding_bits=qc.embedding_bits if embedding_bits is None
+                       else embedding_bits, binary_scale=qc.binary_scale,
+                       binary_groups=qc.binary_groups, ffn_input_bits=qc.ffn_input_bits)
+
+
+def _mean_loss(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any,
+               dataset: data.TokenizedDataset) -> float:
+  qapply = quant.transform(ctx.model.apply, spec)
+  policy = fixed_policy(spec, params, other_bits=quant.FULL_PRECISION)
+  qparams = common.calibrate_activations(ctx, qapply, params, quant.init_qparams(spec, params),
+                                         policy)
+  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
+  return loop.evaluate(eval_step, (params, qparams, policy), dataset, ctx.task, ctx.config,
+                       ctx.mesh)["loss"]
+
+
+def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
+  """The binary FFN layers: the last ones (fixed), or by measured sensitivity (auto)."""
+  config, sc = ctx.config, ctx.config.sensimix
+  num_layers = ctx.model.config.num_hidden_layers
+  if not 0 <= sc.num_8bit_layers <= num_layers:
+    raise ValueError(f"sensimix.num_8bit_layers={sc.num_8bit_layers} must be in 0..{num_layers}.")
+  fixed = tuple(range(sc.num_8bit_layers, num_layers))
+  if sc.split == "fixed":
+    return {"split": "fixed", "binary_layers": list(fixed)}
+  if sc.split != "auto":
+    raise ValueError(f"sensimix.split={sc.split!r}; use 'fixed' or 'auto'.")
+
+  def size_mb(binary: tuple[int, ...]) -> float:
+    spec = _spec(config, [l for l in range(num_layers) if l not in binary], binary)
+    policy = fixed_policy(spec, teacher, other_bits=config.quant.other_bits)
+    return quant.size_report(jax.device_get(teacher), policy)["size_mb"]
+
+  if sc.target_size_mb is not None and sc.target_compression is not None:
+    raise ValueError("set at most one of sensimix.target_size_mb and sensimix.target_compression.")
+  if sc.target_size_mb is not None:
+    target = float(sc.target_size_mb)
+  elif sc.target_compression is not None:
+    target = quant.size_report(jax.device_get(teacher))["size_mb"] / sc.target_compression
+  else:
+    target = size_mb(fixed)  # Equal size to the fixed split.
+  _, search_set = common.split_for_search(ctx.train_set, sc.search_fraction, config.seed)
+  keep = min(len(search_set), sc.sensitivity_batches * config.train.eval_batch_size)
+  search_set = data.TokenizedDataset(input_ids=search_set.input_ids[:keep],
+                                     token_type_ids=search_set.token_type_ids[:keep],
+                                     labels=search_set.labels[:keep])
+  float_spec_loss = _mean_loss(ctx, _spec(config, [], [], embedding_bits=quant.FULL_PRECISION),
+                               teacher, search_set)
+  sensitivity = {}
+  for layer in range(num_layers):
+    loss = _mean_loss(ctx, _spec(config, [], [layer], embedding_bits=quant.FULL_PRECISION),
+                      teacher, search_set)
+    sensitivity[layer] = loss - float_spec_loss
+    logging.info("sensimix: binarizing layer %d's FFN alone raises the search-split loss by %.4f",
+                 layer, sensitivity[layer])
+  chosen = choose_binary_layers(sensitivity, size_mb, target)
+  logging.info("sensimix: auto split binarizes layers %s (target %.3f MB)", chosen, target)
+  return {"split": "auto", "binary_layers": list(chosen), "target_size_mb": target,
+          "sensitivity": {str(l): v for l, v in sensitivity.items()},
+          "base_loss": float_spec_loss, "search_examples": keep}
+
+
+def _predict_packed(ctx: common.TaskContext, packed: export.PackedModel,
+                    dataset: data.TokenizedDataset) -> np.ndarray:
+  is_regression = ctx.task.is_regression
+
+  @jax.jit
+  def eval_step(packed, batch):
+    logits = export.packed_apply(ctx.model, packed, batch["input_ids"],
+                                 attention_mask=batch["attention_mask"],
+                                 token_type_ids=batch["token_type_ids"], deterministic=True)
+    losses = per_example_loss(logits, batch["labels"], is_regression)
+    return {"predictions": logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1),
+            "loss_sum": jnp.sum(losses * batch["weights"])}
+
+  return loop.predict(eval_step, packed, dataset, ctx.config, ctx.mesh)[0]
+
+
+def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSpec,
+                     policy: quant.Policy, params: Any, qparams: Any) -> dict[str, Any]:
+  """Writes `packed.npz` and compares its predictions with the fake-quantized model's on dev."""
+  params, qparams = jax.device_get((params, qparams))
+  packed = export.export_packed(params, policy, qparams)
+  path = export.save_packed(packed, workdir / "packed.npz")
+  dev = ctx.eval_sets[ctx.dev_split]
+  qapply = quant.transform(ctx.model.apply, spec)
+  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
+  fake = loop.predict(eval_step, (params, qparams, policy), dev, ctx.config, ctx.mesh)[0]
+  start = time.time()
+  served = _predict_packed(ctx, packed, dev)
+  if ctx.task.is_regression:
+    diff = np.abs(np.asarray(fake, np.float64) - np.asarray(served, np.float64))
+    agree = {"agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
+  else:
+    agree = {"agreement": float(np.mean(np.asarray(fake) == np.asarray(served)))}
+  metrics = data.glue_metrics(ctx.task, served, dev.labels)
+  size = quant.size_report(params, policy)
+  logging.info("sensimix: packed model %s, %d bytes (%.0f expected), agreement with the "
+               "fake-quantized model %.4f, dev %s", path, path.stat().st_size,
+               size["size_mb_total"] * 2**20, agree["agreement"], metrics)
+  return {"file": str(path), "file_bytes": path.stat().st_size,
+          "array_bytes": export.packed_nbytes(packed),
+          "array_bytes_with_act_scales": export.packed_nbytes(packed, with_act_scales=True),
+          "size_mb_total_bytes": size["size_mb_total"] * 2**20, **agree,
+          "dev_metrics": metrics, "half_dtype": jnp.dtype(export.half_dtype()).name,
+          "dev_examples": len(dev), "predict_wall_s": time.time() - start}
+
+
+def sensimix(config, workdir) -> dict[str, Any]:
+  """SensiMix from the teacher: split, PT and ILF stages with ABWR, eval, packed export."""
+  start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
+  sc = config.sensimix
+  num_layers = ctx.model.config.num_hidden_layers
+  split = common.cached_json(workdir / "split.json", lambda: choose_split(ctx, teacher))
+  binary = tuple(split["binary_layers"])
+  eight_bit = [l for l in range(num_layers) if l not in binary]
+  stages = stage_schedule(binary, prioritized=sc.prioritized_training,
+                          inverse_layerwise=sc.inverse_layerwise)
+  steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
+  budget = split_budget(loop.num_train_steps(config.train, steps_per_epoch), len(stages))
+  logging.info("sensimix: binary FFN layers %s; stages %s with %s steps", binary, stages, budget)
+  params, stage_log, result = teacher, [], {}
+  for i, (binary_now, steps) in enumerate(zip(stages, budget)):
+    spec = _spec(config, eight_bit, binary_now)
+    policy = fixed_policy(spec, params, other_bits=config.quant.other_bits)
+    qparams = quant.init_qparams(spec, params)
+    paths = [p for p, m in policy.plan.items() if m.quantizer in _BINARY]
+    regularizer = None
+    if paths and sc.abwr_weight > 0:
+      regularizer = lambda w, paths=paths: sc.abwr_weight * abwr(w["params"], paths)
+    stage = workdir / f"stage{i}"
+    result = common.train_quantized(ctx, stage, spec, policy, params, qparams, teacher,
+                                    num_steps=steps, regularizer=regularizer)
+    weights = common.stage_weights(stage, params, qparams)
+    params, qparams = weights["params"], weights["qparams"]
+    stage_log.append({"stage": i, "binary_layers": list(binary_now), "steps": steps,
+                      "dev": result["dev"], "size_mb": result["size_mb"]})
+    logging.info("sensimix stage %d (binary FFN layers %s): dev %s = %.4f, %.3f MB", i,
+                 list(binary_now), ctx.task.main_metric, result["dev"], result["size_mb"])
+  packed = common.cached_json(workdir / "export.json", lambda: export_and_check(
+      ctx, workdir, spec, policy, params, qparams))
+  policy.save(workdir / "policy.json")
+  plot_bit_map(policy, workdir / "bit_map.png",
+               title=f"sensimix {ctx.task.name}: {result['size_mb']:.3f} MB, "
+                     f"{result['compression']:.1f}x, dev {result['dev']:.4f}")
+  result = {**result, "steps": sum(budget)}
+  rows = [common.row("full precision", full_precision), common.row("sensimix", result)]
+  return common.write_summary(ctx, workdir, method="sensimix", result=result, rows=rows,
+                              start_time=start, split=split, stages=stage_log, export=packed,
+                              full_precision_total_mb=full_precision["size_mb_total"])

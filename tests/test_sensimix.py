@@ -1,0 +1,270 @@
+"""SensiMix: its quantizers, ABWR, the PT / ILF schedule, size accounting, export and pipeline."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY_BERT
+from mpqbert import export, kernels, models, quant
+
+sm = importlib.import_module("mpqbert.methods.sensimix")  # the module; `methods.sensimix` is the pipeline
+
+MINILM = models.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                           num_attention_heads=12, intermediate_size=1536,
+                           max_position_embeddings=512)
+
+
+def _abstract_params(config: models.BertConfig, num_labels: int = 2):
+  model = models.build_model(config, num_labels)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))[
+      "params"]
+
+
+# ------------------------------------------------------------------------------- quantizers
+
+
+def test_index_quantization_round_trip_is_within_half_a_step_on_the_int8_range():
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 48)) * 0.05, jnp.float32)
+  lo, hi = quant.minmax_range(w, 1)
+  w_hat = quant.quantize_index(w, lo, hi, 8)
+  step = float(hi[0] - lo[0]) / 255
+  assert float(jnp.max(jnp.abs(w_hat - w))) <= step / 2 * (1 + 1e-5)
+  codes = export.packed._index_codes(w, lo, hi, 8)
+  assert codes.dtype == jnp.int8
+  # idx = round((w - min) * 255 / (max - min)) - 128, by hand in float64.
+  w64, lo64, hi64 = np.asarray(w, np.float64), float(lo[0]), float(hi[0])
+  hand = np.round((w64 - lo64) * 255 / (hi64 - lo64)) - 128
+  assert np.abs(np.asarray(codes, np.float64) - hand).max() <= 1  # ties may round either way
+  assert np.mean(np.asarray(codes) == hand) > 0.999
+  assert int(codes.min()) == -128 and int(codes.max()) == 127  # min and max are exact codes
+  flat = np.asarray(w).ravel()
+  assert np.asarray(codes).ravel()[flat.argmin()] == -128
+  assert np.asarray(codes).ravel()[flat.argmax()] == 127
+  dequantized = export.packed._dequantize_index(codes, lo, hi, 8)
+  np.testing.assert_array_equal(np.asarray(dequantized), np.asarray(w_hat))
+
+
+def test_binary_weights_and_inputs_forward_values_and_ste_gradient():
+  w = jnp.array([[0.3, -0.2], [-1.5, 0.0]], jnp.float32)
+  np.testing.assert_array_equal(quant.binarize_sign(w), [[1, -1], [-1, 1]])
+  grad = jax.grad(lambda w: jnp.sum(quant.binarize_sign(w) * jnp.array([[1., 2.], [3., 4.]])))(w)
+  np.testing.assert_array_equal(grad, [[1, 2], [0, 4]])  # |w| > 1 gets no gradient
+
+  # Through the transform, a 1-bit FFN with 1-bit inputs computes sign(x) . sign(W) + b.
+  params = models.init_params(models.build_model(models.BertConfig(**TINY_BERT), 2), seed=0)
+  spec = sm.sensimix_spec([0], [1], embedding_bits=32)
+  plan = spec.plan(params)
+  binary = [p for p, m in plan.items() if m.quantizer == "sign"]
+  assert binary == ["bert/encoder/layer/1/intermediate/dense/kernel",
+                    "bert/encoder/layer/1/output/dense/kernel"]
+  assert all(plan[p].activation_bits == 1 for p in binary)
+  policy = sm.fixed_policy(spec, params, other_bits=16)
+  qapply = quant.transform(models.build_model(models.BertConfig(**TINY_BERT), 2).apply, spec)
+  seen = {}
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and "/".join(context.module.path) == \
+        "bert/encoder/layer/1/intermediate/dense":
+      seen["x"], seen["y"] = args[0], out
+    return out
+
+  ids = jnp.asarray(np.random.default_rng(1).integers(1000, 2000, (2, 8)), jnp.int32)
+  with nn.intercept_methods(capture):
+    qapply(params, quant.init_qparams(spec, params), policy, ids,
+           attention_mask=jnp.ones_like(ids), token_type_ids=jnp.zeros_like(ids),
+           deterministic=True)
+  layer = params["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
+  x_sign = np.where(np.asarray(seen["x"], np.float64) >= 0, 1.0, -1.0)
+  w_sign = np.where(np.asarray(layer["kernel"], np.float64) >= 0, 1.0, -1.0)
+  hand = x_sign @ w_sign + np.asarray(layer["bias"], np.float64)
+  np.testing.assert_allclose(np.asarray(seen["y"]), hand, atol=1e-4)
+
+
+def test_xnor_popcount_matmul_matches_float64_sign_products():
+  rng = np.random.default_rng(2)
+  for k in (1, 31, 32, 33, 384, 1000):
+    a, b = rng.normal(size=(5, k)), rng.normal(size=(300, k))
+    a[0, 0] = 0.0  # sign(0) = +1 on both sides
+    got = kernels.xnor_matmul(kernels.pack_signs(jnp.asarray(a)), kernels.pack_signs(jnp.asarray(b)),
+                              k)
+    want = np.where(a >= 0, 1.0, -1.0) @ np.where(b >= 0, 1.0, -1.0).T
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.int32))
+  with pytest.raises(ValueError, match="words per row"):
+    kernels.xnor_matmul(jnp.zeros((2, 2), jnp.uint32), jnp.zeros((3, 1), jnp.uint32), 40)
+
+
+def test_abwr_value_and_gradient_by_hand():
+  params = {"a": {"kernel": jnp.array([[0.5, -2.0], [0.25, 1.0]])},
+            "b": {"kernel": jnp.array([[3.0, -0.5, 0.0]])}}
+  # a: ((0.5)^2 + 1^2 + 0.75^2 + 0) / 4 = 0.453125; b: (4 + 0.25 + 1) / 3 = 1.75
+  value = sm.abwr(params, ["a/kernel", "b/kernel"])
+  assert float(value) == pytest.approx(0.453125 + 1.75)
+  grads = jax.grad(sm.abwr)(params, ["a/kernel", "b/kernel"])
+  # d/dw mean((|w| - 1)^2) = 2 (|w| - 1) sign(w) / n, with sign(0) = +1 as the binarizer's:
+  # a zero weight is pulled toward +1, the value it binarizes to.
+  np.testing.assert_allclose(grads["a"]["kernel"], [[-0.25, -0.5], [-0.375, 0.0]])
+  np.testing.assert_allclose(grads["b"]["kernel"], [[4 / 3, 1 / 3, -2 / 3]], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- schedule
+
+
+def test_pt_and_ilf_schedule_and_which_matrices_are_binary_at_each_stage():
+  full = sm.stage_schedule([3, 4, 5], prioritized=True, inverse_layerwise=True)
+  assert full == [(), (5,), (4, 5), (3, 4, 5)]
+  assert sm.stage_schedule([3, 4, 5], prioritized=False, inverse_layerwise=True) == [
+      (5,), (4, 5), (3, 4, 5)]
+  assert sm.stage_schedule([3, 4, 5], prioritized=True, inverse_layerwise=False) == [
+      (), (3, 4, 5)]
+  assert sm.stage_schedule([3, 4, 5], prioritized=False, inverse_layerwise=False) == [(3, 4, 5)]
+  assert sm.stage_schedule([], prioritized=True, inverse_layerwise=True) == [()]
+  assert sm.split_budget(10, 4) == [3, 3, 2, 2]
+  with pytest.raises(ValueError, match="cannot cover 4"):
+    sm.split_budget(3, 4)
+
+  params = _abstract_params(MINILM)
+  for binary_now in full:
+    plan = sm.sensimix_spec([0, 1, 2], binary_now).plan(params)
+    by_kind = {}
+    for path, m in plan.items():
+      layer = int(path.split("/")[3])
+      ffn = "attention" not in path
+      by_kind.setdefault((layer, ffn), set()).add((m.quantizer, m.bit_choices))
+    for layer in range(6):
+      assert by_kind[(layer, False)] == {("index", (8,))}  # attention: always 8-bit
+      if layer < 3:
+        assert by_kind[(layer, True)] == {("index", (8,))}
+      elif layer in binary_now:
+        assert by_kind[(layer, True)] == {("sign", (1,))}
+      else:
+        assert (layer, True) not in by_kind  # PT: still float
+  with pytest.raises(ValueError, match="both 8-bit and binary"):
+    sm.sensimix_spec([2, 3], [3])
+
+
+def test_three_plus_three_size_accounting_by_hand():
+  params = _abstract_params(MINILM)
+  spec = sm.sensimix_spec([0, 1, 2], [3, 4, 5])
+  report = quant.size_report(params, sm.fixed_policy(spec, params, other_bits=16))
+  h, f = 384, 1536
+  attention = 6 * 4 * (h * h * 8 + 2 * 32)  # 8-bit index + (min, max) per matrix
+  ffn_8bit = 3 * 2 * (h * f * 8 + 2 * 32)
+  ffn_1bit = 3 * 2 * h * f  # 1 bit, no scale
+  assert report["size_mb"] * 8 * 2**20 == attention + ffn_8bit + ffn_1bit
+  fp32 = 6 * (4 * h * h + 2 * h * f) * 32
+  assert report["compression"] == pytest.approx(fp32 / (attention + ffn_8bit + ffn_1bit))
+  assert report["avg_bits"] == pytest.approx((6 * 4 * h * h * 8 + 3 * 2 * h * f * 8 +
+                                              3 * 2 * h * f) / (6 * (4 * h * h + 2 * h * f)))
+  # Word and position tables 8-bit index + (min, max); the rest in half precision.
+  tables = (30522 + 512) * h * 8 + 2 * 2 * 32
+  rest = (2 * h  # token types
+          + 2 * h  # embedding LayerNorm
+          + 6 * (4 * h + f + h + 2 * 2 * h)  # biases of Q K V O, FFN in, FFN out; 2 LayerNorms
+          + h * h + h  # pooler
+          + h * 2 + 2) * 16  # classifier
+  assert report["size_mb_other"] * 8 * 2**20 == tables + rest
+  assert report["size_mb_total"] == report["size_mb"] + report["size_mb_other"]
+  all_weights = sum(math.prod(v.shape) for v in jax.tree.leaves(params))
+  assert report["compression_total"] == pytest.approx(
+      all_weights * 32 / (attention + ffn_8bit + ffn_1bit + tables + rest))
+
+
+def test_auto_split_takes_the_least_sensitive_layers_up_to_the_target():
+  size = lambda layers: 10.0 - 2.0 * len(layers)
+  sensitivity = {0: 0.9, 1: 0.1, 2: 0.5, 3: 0.05, 4: 0.3, 5: 0.2}
+  assert sm.choose_binary_layers(sensitivity, size, 4.0) == (1, 3, 5)
+  assert sm.choose_binary_layers(sensitivity, size, 10.0) == ()
+  with pytest.raises(ValueError, match="raise sensimix.target_size_mb"):
+    sm.choose_binary_layers(sensitivity, size, -5.0)  # all six leave -2
+
+
+# ------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("binary_scale,ffn_input_bits", [(False, 1), (True, 8)])
+def test_packed_model_agrees_with_the_fake_quantized_model(tmp_path, binary_scale,
+                                                           ffn_input_bits):
+  config = models.BertConfig(**TINY_BERT)
+  model = models.build_model(config, 3)
+  params = models.init_params(model, seed=4)
+  # ABWR-like weights around +-1 in the binary FFN, so its outputs are not all tiny.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: v * 30 if "layer/1/intermediate" in jax.tree_util.keystr(path) else v,
+      params)
+  spec = sm.sensimix_spec([0], [1], binary_scale=binary_scale, binary_groups=4,
+                          ffn_input_bits=ffn_input_bits)
+  policy = sm.fixed_policy(spec, params, other_bits=16)
+  qparams = quant.init_qparams(spec, params)
+  qapply = quant.transform(model.apply, spec)
+  rng = np.random.default_rng(5)
+  ids = jnp.asarray(rng.integers(1000, 5000, (64, 16)), jnp.int32)
+  kwargs = dict(attention_mask=jnp.ones_like(ids), token_type_ids=jnp.zeros_like(ids),
+                deterministic=True)
+  if ffn_input_bits < 32:
+    _, qparams = qapply(params, qparams, policy, ids, update_act_stats=True, **kwargs)
+  fake = qapply(params, qparams, policy, ids, **kwargs)
+
+  packed = export.export_packed(params, policy, qparams)
+  report = quant.size_report(params, policy)
+  assert export.packed_nbytes(packed) == report["size_mb_total"] * 2**20
+  path = export.save_packed(packed, tmp_path / "packed.npz")
+  assert path.stat().st_size < report["size_mb_total"] * 2**20 + 64 * 1024  # + npz headers
+  loaded = export.load_packed(path)
+  served = jax.jit(lambda p, ids: export.packed_apply(model, p, ids, **kwargs))(loaded, ids)
+  np.testing.assert_allclose(np.asarray(served), np.asarray(fake), atol=0.05, rtol=0.05)
+  assert np.mean(np.argmax(served, -1) == np.argmax(fake, -1)) >= 0.95
+  kinds = {p: set(entry) for p, entry in loaded.matrices.items()}
+  assert kinds["bert/encoder/layer/1/output/dense/kernel"] >= {"words"}
+  assert loaded.params["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.int8
+
+
+def test_packed_export_rejects_what_it_cannot_store():
+  params = models.init_params(models.build_model(models.BertConfig(**TINY_BERT), 2), seed=0)
+  spec = quant.bert_encoder_spec(bit_choices=(4,))
+  policy = quant.uniform_policy(spec.plan(params), 4)
+  with pytest.raises(ValueError, match="symmetric.*packed low-bit kernels"):
+    export.export_packed(params, policy)
+  with pytest.raises(FileNotFoundError, match="no packed model"):
+    export.load_packed("/nonexistent/packed.npz")
+
+
+# ------------------------------------------------------------------------------- pipeline
+
+
+def test_sensimix_pipeline_on_a_tiny_bert(tmp_path, tiny_model_dir, glue_dir):
+  from test_pipelines import _finish, _flags, _launch
+  flags = _flags(tiny_model_dir, glue_dir, **{"sensimix.num_8bit_layers": 1,
+                                              "train.num_train_steps": 12})
+  for key in [k for k in flags if k.startswith(("search.", "hessian.", "quant."))]:
+    flags.pop(key)
+  out = _finish(_launch("sensimix", tmp_path / "fixed", flags))
+  result = json.loads((tmp_path / "fixed" / "results.json").read_text())
+  assert "sensimix" in out and result["method"] == "sensimix"
+  assert [s["binary_layers"] for s in result["stages"]] == [[], [1]]
+  assert [s["steps"] for s in result["stages"]] == [6, 6] and result["steps"] == 12
+  params = _abstract_params(models.BertConfig(**TINY_BERT))
+  spec = sm.sensimix_spec([0], [1])
+  hand = quant.size_report(params, sm.fixed_policy(spec, params, other_bits=16))
+  assert result["size_mb"] == pytest.approx(hand["size_mb"])
+  assert result["export"]["array_bytes"] == pytest.approx(result["size_mb_total"] * 2**20)
+  assert result["export"]["agreement"] >= 0.995
+  metrics = [json.loads(l) for l in (tmp_path / "fixed" / "stage1" / "metrics.jsonl")
+             .read_text().splitlines()]
+  assert any("regularizer" in m for m in metrics)  # ABWR on the binary stage
+  assert (tmp_path / "fixed" / "bit_map.png").stat().st_size > 0
+
+  auto = _finish(_launch("sensimix", tmp_path / "auto", {
+      **flags, "sensimix.split": "auto", "sensimix.sensitivity_batches": 1,
+      "teacher.workdir": tmp_path / "fixed" / "teacher"}))
+  split = json.loads((tmp_path / "auto" / "split.json").read_text())
+  assert len(split["binary_layers"]) == 1 and set(split["sensitivity"]) == {"0", "1"}
+  assert "sensimix" in auto
