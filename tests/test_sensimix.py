@@ -220,8 +220,9 @@ def test_packed_model_agrees_with_the_fake_quantized_model(tmp_path, binary_scal
   assert path.stat().st_size < report["size_mb_total"] * 2**20 + 64 * 1024  # + npz headers
   loaded = export.load_packed(path)
   served = jax.jit(lambda p, ids: export.packed_apply(model, p, ids, **kwargs))(loaded, ids)
-  np.testing.assert_allclose(np.asarray(served), np.asarray(fake), atol=0.05, rtol=0.05)
-  assert np.mean(np.argmax(served, -1) == np.argmax(fake, -1)) >= 0.95
+  # float32 GEMMs on CPU (export.half_dtype): only the summation order differs.
+  np.testing.assert_allclose(np.asarray(served), np.asarray(fake), atol=1e-3, rtol=1e-3)
+  np.testing.assert_array_equal(np.argmax(served, -1), np.argmax(fake, -1))
   kinds = {p: set(entry) for p, entry in loaded.matrices.items()}
   assert kinds["bert/encoder/layer/1/output/dense/kernel"] >= {"words"}
   assert loaded.params["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.int8

@@ -51,8 +51,9 @@ class PackedModel:
 
 
 def half_dtype() -> jnp.dtype:
-  """float16 where it is the fast GEMM type (GPU), bfloat16 elsewhere (TPU, CPU)."""
-  return jnp.float16 if jax.default_backend() == "gpu" else jnp.bfloat16
+  """The GEMM type of the 8-bit parts: float16 on GPU, bfloat16 on TPU (its fast type), and
+  float32 on CPU, where neither half type has fast GEMMs."""
+  return {"gpu": jnp.float16, "tpu": jnp.bfloat16}.get(jax.default_backend(), jnp.float32)
 
 
 def _index_codes(w: Array, lo: Array, hi: Array, bits: int) -> Array:
@@ -132,28 +133,33 @@ def packed_nbytes(packed: PackedModel, *, with_act_scales: bool = False) -> int:
 
 def _dense(x: Array, entry: Mapping[str, Array], matrix: quant.MatrixSpec, input_bits: int,
            bias: Array) -> Array:
-  """One packed Dense layer: `x [..., K] -> [..., N]`."""
+  """One packed Dense layer: `x [..., K] -> [..., N]`.
+
+  The GEMM operands are integers (index codes, +-1 signs), exact in any half type; per-column
+  scales and offsets are applied to the float32 result.
+  """
   k, n = matrix.shape
-  lead = x.shape[:-1]
+  per_column = lambda v: jnp.repeat(v, n // matrix.groups)
+  scale = per_column(entry["alpha"]) if "alpha" in entry else 1.0
   if matrix.quantizer != "index" and input_bits == 1:  # Binary x binary: XNOR-popcount.
     words = kernels.pack_signs(x.reshape(-1, k))
     y = kernels.xnor_matmul(words, entry["words"], k).astype(jnp.float32)
-    if "alpha" in entry:
-      y = y * jnp.repeat(entry["alpha"], n // matrix.groups)
-    return y.reshape(*lead, n) + bias
+    return y.reshape(*x.shape[:-1], n) * scale + bias
   if 1 < input_bits < FULL_PRECISION:
     x = quant.quantize_activation(x, entry["act_scale"], input_bits, learned=False)
-  if matrix.quantizer == "index":
-    w = _dequantize_index(entry["codes"], entry["lo"], entry["hi"], _CODE_BITS)
-  else:
-    bits = (entry["words"][:, :, None] >> jnp.arange(kernels.WORD_BITS, dtype=jnp.uint32)) & 1
-    w = (2.0 * bits.reshape(n, -1)[:, :k].astype(jnp.float32) - 1.0).T
-    if "alpha" in entry:
-      w = w * jnp.repeat(entry["alpha"], n // matrix.groups)
   half = half_dtype()
-  y = jnp.einsum("...i,io->...o", x.astype(half), w.astype(half),
-                 preferred_element_type=jnp.float32)
-  return y + bias
+  x = x.astype(half)
+  if matrix.quantizer == "index":  # W = idx * step + (lo + 128 * step) per output group.
+    step = jnp.maximum(entry["hi"] - entry["lo"], quant.quantizers.MIN_SCALE) / (2**_CODE_BITS - 1)
+    offset = entry["lo"] + 2**(_CODE_BITS - 1) * step
+    y = jnp.einsum("...i,io->...o", x, entry["codes"].astype(half),
+                   preferred_element_type=jnp.float32)
+    row_sums = jnp.sum(x.astype(jnp.float32), axis=-1, keepdims=True)
+    return y * per_column(step) + row_sums * per_column(offset) + bias
+  bits = (entry["words"][:, :, None] >> jnp.arange(kernels.WORD_BITS, dtype=jnp.uint32)) & 1
+  signs = 2 * bits.reshape(n, -1)[:, :k].astype(half) - 1
+  y = jnp.einsum("...i,oi->...o", x, signs, preferred_element_type=jnp.float32)
+  return y * scale + bias
 
 
 def packed_apply(model: nn.Module, packed: PackedModel, *args, **kwargs) -> Any:
