@@ -46,7 +46,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def command(config: dict, workdir: Path) -> str:
   """`python -m mpqbert.main` with the overrides that turn the config file into this run."""
   method = config["method"]
-  base = defaults.compression_config(method)
+  base = (defaults.sensimix_config() if method == "sensimix" else
+          defaults.compression_config(method))
   if method in ("automp", "hessian"):
     base.search.target_compression = 16.0
   want, have = flatten(config), flatten(base.to_dict())
@@ -82,13 +83,14 @@ NUMERIC = {"dev": float, "size_mb": float, "compression": float, "avg_bits": flo
            "pruned_groups": int, "wall_time_s": float}
 
 
-def merge_committed(rows: list[dict], csv_path: Path) -> list[dict]:
-  """`rows` plus the rows of an earlier compression.csv that `rows` does not redo."""
+def merge_committed(rows: list[dict], csv_path: Path, numeric: dict = NUMERIC) -> list[dict]:
+  """`rows` plus the rows of an earlier CSV table that `rows` does not redo (`numeric`: the
+  columns to read back as numbers, with their types)."""
   if not csv_path.is_file():
     return rows
   fresh = {(r["task"], r["run"]) for r in rows}
   with csv_path.open(newline="") as f:
-    kept = [{k: NUMERIC.get(k, str)(v) for k, v in r.items()} for r in csv.DictReader(f)
+    kept = [{k: numeric.get(k, str)(v) for k, v in r.items()} for r in csv.DictReader(f)
             if (r["task"], r["run"]) not in fresh]
   return rows + kept
 

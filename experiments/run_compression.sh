@@ -14,37 +14,15 @@ cd "$(dirname "$0")/.."
 TASKS=${*:-sst2 mrpc rte stsb cola}
 ROOT=${ROOT:-workdirs/compression}
 TRAIN_STEPS=${TRAIN_STEPS:-100}
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-workdirs/jax_cache}
+source experiments/lib.sh
 
-run() {  # run <config> <workdir> [overrides...]
+run() {  # run <config> <workdir> <task> [overrides...]: the compression budget and search knobs.
   local config=$1 workdir=$2 task=$3; shift 3
-  if [[ -f "$workdir/results.json" ]]; then echo "done: $workdir"; return; fi
-  local seq=128; [[ $task == sst2 || $task == cola ]] && seq=64
-  echo "run: $workdir"
-  python -m mpqbert.main --config="configs/$config.py" --workdir="$workdir" \
-    --config.task="$task" --config.data.glue_dir=../shared/data/glue \
-    --config.teacher.workdir="workdirs/finetune_fp/$task" \
-    --config.data.max_seq_length=$seq --config.data.pad_multiple=64 \
-    --config.data.train_subset=4000 --config.train.num_train_steps="$TRAIN_STEPS" \
+  run_method "$config" "$workdir" "$task" --config.train.num_train_steps="$TRAIN_STEPS" \
     --config.search.num_epochs=1.0 --config.search.warmup_epochs=0.2 \
     --config.search.tau_decay=2.0 --config.search.arch_optimizer=adam \
     --config.search.arch_lr=0.05 --config.hessian.power_iterations=8 \
-    --config.hessian.num_batches=1 --config.checkpoint.every_steps=50 \
-    --config.checkpoint.keep=1 "$@" > "$workdir.log" 2>&1 || { echo "FAILED: $workdir"; return 1; }
-  tail -n 1 "$workdir.log"
-}
-
-teacher() {  # teacher <task>: the full-precision fine-tuning of run_finetune_fp.sh, if missing.
-  local task=$1 epochs=3 dir=workdirs/finetune_fp/$1
-  if [[ -f "$dir/results.json" ]]; then return; fi
-  [[ $task == sst2 ]] && epochs=1
-  echo "teacher: $dir"
-  mkdir -p workdirs/finetune_fp
-  python -m mpqbert.main --config=configs/finetune.py --config.task="$task" \
-    --config.data.glue_dir=../shared/data/glue --config.checkpoint.keep=1 \
-    --config.train.num_epochs=$epochs --workdir="$dir" > "$dir.log" 2>&1 \
-    || { echo "FAILED: $dir"; return 1; }
-  tail -n 1 "$dir.log"
+    --config.hessian.num_batches=1 "$@"
 }
 
 for task in $TASKS; do

@@ -1,0 +1,91 @@
+"""Gathers experiments/run_sensimix.sh runs into the SensiMix tables.
+
+  python experiments/collect_sensimix.py [--root workdirs/sensimix] [--out experiments/results]
+
+Writes sensimix.{md,csv}: per task the full-precision teacher and SensiMix 3 + 3 (dev metric,
+encoder-matrix size, total size with embeddings, compression of each against float32, agreement
+of the packed model with the fake-quantized one), the Table 4 ablation and the split / 1-bit
+variants on SST-2 and MRPC, and each row's command and commit. Rows already in sensimix.csv
+whose run is not under --root are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from collect_compression import command, merge_committed
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = {"sensimix": "SensiMix 3+3 (ABWR, PT, ILF)", "no_abwr": "without ABWR",
+        "no_pt": "without PT", "no_ilf": "without ILF",
+        "auto_split": "sensitivity-chosen split, size of 3+3",
+        "xnor_scale": "1-bit weights with a mean|w| scale per 12 sub-groups",
+        "ffn_inputs_8bit": "1-bit FFN weights, 8-bit FFN inputs"}
+FIELDS = ["task", "run", "metric", "dev", "size_mb", "compression", "size_mb_total",
+          "compression_total", "binary_layers", "agreement", "steps", "wall_time_s",
+          "git_commit", "command"]
+NUMERIC = {"dev": float, "size_mb": float, "compression": float, "size_mb_total": float,
+           "compression_total": float, "agreement": float, "steps": int, "wall_time_s": float}
+
+
+def load_rows(root: Path) -> list[dict]:
+  rows = []
+  for path in sorted(root.glob("*/*/results.json")):
+    r = json.loads(path.read_text())
+    base = {"task": r["task"], "metric": r["metric"], "git_commit": r["git_commit"][:10]}
+    workdir = path.parent.relative_to(REPO) if path.is_relative_to(REPO) else path.parent
+    rows.append({**base, "run": path.parent.name, **{k: r[k] for k in (
+        "dev", "size_mb", "compression", "size_mb_total", "compression_total", "steps",
+        "wall_time_s")}, "binary_layers": " ".join(map(str, r["split"]["binary_layers"])),
+        "agreement": r["export"]["agreement"], "command": command(r["config"], workdir)})
+    if not any(x["task"] == r["task"] and x["run"] == "full precision" for x in rows):
+      fp = r["rows"][0]
+      rows.append({**base, "run": "full precision", "dev": fp["dev"], "size_mb": fp["size_mb"],
+                   "compression": 1.0, "size_mb_total": r["full_precision_total_mb"],
+                   "compression_total": 1.0, "binary_layers": "", "agreement": 1.0,
+                   "steps": 0, "wall_time_s": 0.0,
+                   "command": f"experiments/run_finetune_fp.sh (teacher of {path.parent.name})"})
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--root", type=Path, default=REPO / "workdirs" / "sensimix")
+  parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results")
+  args = parser.parse_args()
+  rows = merge_committed(load_rows(args.root), args.out / "sensimix.csv", NUMERIC)
+  if not rows:
+    sys.exit(f"no results.json under {args.root}/<task>/<run>/; run experiments/run_sensimix.sh")
+  order = ["full precision", *RUNS]
+  rows.sort(key=lambda r: (r["task"], order.index(r["run"]) if r["run"] in order else 99))
+  args.out.mkdir(parents=True, exist_ok=True)
+  with (args.out / "sensimix.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows({k: r[k] for k in FIELDS} for r in rows)
+  lines = ["# SensiMix on MiniLM", "",
+           "Produced by `bash experiments/run_sensimix.sh` then "
+           "`python experiments/collect_sensimix.py`. size_mb: the encoder's 36 weight matrices; "
+           "total: every parameter (8-bit word and position tables, the rest in float16); "
+           "compression against float32. agreement: dev examples on which the packed model "
+           "(int8 codes, packed sign bits, XNOR-popcount) predicts what the fake-quantized "
+           "model does.", "",
+           "| task | run | dev | size_mb | compression | total MB | total compression | "
+           "binary FFN layers | agreement |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['task']} | {RUNS.get(r['run'], r['run'])} | {r['metric']} "
+                 f"{r['dev']:.4f} | {r['size_mb']:.3f} | {r['compression']:.2f}x | "
+                 f"{r['size_mb_total']:.2f} | {r['compression_total']:.2f}x | "
+                 f"{r['binary_layers']} | {r['agreement']:.4f} |")
+  lines += ["", "## Commands", ""] + [f"- {r['task']} {r['run']}: `{r['command']}` "
+                                     f"({r['git_commit']})" for r in rows]
+  (args.out / "sensimix.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines[:len(rows) + 6]))
+
+
+if __name__ == "__main__":
+  main()

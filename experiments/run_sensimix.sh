@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The SensiMix results of issue 6 on MiniLM (3 + 3 layers by default).
+#
+#   bash experiments/run_sensimix.sh [task ...]     (default: sst2 mrpc rte stsb)
+#
+# Every run starts from the full-precision teacher of experiments/run_finetune_fp.sh
+# (workdirs/finetune_fp/<task>, fine-tuned first when missing) with TRAIN_STEPS steps in all
+# (shared equally by the PT and ILF stages) on a 4000-example subset. On SST-2 and MRPC also the
+# paper's Table 4 ablation (no ABWR, no PT, no ILF), the sensitivity-chosen split at the size of
+# 3 + 3, and the two improvements (XNOR-Net scale per sub-group on the 1-bit weights, 8-bit FFN
+# inputs). Finished runs are skipped and killed ones resume. Then:
+#   python experiments/collect_sensimix.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TASKS=${*:-sst2 mrpc rte stsb}
+ROOT=${ROOT:-workdirs/sensimix}
+TRAIN_STEPS=${TRAIN_STEPS:-400}
+source experiments/lib.sh
+
+run() {  # run <workdir> <task> [overrides...]
+  local workdir=$1 task=$2; shift 2
+  run_method sensimix "$workdir" "$task" --config.train.num_train_steps="$TRAIN_STEPS" "$@"
+}
+
+for task in $TASKS; do
+  d=$ROOT/$task
+  teacher "$task"
+  run "$d/sensimix" "$task"
+  if [[ $task == sst2 || $task == mrpc ]]; then
+    run "$d/no_abwr" "$task" --config.sensimix.abwr_weight=0
+    run "$d/no_pt" "$task" --config.sensimix.prioritized_training=False
+    run "$d/no_ilf" "$task" --config.sensimix.inverse_layerwise=False
+    run "$d/auto_split" "$task" --config.sensimix.split=auto
+    run "$d/xnor_scale" "$task" --config.quant.binary_scale=True --config.quant.binary_groups=12
+    run "$d/ffn_inputs_8bit" "$task" --config.quant.ffn_input_bits=8
+  fi
+done
