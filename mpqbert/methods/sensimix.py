@@ -8,12 +8,14 @@
 Sensitive parts (every attention Q/K/V/O, the FFNs of the 8-bit layers, word and position
 embeddings) get 8-bit min-max index quantization per tensor; the FFNs of the other layers get
 1-bit value quantization sign(w) with sign-binarized inputs (an XNOR-popcount GEMM), trained with
-the Absolute Binary Weight Regularization `lambda * sum mean((|W| - 1)^2)`. The stages share the
-`config.train` budget equally; each starts from the previous stage's weights.
+the Absolute Binary Weight Regularization `lambda * sum mean((|W| - 1)^2)` over those FFNs in
+every stage. The stages share the `config.train` budget equally; each starts from the previous
+stage's weights.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -249,15 +251,18 @@ def sensimix(config, workdir) -> dict[str, Any]:
   steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
   budget = split_budget(loop.num_train_steps(config.train, steps_per_epoch), len(stages))
   logging.info("sensimix: binary FFN layers %s; stages %s with %s steps", binary, stages, budget)
+  # ABWR pulls every FFN the split binarizes toward |w| = 1 from the first stage on, so that
+  # binarizing it in its ILF stage changes its output little.
+  to_binarize = re.compile(_layers(binary, _FFN))
+  abwr_paths = sorted(p for p in quant.flatten_params(teacher) if binary and to_binarize.search(p))
+  regularizer = None
+  if abwr_paths and sc.abwr_weight > 0:
+    regularizer = lambda w: sc.abwr_weight * abwr(w["params"], abwr_paths)
   params, stage_log, result = teacher, [], {}
   for i, (binary_now, steps) in enumerate(zip(stages, budget)):
     spec = _spec(config, eight_bit, binary_now)
     policy = fixed_policy(spec, params, other_bits=config.quant.other_bits)
     qparams = quant.init_qparams(spec, params)
-    paths = [p for p, m in policy.plan.items() if m.quantizer in _BINARY]
-    regularizer = None
-    if paths and sc.abwr_weight > 0:
-      regularizer = lambda w, paths=paths: sc.abwr_weight * abwr(w["params"], paths)
     stage = workdir / f"stage{i}"
     result = common.train_quantized(ctx, stage, spec, policy, params, qparams, teacher,
                                     num_steps=steps, regularizer=regularizer)
