@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import shutil
 
 import flax.linen as nn
 import jax
@@ -263,6 +264,15 @@ def test_sensimix_pipeline_on_a_tiny_bert(tmp_path, tiny_model_dir, glue_dir):
                .read_text().splitlines()]
     assert any(m.get("regularizer", 0) > 0 for m in metrics), stage
   assert (tmp_path / "fixed" / "bit_map.png").stat().st_size > 0
+
+  # A run stopped after the PT stage resumes from its checkpoint and ends as the first did.
+  for name in ("results.json", "export.json", "packed.npz", "policy.json"):
+    (tmp_path / "fixed" / name).unlink()
+  shutil.rmtree(tmp_path / "fixed" / "stage1")
+  _finish(_launch("sensimix", tmp_path / "fixed", flags))
+  resumed = json.loads((tmp_path / "fixed" / "results.json").read_text())
+  assert resumed["dev"] == pytest.approx(result["dev"], rel=1e-6)
+  assert resumed["export"]["agreement"] == result["export"]["agreement"]
 
   auto = _finish(_launch("sensimix", tmp_path / "auto", {
       **flags, "sensimix.split": "auto", "sensimix.sensitivity_batches": 1,
