@@ -176,20 +176,21 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
   search_set = data.TokenizedDataset(input_ids=search_set.input_ids[:keep],
                                      token_type_ids=search_set.token_type_ids[:keep],
                                      labels=search_set.labels[:keep])
-  float_spec_loss = _mean_loss(ctx, _spec(config, [], [], embedding_bits=quant.FULL_PRECISION),
-                               teacher, search_set)
+  # Against the teacher with 8-bit attention and float FFNs: only the one FFN changes.
+  base_loss = _mean_loss(ctx, _spec(config, [], [], embedding_bits=quant.FULL_PRECISION),
+                         teacher, search_set)
   sensitivity = {}
   for layer in range(num_layers):
     loss = _mean_loss(ctx, _spec(config, [], [layer], embedding_bits=quant.FULL_PRECISION),
                       teacher, search_set)
-    sensitivity[layer] = loss - float_spec_loss
+    sensitivity[layer] = loss - base_loss
     logging.info("sensimix: binarizing layer %d's FFN alone raises the search-split loss by %.4f",
                  layer, sensitivity[layer])
   chosen = choose_binary_layers(sensitivity, size_mb, target)
   logging.info("sensimix: auto split binarizes layers %s (target %.3f MB)", chosen, target)
   return {"split": "auto", "binary_layers": list(chosen), "target_size_mb": target,
           "sensitivity": {str(l): v for l, v in sensitivity.items()},
-          "base_loss": float_spec_loss, "search_examples": keep}
+          "base_loss": base_loss, "search_examples": keep}
 
 
 def _predict_packed(ctx: common.TaskContext, packed: export.PackedModel,
