@@ -23,13 +23,16 @@ teacher() {
 run_method() {
   local config=$1 workdir=$2 task=$3; shift 3
   if [[ -f "$workdir/results.json" ]]; then echo "done: $workdir"; return; fi
-  local seq=128; [[ $task == sst2 || $task == cola ]] && seq=64
+  # Single-sentence tasks are short: 64 tokens at most; CoLA (12 tokens on average) pads to 32.
+  local seq=128 pad=64
+  [[ $task == sst2 || $task == cola ]] && seq=64
+  [[ $task == cola ]] && pad=32
   echo "run: $workdir"
   mkdir -p "$(dirname "$workdir")"
   python -m mpqbert.main --config="configs/$config.py" --workdir="$workdir" \
     --config.task="$task" --config.data.glue_dir=../shared/data/glue \
     --config.teacher.workdir="workdirs/finetune_fp/$task" \
-    --config.data.max_seq_length=$seq --config.data.pad_multiple=64 \
+    --config.data.max_seq_length=$seq --config.data.pad_multiple=$pad \
     --config.data.train_subset=4000 --config.checkpoint.every_steps=50 \
     --config.checkpoint.keep=1 "$@" > "$workdir.log" 2>&1 || { echo "FAILED: $workdir"; return 1; }
   tail -n 1 "$workdir.log"
