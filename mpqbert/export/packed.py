@@ -109,7 +109,7 @@ def export_packed(params: Any, policy: Policy, qparams: Mapping[str, Any] | None
       else:
         entry = {"words": kernels.pack_signs(w.T)}
         if m.quantizer == "xnor":
-          entry["alpha"] = jnp.mean(jnp.abs(quant.group_view(w, m.groups)), axis=(0, 2))
+          entry["alpha"] = quant.xnor_scale(w, m.groups)
       if 1 < m.input_bits(policy.activation_bits) < FULL_PRECISION:
         entry["act_scale"] = jnp.asarray(qparams[path]["act_scale"], jnp.float32)
       matrices[path] = entry
@@ -135,31 +135,30 @@ def _dense(x: Array, entry: Mapping[str, Array], matrix: quant.MatrixSpec, input
            bias: Array) -> Array:
   """One packed Dense layer: `x [..., K] -> [..., N]`.
 
-  The GEMM operands are integers (index codes, +-1 signs), exact in any half type; per-column
-  scales and offsets are applied to the float32 result.
+  8-bit index matrices are dequantized (the training-time formula) and multiplied in
+  `half_dtype()`; 1-bit matrices with binarized inputs run the XNOR-popcount matmul, times the
+  per-group scale of xnor matrices (exact, see `quant.xnor_scale`). On CPU (float32) this is the
+  fake-quantized model's arithmetic, so both predict alike.
   """
   k, n = matrix.shape
-  per_column = lambda v: jnp.repeat(v, n // matrix.groups)
-  scale = per_column(entry["alpha"]) if "alpha" in entry else 1.0
+  scale = jnp.repeat(entry["alpha"], n // matrix.groups) if "alpha" in entry else None
   if matrix.quantizer != "index" and input_bits == 1:  # Binary x binary: XNOR-popcount.
     words = kernels.pack_signs(x.reshape(-1, k))
-    y = kernels.xnor_matmul(words, entry["words"], k).astype(jnp.float32)
-    return y.reshape(*x.shape[:-1], n) * scale + bias
+    y = kernels.xnor_matmul(words, entry["words"], k).astype(jnp.float32).reshape(
+        *x.shape[:-1], n)
+    return (y if scale is None else y * scale) + bias
   if 1 < input_bits < FULL_PRECISION:
     x = quant.quantize_activation(x, entry["act_scale"], input_bits, learned=False)
+  if matrix.quantizer == "index":
+    w = _dequantize_index(entry["codes"], entry["lo"], entry["hi"], _CODE_BITS)
+  else:
+    bits = (entry["words"][:, :, None] >> jnp.arange(kernels.WORD_BITS, dtype=jnp.uint32)) & 1
+    w = (2.0 * bits.reshape(n, -1)[:, :k].astype(jnp.float32) - 1.0).T
+    w = w if scale is None else w * scale
   half = half_dtype()
-  x = x.astype(half)
-  if matrix.quantizer == "index":  # W = idx * step + (lo + 128 * step) per output group.
-    step = jnp.maximum(entry["hi"] - entry["lo"], quant.quantizers.MIN_SCALE) / (2**_CODE_BITS - 1)
-    offset = entry["lo"] + 2**(_CODE_BITS - 1) * step
-    y = jnp.einsum("...i,io->...o", x, entry["codes"].astype(half),
-                   preferred_element_type=jnp.float32)
-    row_sums = jnp.sum(x.astype(jnp.float32), axis=-1, keepdims=True)
-    return y * per_column(step) + row_sums * per_column(offset) + bias
-  bits = (entry["words"][:, :, None] >> jnp.arange(kernels.WORD_BITS, dtype=jnp.uint32)) & 1
-  signs = 2 * bits.reshape(n, -1)[:, :k].astype(half) - 1
-  y = jnp.einsum("...i,oi->...o", x, signs, preferred_element_type=jnp.float32)
-  return y * scale + bias
+  y = jnp.einsum("...i,io->...o", x.astype(half), w.astype(half),
+                 preferred_element_type=jnp.float32)
+  return y + bias
 
 
 def packed_apply(model: nn.Module, packed: PackedModel, *args, **kwargs) -> Any:

@@ -10,7 +10,7 @@ from mpqbert.quant.quantizers import (QUANTIZER_BITS, SCALES_PER_GROUP, absmax_s
                                       binarize_sign, binarize_xnor, group_view,
                                       init_symmetric_scale, minmax_range, prune,
                                       quantize_activation, quantize_index, quantize_symmetric,
-                                      symmetric_levels)
+                                      symmetric_levels, xnor_scale)
 from mpqbert.quant.spec import (BERT_MATRIX_KINDS, EMBEDDING_TABLE, ENCODER_MATRIX,
                                 FULL_PRECISION, INDEX_EMBEDDING_TABLE, MatrixSpec, Plan, QuantSpec,
                                 Rule, bert_encoder_spec, flatten_params)
@@ -28,5 +28,5 @@ __all__ = [
     "matrix_key", "minmax_range", "mix", "one_hot_bits", "policy_from_logits", "prune",
     "quantize_activation", "quantize_choice", "quantize_embedding", "quantize_index",
     "quantize_symmetric", "quantize_weight", "round_ste", "sample_probs", "scale_grad",
-    "sign_ste", "size_report", "symmetric_levels", "transform", "uniform_policy",
+    "sign_ste", "size_report", "symmetric_levels", "transform", "uniform_policy", "xnor_scale",
 ]

@@ -140,11 +140,28 @@ def binarize_sign(w: Array, clip: float = 1.0) -> Array:
   return sign_ste(w, clip)
 
 
-def binarize_xnor(w: Array, groups: int, clip: float = 1.0) -> Array:
-  """mean|w| * sign(w) per sub-group (XNOR-Net); the scale's gradient flows to `w` too."""
+def xnor_scale(w: Array, groups: int) -> Array:
+  """The XNOR-Net scale mean|w| per sub-group `[G]`, its mantissa cut so that the product with
+  any count of +-1 terms along the reduction axis is exact in float32.
+
+  Then a float matmul of binary inputs with `scale * sign(w)` (training) and the XNOR-popcount
+  integer times `scale` (inference) agree bit for bit: with sign inputs downstream, a last-bit
+  difference could otherwise flip a sign and the prediction. The cut keeps
+  `24 - ceil(log2(K + 1))` significant bits (12 for K = 1536); the gradient is straight-through.
+  """
   wg = group_view(w, groups)
-  alpha = jnp.mean(jnp.abs(wg), axis=_reduce_axes(wg), keepdims=True)
-  return (alpha * sign_ste(wg, clip)).reshape(w.shape)
+  alpha = jnp.mean(jnp.abs(wg), axis=_reduce_axes(wg))
+  length = math.prod(w.shape[:-1])
+  bits = 24 - math.ceil(math.log2(length + 1))
+  mantissa, exponent = jnp.frexp(jax.lax.stop_gradient(alpha))
+  cut = jnp.ldexp(jnp.round(mantissa * 2.0**bits) / 2.0**bits, exponent)
+  return alpha + jax.lax.stop_gradient(cut - alpha)
+
+
+def binarize_xnor(w: Array, groups: int, clip: float = 1.0) -> Array:
+  """`xnor_scale` * sign(w) per sub-group (XNOR-Net); the scale's gradient flows to `w` too."""
+  wg = group_view(w, groups)
+  return (_per_group(xnor_scale(w, groups)) * sign_ste(wg, clip)).reshape(w.shape)
 
 
 def prune(w: Array) -> Array:

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from mpqbert.quant import quantizers
 from mpqbert.quant.mixture import gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import Policy
-from mpqbert.quant.spec import (EMBEDDING_TABLE, FULL_PRECISION, INDEX_EMBEDDING_TABLE,
-                                MatrixSpec, Plan, QuantSpec, flatten_params)
+from mpqbert.quant.spec import (EMBEDDING_TABLE, ENCODER_MATRIX, FULL_PRECISION,
+                                INDEX_EMBEDDING_TABLE, MatrixSpec, Plan, QuantSpec,
+                                flatten_params)
 
 Array = jax.Array
 QParams = dict[str, dict[str, Array]]
@@ -159,6 +160,24 @@ def _quantize_embeddings(params: Any, bits: int, quantizer: str) -> Any:
   return visit(params, "")
 
 
+def _round_to_half(params: Any, plan: Plan, embedding_quantizer: str, embedding_bits: int) -> Any:
+  """Every parameter a half-precision policy stores in float16 (`other_bits` 16), rounded to
+  float16 with a straight-through gradient, so that training sees the values inference uses.
+  Planned kernels, quantized tables and encoder matrices left out of the policy stay float32."""
+  tables = EMBEDDING_TABLE if embedding_quantizer == "symmetric" else INDEX_EMBEDDING_TABLE
+
+  def visit(tree, prefix):
+    if isinstance(tree, Mapping):
+      return {k: visit(v, f"{prefix}{k}/") for k, v in tree.items()}
+    path = prefix[:-1]
+    if (path in plan or ENCODER_MATRIX.search(path) or
+        (embedding_bits < FULL_PRECISION and tables.search(path))):
+      return tree
+    return tree + jax.lax.stop_gradient(tree.astype(jnp.float16).astype(tree.dtype) - tree)
+
+  return visit(params, "")
+
+
 def _updated_act_scales(qparams: QParams, stats: Mapping[str, Any], bits: Mapping[str, int],
                         momentum: float) -> QParams:
   """qparams with act_scale <- moving average of max|x| / q_pos (the first batch sets it)."""
@@ -225,6 +244,8 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
                                            learned=learned_act)
       return x, kernel
 
+    if isinstance(arch, Policy) and arch.other_bits == 16:
+      params = _round_to_half(params, plan, arch.embedding_quantizer, emb_bits)
     variables = {"params": _quantize_embeddings(params, emb_bits,
                                                 settings.embedding_quantizer)}
     with nn.intercept_methods(interceptor):
