@@ -27,11 +27,11 @@ for task in $TASKS; do
   teacher "$task"
   run "$d/sensimix" "$task"
   if [[ $task == sst2 || $task == mrpc ]]; then
+    run "$d/xnor_scale" "$task" --config.quant.binary_scale=True --config.quant.binary_groups=12
     run "$d/no_abwr" "$task" --config.sensimix.abwr_weight=0
     run "$d/no_pt" "$task" --config.sensimix.prioritized_training=False
     run "$d/no_ilf" "$task" --config.sensimix.inverse_layerwise=False
     run "$d/auto_split" "$task" --config.sensimix.split=auto
-    run "$d/xnor_scale" "$task" --config.quant.binary_scale=True --config.quant.binary_groups=12
     run "$d/ffn_inputs_8bit" "$task" --config.quant.ffn_input_bits=8
   fi
 done
