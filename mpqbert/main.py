@@ -10,7 +10,6 @@ Example (fine-tune the embedded MiniLM on RTE from the local GLUE TSVs):
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import sys
 from typing import Callable
 
@@ -20,6 +19,7 @@ from ml_collections import config_flags
 from mpqbert import methods
 from mpqbert.methods.common import format_table
 from mpqbert.train import finetune
+from mpqbert.train.results import quiet_library_info_logs
 from mpqbert.train.sharding import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<method>.py file.")
@@ -42,12 +42,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: {e}")
 
 
-def _quiet_library_info_logs(record) -> bool:
-  """Keeps Orbax's per-save INFO chatter out of the run log (its warnings still show)."""
-  # `record` is a standard-library LogRecord: compare with its levels, not absl's (WARNING = -1).
-  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -57,7 +51,7 @@ def main(argv: list[str]) -> None:
   if config.method not in METHODS:
     raise app.UsageError(f"config.method={config.method!r} is unknown; use one of "
                          f"{sorted(METHODS)}.")
-  logging.get_absl_handler().addFilter(_quiet_library_info_logs)
+  logging.get_absl_handler().addFilter(quiet_library_info_logs)
   maybe_initialize_distributed()
   summary = METHODS[config.method](config, _WORKDIR.value)
   logging.info("results: %s", json.dumps({k: v for k, v in summary.items() if k != "config"}))

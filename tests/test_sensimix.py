@@ -95,12 +95,12 @@ def test_xnor_popcount_matmul_matches_float64_sign_products():
   for k in (1, 31, 32, 33, 384, 1000):
     a, b = rng.normal(size=(5, k)), rng.normal(size=(300, k))
     a[0, 0] = 0.0  # sign(0) = +1 on both sides
-    got = kernels.xnor_matmul(kernels.pack_signs(jnp.asarray(a)), kernels.pack_signs(jnp.asarray(b)),
-                              k)
+    got = kernels.xnor_matmul(kernels.pack_signs(jnp.asarray(a)),
+                              kernels.pack_signs(jnp.asarray(b.T), axis=0), k)
     want = np.where(a >= 0, 1.0, -1.0) @ np.where(b >= 0, 1.0, -1.0).T
     np.testing.assert_array_equal(np.asarray(got), want.astype(np.int32))
   with pytest.raises(ValueError, match="words per row"):
-    kernels.xnor_matmul(jnp.zeros((2, 2), jnp.uint32), jnp.zeros((3, 1), jnp.uint32), 40)
+    kernels.xnor_matmul(jnp.zeros((2, 2), jnp.uint32), jnp.zeros((2, 1), jnp.uint32), 100)
 
 
 def test_abwr_value_and_gradient_by_hand():
@@ -201,7 +201,7 @@ def test_xnor_scale_makes_float_and_popcount_products_equal_bit_for_bit():
                              rtol=2**-11)
   per_column = jnp.repeat(alpha, n // groups)
   float_product = quant.binarize_sign(x) @ quant.binarize_xnor(w, groups)
-  popcount = kernels.xnor_matmul(kernels.pack_signs(x), kernels.pack_signs(w.T), k)
+  popcount = kernels.xnor_matmul(kernels.pack_signs(x), kernels.pack_signs(w, axis=0), k)
   np.testing.assert_array_equal(np.asarray(float_product),
                                 np.asarray(popcount.astype(jnp.float32) * per_column))
 
@@ -242,18 +242,9 @@ def test_packed_model_agrees_with_the_fake_quantized_model(tmp_path, binary_scal
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.argmax(served, -1), np.argmax(fake, -1))
   kinds = {p: set(entry) for p, entry in loaded.matrices.items()}
-  assert kinds["bert/encoder/layer/1/output/dense/kernel"] >= {"words"}
+  assert kinds["bert/encoder/layer/1/output/dense/kernel"] >= {"b1/words"}
+  assert kinds["bert/encoder/layer/0/output/dense/kernel"] == {"b8/words", "b8/scale", "b8/zero"}
   assert loaded.params["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.int8
-
-
-def test_packed_export_rejects_what_it_cannot_store():
-  params = models.init_params(models.build_model(models.BertConfig(**TINY_BERT), 2), seed=0)
-  spec = quant.bert_encoder_spec(bit_choices=(4,))
-  policy = quant.uniform_policy(spec.plan(params), 4)
-  with pytest.raises(ValueError, match="symmetric.*packed low-bit kernels"):
-    export.export_packed(params, policy)
-  with pytest.raises(FileNotFoundError, match="no packed model"):
-    export.load_packed("/nonexistent/packed.npz")
 
 
 # ------------------------------------------------------------------------------- pipeline

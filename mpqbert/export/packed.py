@@ -1,19 +1,25 @@
 """A quantized model as a packed checkpoint, and inference on it through the low-bit kernels.
 
-`export_packed(params, policy, qparams)` stores what the policy says and nothing more:
+`export_packed(params, policy, qparams)` stores what the policy says and nothing more. Each
+quantized matrix `[K, N]` is split by bit-width: the sub-groups (column blocks) at b bits are
+gathered, in order, into one block packed along K (`kernels.packing`), stored as
 
-  index matrices  int8 codes `code - 2^(b-1)` `[K, N]` and float32 (lo, hi) per sub-group;
-                  inference dequantizes them and runs a half-precision GEMM (`half_dtype`);
-  sign / xnor     sign bits packed into uint32 words `[N, ceil(K / 32)]` (one row per output),
-                  plus float32 mean|w| per sub-group for xnor; inference with binarized inputs
-                  runs the XNOR-popcount matmul of `mpqbert.kernels`;
-  index tables    (embedding_quantizer "index") int8 codes and float32 (lo, hi);
-  everything else at the policy's `other_bits` (float16 or float32).
+  `b{b}/words`   uint32 `[K_w, N_b]`;
+  `b{b}/scale`   float32 per sub-group (symmetric: the step size; index: `(hi - lo) / (2^b - 1)`;
+                 xnor: mean|w|; sign matrices store none);
+  `b{b}/zero`    float32 per sub-group, index matrices only: `-lo / scale`, so `w = scale *
+                 (code - zero)`;
 
-So the bytes of a packed model are the policy's `size_mb_total` (`packed_nbytes` checks it),
-plus a float32 input step size for each matrix whose input is quantized to 2..8 bits.
-Supported: index matrices and tables at 8 bits, 1-bit sign / xnor matrices (SensiMix); the
-b-bit symmetric matrices of AutoMPQ need the packed low-bit kernels.
+so the output columns are permuted to put each bit-width together (blocks in decreasing bits,
+pruned sub-groups last). The permutation follows from the policy, which the checkpoint stores,
+so it costs no bytes; pruned sub-groups cost neither bytes nor compute. Matrices whose input is
+quantized to 2..8 bits also store `act_scale`. Embedding tables under an 8-bit index policy are
+int8 codes with a float32 (lo, hi); every other parameter is kept at the policy's `other_bits`.
+
+Inference (`PackedModel.apply`, or `packed_apply`) runs one `kernels.packed_matmul` per bit-width
+block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GPU); a 1-bit matrix
+with binarized inputs runs `kernels.xnor_matmul`. The bytes of the packed matrices are the
+policy's `size_mb` (`packed_nbytes`); 3-bit codes are the exception, 10 to a word (+6.7%).
 """
 
 from __future__ import annotations
@@ -31,139 +37,195 @@ from flax import traverse_util
 
 from mpqbert import kernels, quant
 from mpqbert.models.bert import QuantizableDense
+from mpqbert.models.config import BertConfig
+from mpqbert.models.pretrained import build_model
 from mpqbert.quant import FULL_PRECISION, Policy
 
 Array = jax.Array
-_CODE_BITS = 8  # Index codes are stored as int8.
-_FORMAT = "mpqbert-packed/1"
+_TABLE_BITS = 8  # Index embedding tables are int8 codes.
+_FORMAT = "mpqbert-packed/2"
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedModel:
-  """`params`: the Flax tree without packed kernels (index tables as int8 codes); `matrices`:
-  per packed kernel path its arrays; `tables`: (lo, hi) of index tables; `policy` (static)."""
+  """`params`: the Flax tree without the packed kernels (index tables as int8 codes);
+  `matrices`: per packed kernel path its arrays (module docstring); `tables`: (lo, hi) of index
+  tables; `policy`, `config` and `num_labels` (static) say how to rebuild and run the model."""
 
   params: Any
   matrices: dict[str, dict[str, Array]]
   tables: dict[str, dict[str, Array]]
   policy: Policy = dataclasses.field(metadata=dict(static=True))
+  config: BertConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
+  num_labels: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  def model(self) -> nn.Module:
+    """The Flax model these parameters belong to."""
+    if self.config is None:
+      raise ValueError("this PackedModel carries no BertConfig; pass config= to export_packed.")
+    return build_model(self.config, self.num_labels)
+
+  def apply(self, *args, backend: str = "auto", **kwargs) -> Any:
+    """The model's forward pass through the kernels (arguments as `BertForSequenceClassification`)."""
+    return packed_apply(self.model(), self, *args, backend=backend, **kwargs)
 
 
 def half_dtype() -> jnp.dtype:
-  """The GEMM type of the 8-bit parts: float16 on GPU, bfloat16 on TPU (its fast type), and
-  float32 on CPU, where neither half type has fast GEMMs."""
+  """The activation type of the kernels' GEMMs: float16 on GPU, bfloat16 on TPU (its fast type),
+  and float32 on CPU, where neither half type has fast GEMMs."""
   return {"gpu": jnp.float16, "tpu": jnp.bfloat16}.get(jax.default_backend(), jnp.float32)
 
 
+def bit_blocks(policy: Policy, path: str) -> list[tuple[int, np.ndarray]]:
+  """`(bits, sub-group indices)` of the packed blocks of a matrix, in storage order (decreasing
+  bits; pruned sub-groups are in no block)."""
+  bits = np.asarray(policy.bits[path])
+  return [(int(b), np.flatnonzero(bits == b)) for b in sorted(set(bits.tolist()), reverse=True)
+          if b > 0]
+
+
+def _columns(groups: np.ndarray, group_width: int) -> np.ndarray:
+  return (groups[:, None] * group_width + np.arange(group_width)).reshape(-1)
+
+
 def _index_codes(w: Array, lo: Array, hi: Array, bits: int) -> Array:
-  """The integer codes `quant.quantize_index` rounds to, shifted into int8."""
+  """The integer codes `quant.quantize_index` rounds to (0 .. 2^b - 1), int32."""
   wg = quant.group_view(w, lo.shape[-1])
   span = jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE)[:, None]
   q = (2.0**bits - 1.0) / span
-  code = jnp.round(q * (jnp.clip(wg, lo[:, None], hi[:, None]) - lo[:, None]))
-  return (code - 2**(_CODE_BITS - 1)).astype(jnp.int8).reshape(w.shape)
-
-
-def _dequantize_index(codes: Array, lo: Array, hi: Array, bits: int) -> Array:
-  """float32 weights from int8 codes: the same arithmetic as `quant.quantize_index`."""
-  span = jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE)[:, None]
-  q = (2.0**bits - 1.0) / span
-  code = quant.group_view(codes.astype(jnp.float32) + 2**(_CODE_BITS - 1), lo.shape[-1])
-  return (code / q + lo[:, None]).reshape(codes.shape)
+  return jnp.round(q * (jnp.clip(wg, lo[:, None], hi[:, None]) - lo[:, None])).astype(
+      jnp.int32).reshape(w.shape)
 
 
 def _check_supported(policy: Policy) -> None:
   for m in policy.matrices:
-    bits = set(np.asarray(policy.bits[m.path]).tolist())
-    ok = ((m.quantizer == "index" and bits == {_CODE_BITS}) or
-          (m.quantizer in ("sign", "xnor") and bits == {1}))
-    if not ok:
-      raise ValueError(f"{m.path}: packed export supports 8-bit index and 1-bit sign/xnor "
-                       f"matrices, not {m.quantizer!r} at {sorted(bits)} bits; export b-bit "
-                       "symmetric matrices with the packed low-bit kernels.")
+    bits = set(np.asarray(policy.bits[m.path]).tolist()) - {0}
+    for b in bits:
+      if b not in kernels.SUPPORTED_BITS:
+        raise ValueError(f"{m.path}: {b}-bit sub-groups cannot be packed; the kernels take "
+                         f"{kernels.SUPPORTED_BITS} bits. Search or quantize with bit choices "
+                         "among those widths.")
   if policy.embedding_bits < FULL_PRECISION and (policy.embedding_quantizer != "index" or
-                                                 policy.embedding_bits != _CODE_BITS):
+                                                 policy.embedding_bits != _TABLE_BITS):
     raise ValueError(f"packed export stores embedding tables as 8-bit index codes; this policy "
                      f"has {policy.embedding_bits}-bit {policy.embedding_quantizer!r} tables.")
 
 
-def export_packed(params: Any, policy: Policy, qparams: Mapping[str, Any] | None = None
+def _pack_matrix(w: Array, matrix: quant.MatrixSpec, bits_per_group: np.ndarray,
+                 qparams: Mapping[str, Any] | None, policy: Policy) -> dict[str, Array]:
+  """The stored arrays of one quantized matrix (module docstring)."""
+  k, n = w.shape
+  width = n // matrix.groups
+  entry = {}
+  for b, groups in bit_blocks(policy, matrix.path):
+    cols = _columns(groups, width)
+    block = w[:, cols]
+    choice = matrix.bit_choices.index(b)
+    if matrix.quantizer == "symmetric":
+      scale = jnp.asarray(qparams["scale"][choice], jnp.float32)[groups]
+      q_neg, q_pos = quant.quantizers.symmetric_levels(b)
+      codes = jnp.round(jnp.clip(block / jnp.repeat(scale, width), -q_neg, q_pos))
+      entry[f"b{b}/scale"] = scale
+    elif matrix.quantizer == "index":
+      if matrix.learn_range:
+        lo = jnp.asarray(qparams["lo"][choice], jnp.float32)[groups]
+        hi = jnp.asarray(qparams["hi"][choice], jnp.float32)[groups]
+      else:
+        lo, hi = quant.minmax_range(block, len(groups))
+      codes = _index_codes(block, lo, hi, b)
+      scale = jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE) / (2.0**b - 1.0)
+      entry[f"b{b}/scale"], entry[f"b{b}/zero"] = scale, -lo / scale
+    else:  # sign / xnor: 1 bit, +-1.
+      codes = jnp.where(block >= 0, 1, -1)
+      if matrix.quantizer == "xnor":
+        entry[f"b{b}/scale"] = quant.xnor_scale(w, matrix.groups)[groups]
+    entry[f"b{b}/words"] = kernels.pack(codes.astype(jnp.int32), b,
+                                        signed=matrix.quantizer != "index")
+  if 1 < matrix.input_bits(policy.activation_bits) < FULL_PRECISION:
+    entry["act_scale"] = jnp.asarray(qparams["act_scale"], jnp.float32)
+  return entry
+
+
+def export_packed(params: Any, policy: Policy, qparams: Mapping[str, Any] | None = None, *,
+                  config: BertConfig | None = None, num_labels: int | None = None
                   ) -> PackedModel:
-  """The packed form of `params` under `policy` (`qparams`: input step sizes, when quantized)."""
+  """The packed form of `params` under `policy` (`qparams`: the quantizers' scales and input
+  step sizes; `config`, `num_labels`: the model, so that `PackedModel.apply` can rebuild it)."""
   _check_supported(policy)
   flat = quant.flatten_params(params)
   other = np.float16 if policy.other_bits == 16 else np.float32
-  tables_re = quant.INDEX_EMBEDDING_TABLE
   quantize_tables = policy.embedding_bits < FULL_PRECISION
   plan = policy.plan
   kept, matrices, tables = {}, {}, {}
   for path, value in flat.items():
     w = jnp.asarray(value, jnp.float32)
     if path in plan:
-      m = plan[path]
-      entry = {}
-      if m.quantizer == "index":
-        lo, hi = quant.minmax_range(w, m.groups)
-        entry = {"codes": _index_codes(w, lo, hi, _CODE_BITS), "lo": lo, "hi": hi}
-      else:
-        entry = {"words": kernels.pack_signs(w.T)}
-        if m.quantizer == "xnor":
-          entry["alpha"] = quant.xnor_scale(w, m.groups)
-      if 1 < m.input_bits(policy.activation_bits) < FULL_PRECISION:
-        entry["act_scale"] = jnp.asarray(qparams[path]["act_scale"], jnp.float32)
-      matrices[path] = entry
-    elif quantize_tables and tables_re.search(path):
+      matrices[path] = _pack_matrix(w, plan[path], np.asarray(policy.bits[path]),
+                                    (qparams or {}).get(path), policy)
+    elif quantize_tables and quant.INDEX_EMBEDDING_TABLE.search(path):
       lo, hi = quant.minmax_range(w.reshape(1, -1), 1)
-      kept[path] = _index_codes(w.reshape(1, -1), lo, hi, _CODE_BITS).reshape(w.shape)
+      codes = _index_codes(w.reshape(1, -1), lo, hi, _TABLE_BITS) - 2**(_TABLE_BITS - 1)
+      kept[path] = codes.astype(jnp.int8).reshape(w.shape)
       tables[path] = {"lo": lo, "hi": hi}
     else:
       kept[path] = jnp.asarray(np.asarray(value, other))
   return PackedModel(params=traverse_util.unflatten_dict(kept, sep="/"), matrices=matrices,
-                     tables=tables, policy=policy)
+                     tables=tables, policy=policy, config=config, num_labels=num_labels)
 
 
-def packed_nbytes(packed: PackedModel, *, with_act_scales: bool = False) -> int:
-  """Bytes of the packed arrays (input step sizes only with `with_act_scales`)."""
-  leaves = jax.tree.leaves(packed.params) + jax.tree.leaves(packed.tables)
-  for entry in packed.matrices.values():
-    leaves += [v for k, v in entry.items() if with_act_scales or k != "act_scale"]
-  return sum(int(np.asarray(v).nbytes) for v in leaves)
+def packed_nbytes(packed: PackedModel, *, part: str = "all") -> int:
+  """Bytes of the packed arrays: `part` "matrices" (the encoder matrices, what `size_mb`
+  counts), "other" (the rest, `size_mb_other`) or "all"; input step sizes are not counted."""
+  def nbytes(leaves):
+    return sum(int(np.asarray(v).nbytes) for v in leaves)
+
+  matrices = nbytes(v for e in packed.matrices.values() for k, v in e.items() if k != "act_scale")
+  other = nbytes(jax.tree.leaves(packed.params) + jax.tree.leaves(packed.tables))
+  return {"matrices": matrices, "other": other, "all": matrices + other}[part]
 
 
-def _dense(x: Array, entry: Mapping[str, Array], matrix: quant.MatrixSpec, input_bits: int,
-           bias: Array) -> Array:
-  """One packed Dense layer: `x [..., K] -> [..., N]`.
-
-  8-bit index matrices are dequantized (the training-time formula) and multiplied in
-  `half_dtype()`; 1-bit matrices with binarized inputs run the XNOR-popcount matmul, times the
-  per-group scale of xnor matrices (exact, see `quant.xnor_scale`). On CPU (float32) this is the
-  fake-quantized model's arithmetic, so both predict alike.
-  """
+def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.MatrixSpec,
+           bias: Array, backend: str) -> Array:
+  """One packed Dense layer `x [..., K] -> [..., N]`: a kernel call per bit-width block, the
+  blocks' columns put back in order, pruned columns 0."""
   k, n = matrix.shape
-  scale = jnp.repeat(entry["alpha"], n // matrix.groups) if "alpha" in entry else None
-  if matrix.quantizer != "index" and input_bits == 1:  # Binary x binary: XNOR-popcount.
-    words = kernels.pack_signs(x.reshape(-1, k))
-    y = kernels.xnor_matmul(words, entry["words"], k).astype(jnp.float32).reshape(
-        *x.shape[:-1], n)
-    return (y if scale is None else y * scale) + bias
+  width = n // matrix.groups
+  x2 = x.reshape(-1, k)
+  input_bits = matrix.input_bits(policy.activation_bits)
   if 1 < input_bits < FULL_PRECISION:
-    x = quant.quantize_activation(x, entry["act_scale"], input_bits, learned=False)
-  if matrix.quantizer == "index":
-    w = _dequantize_index(entry["codes"], entry["lo"], entry["hi"], _CODE_BITS)
-  else:
-    bits = (entry["words"][:, :, None] >> jnp.arange(kernels.WORD_BITS, dtype=jnp.uint32)) & 1
-    w = (2.0 * bits.reshape(n, -1)[:, :k].astype(jnp.float32) - 1.0).T
-    w = w if scale is None else w * scale
-  half = half_dtype()
-  y = jnp.einsum("...i,io->...o", x.astype(half), w.astype(half),
-                 preferred_element_type=jnp.float32)
-  return y + bias
+    x2 = quant.quantize_activation(x2, entry["act_scale"], input_bits, learned=False)
+  outputs, columns = [], []
+  for b, groups in bit_blocks(policy, matrix.path):
+    words = entry[f"b{b}/words"]
+    scale = entry.get(f"b{b}/scale")
+    scale = (jnp.ones((len(groups),), jnp.float32) if scale is None else scale)
+    scale = jnp.repeat(scale, width)
+    if matrix.quantizer in ("sign", "xnor") and input_bits == 1:  # Binary x binary.
+      y = kernels.xnor_matmul(kernels.pack_signs(x2), words, k, scale=scale, backend=backend)
+    else:
+      zero = entry.get(f"b{b}/zero")
+      y = kernels.packed_matmul(x2.astype(half_dtype()), words, scale, bits=b,
+                                signed=matrix.quantizer != "index",
+                                zero_points=None if zero is None else jnp.repeat(zero, width),
+                                out_dtype=jnp.float32, backend=backend)
+    outputs.append(y)
+    columns.append(_columns(groups, width))
+  order = np.concatenate(columns) if columns else np.zeros((0,), np.int64)
+  if len(order) < n:  # Pruned sub-groups: zero columns.
+    outputs.append(jnp.zeros((x2.shape[0], n - len(order)), jnp.float32))
+    order = np.concatenate([order, np.setdiff1d(np.arange(n), order)])
+  y = jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+  if not np.array_equal(order, np.arange(n)):
+    y = y[:, np.argsort(order)]
+  return y.reshape(*x.shape[:-1], n) + bias
 
 
-def packed_apply(model: nn.Module, packed: PackedModel, *args, **kwargs) -> Any:
+def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "auto",
+                 **kwargs) -> Any:
   """`model.apply` on a packed model: packed kernels run through `_dense`, int8 tables are
-  gathered then dequantized; every other parameter is computed in float32. Pure and jit-able."""
+  gathered then dequantized; every other parameter is computed in float32. Pure and jit-able.
+  `backend`: the kernels' (`kernels.compat`; "auto" is the pure-jnp reference on CPU)."""
   policy = packed.policy
   plan = policy.plan
   params = jax.tree.map(lambda v: v if v.dtype == jnp.int8 else v.astype(jnp.float32),
@@ -176,16 +238,15 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, **kwargs) -> Any:
     if isinstance(module, QuantizableDense):
       path = "/".join((*module.path, "kernel"))
       if path in packed.matrices:
-        matrix = plan[path]
-        return _dense(call_args[0], packed.matrices[path], matrix,
-                      matrix.input_bits(policy.activation_bits),
-                      module.get_variable("params", "bias"))
+        return _dense(call_args[0], packed.matrices[path], policy, plan[path],
+                      module.get_variable("params", "bias"), backend)
     if isinstance(module, nn.Embed):
       path = "/".join((*module.path, "embedding"))
       if path in packed.tables:
-        rows = module.embedding[call_args[0]]
+        rows = module.embedding[call_args[0]].astype(jnp.float32) + 2**(_TABLE_BITS - 1)
         lo, hi = packed.tables[path]["lo"], packed.tables[path]["hi"]
-        return _dequantize_index(rows.reshape(1, -1), lo, hi, _CODE_BITS).reshape(rows.shape)
+        q = (2.0**_TABLE_BITS - 1.0) / jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE)
+        return rows / q + lo
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(interceptor):
@@ -193,13 +254,16 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, **kwargs) -> Any:
 
 
 def save_packed(packed: PackedModel, path: str | Path) -> Path:
-  """One uncompressed .npz: the arrays under their paths, and the policy as JSON."""
+  """One uncompressed .npz: the arrays under their paths; policy and model config as JSON."""
   arrays = {f"params/{p}": v for p, v in quant.flatten_params(packed.params).items()}
   for kind, tree in (("matrices", packed.matrices), ("tables", packed.tables)):
     for p, entry in tree.items():
       arrays.update({f"{kind}/{p}/{k}": v for k, v in entry.items()})
-  meta = json.dumps({"format": _FORMAT, "policy": packed.policy.to_json()})
+  meta = json.dumps({"format": _FORMAT, "policy": packed.policy.to_json(),
+                     "config": None if packed.config is None else packed.config.to_dict(),
+                     "num_labels": packed.num_labels})
   path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("wb") as f:
     np.savez(f, __meta__=np.frombuffer(meta.encode(), np.uint8),
              **{k: np.asarray(v) for k, v in arrays.items()})
@@ -207,16 +271,18 @@ def save_packed(packed: PackedModel, path: str | Path) -> Path:
 
 
 def load_packed(path: str | Path) -> PackedModel:
-  """A `save_packed` file back as a `PackedModel`."""
+  """A `save_packed` file back as a `PackedModel`; `.apply(...)` runs it."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"no packed model at {path}; write one with save_packed.")
+    raise FileNotFoundError(f"no packed model at {path}; write one with `python -m mpqbert.export "
+                            "--workdir=RUN --out=FILE` or save_packed.")
   with np.load(path) as f:
     if "__meta__" not in f.files:
       raise ValueError(f"{path} is not an mpqbert packed model (no __meta__ entry).")
     meta = json.loads(bytes(f["__meta__"]).decode())
     if meta.get("format") != _FORMAT:
-      raise ValueError(f"{path} has format {meta.get('format')!r}, expected {_FORMAT!r}.")
+      raise ValueError(f"{path} has format {meta.get('format')!r}, expected {_FORMAT!r}; "
+                       "export the run again with this version.")
     params, matrices, tables = {}, {}, {}
     for key in f.files:
       if key == "__meta__":
@@ -226,7 +292,13 @@ def load_packed(path: str | Path) -> PackedModel:
       if kind == "params":
         params[rest] = value
       else:
-        matrix_path, name = rest.rsplit("/", 1)
-        (matrices if kind == "matrices" else tables).setdefault(matrix_path, {})[name] = value
+        if kind == "matrices":
+          matrix_path, name = rest.split("/kernel/", 1)
+          matrices.setdefault(matrix_path + "/kernel", {})[name] = value
+        else:
+          matrix_path, name = rest.rsplit("/", 1)
+          tables.setdefault(matrix_path, {})[name] = value
+  config = None if meta.get("config") is None else BertConfig(**meta["config"])
   return PackedModel(params=traverse_util.unflatten_dict(params, sep="/"), matrices=matrices,
-                     tables=tables, policy=Policy.from_json(meta["policy"]))
+                     tables=tables, policy=Policy.from_json(meta["policy"]), config=config,
+                     num_labels=meta.get("num_labels"))

@@ -21,7 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mpqbert import data, models, quant
+from mpqbert import data, export, models, quant
 from mpqbert.models.bert import BertLayer
 from mpqbert.train import checkpoint, loop, optim, results, sharding
 from mpqbert.train.steps import TrainState, make_eval_step, per_example_loss, weighted_mean
@@ -379,3 +379,20 @@ def write_summary(ctx: TaskContext, workdir: Path, *, method: str, result: Mappi
   results.write_results(workdir, summary)
   logging.info("table:\n%s", format_table(rows, ctx.task.main_metric))
   return summary
+
+
+def predict_packed(ctx: TaskContext, packed: export.PackedModel,
+                   dataset: data.TokenizedDataset) -> np.ndarray:
+  """Dev predictions of a packed model (`export.packed_apply`, the kernels of this backend)."""
+  is_regression = ctx.task.is_regression
+
+  @jax.jit
+  def eval_step(packed, batch):
+    logits = export.packed_apply(ctx.model, packed, batch["input_ids"],
+                                 attention_mask=batch["attention_mask"],
+                                 token_type_ids=batch["token_type_ids"], deterministic=True)
+    losses = per_example_loss(logits, batch["labels"], is_regression)
+    return {"predictions": logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1),
+            "loss_sum": jnp.sum(losses * batch["weights"])}
+
+  return loop.predict(eval_step, packed, dataset, ctx.config, ctx.mesh)[0]

@@ -193,34 +193,19 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
           "base_loss": base_loss, "search_examples": keep}
 
 
-def _predict_packed(ctx: common.TaskContext, packed: export.PackedModel,
-                    dataset: data.TokenizedDataset) -> np.ndarray:
-  is_regression = ctx.task.is_regression
-
-  @jax.jit
-  def eval_step(packed, batch):
-    logits = export.packed_apply(ctx.model, packed, batch["input_ids"],
-                                 attention_mask=batch["attention_mask"],
-                                 token_type_ids=batch["token_type_ids"], deterministic=True)
-    losses = per_example_loss(logits, batch["labels"], is_regression)
-    return {"predictions": logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1),
-            "loss_sum": jnp.sum(losses * batch["weights"])}
-
-  return loop.predict(eval_step, packed, dataset, ctx.config, ctx.mesh)[0]
-
-
 def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSpec,
                      policy: quant.Policy, params: Any, qparams: Any) -> dict[str, Any]:
   """Writes `packed.npz` and compares its predictions with the fake-quantized model's on dev."""
   params, qparams = jax.device_get((params, qparams))
-  packed = export.export_packed(params, policy, qparams)
+  packed = export.export_packed(params, policy, qparams, config=ctx.model.config,
+                                num_labels=ctx.task.num_labels)
   path = export.save_packed(packed, workdir / "packed.npz")
   dev = ctx.eval_sets[ctx.dev_split]
   qapply = quant.transform(ctx.model.apply, spec)
   eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
   fake = loop.predict(eval_step, (params, qparams, policy), dev, ctx.config, ctx.mesh)[0]
   start = time.time()
-  served = _predict_packed(ctx, packed, dev)
+  served = common.predict_packed(ctx, packed, dev)
   if ctx.task.is_regression:
     diff = np.abs(np.asarray(fake, np.float64) - np.asarray(served, np.float64))
     agree = {"agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
@@ -233,7 +218,8 @@ def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSp
                size["size_mb_total"] * 2**20, agree["agreement"], metrics)
   return {"file": str(path), "file_bytes": path.stat().st_size,
           "array_bytes": export.packed_nbytes(packed),
-          "array_bytes_with_act_scales": export.packed_nbytes(packed, with_act_scales=True),
+          "matrix_bytes": export.packed_nbytes(packed, part="matrices"),
+          "size_mb_bytes": size["size_mb"] * 2**20,
           "size_mb_total_bytes": size["size_mb_total"] * 2**20, **agree,
           "dev_metrics": metrics, "half_dtype": jnp.dtype(export.half_dtype()).name,
           "dev_examples": len(dev), "predict_wall_s": time.time() - start}

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+
+def quiet_library_info_logs(record: logging.LogRecord) -> bool:
+  """A log filter that keeps Orbax's per-save INFO chatter out of run logs (warnings still show)."""
+  # A standard-library LogRecord: compare with its levels, not absl's (WARNING = -1).
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
 def git_commit() -> str:

@@ -1,0 +1,110 @@
+"""Export a finished run (uniform, Hessian, AutoMPQ or SensiMix) to a packed checkpoint.
+
+  python -m mpqbert.export --workdir=workdirs/compression/mrpc/automp16 --out=/tmp/automp16.npz
+
+reads the run's `config.json`, `policy.json` and the newest checkpoint of its final stage
+(`retrain/`, or SensiMix's last `stage<i>/`), writes the packed file and `<out>.json` with its
+sizes against the run's `size_mb`, and (with `check_dev`) the packed model's dev predictions
+against the fake-quantized model's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mpqbert import data, quant
+from mpqbert.export import packed as packed_lib
+from mpqbert.models.config import BertConfig
+from mpqbert.models.pretrained import resolve_model_dir
+
+
+def final_stage(workdir: Path) -> Path:
+  """The stage directory that holds the run's final quantized weights."""
+  if (workdir / "retrain" / "checkpoints").is_dir():
+    return workdir / "retrain"
+  stages = sorted((p for p in workdir.glob("stage*") if re.fullmatch(r"stage\d+", p.name)),
+                  key=lambda p: int(p.name[5:]))
+  if stages and (stages[-1] / "checkpoints").is_dir():
+    return stages[-1]
+  raise FileNotFoundError(f"{workdir} has no retrain/ or stage<i>/ checkpoints; export a run of "
+                          "configs/uniform.py, hessian.py, automp.py or sensimix.py.")
+
+
+def _restore(stage: Path) -> tuple[Any, Any]:
+  manager = ocp.CheckpointManager(stage.absolute() / "checkpoints")
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {stage}/checkpoints.")
+  saved = manager.restore(step, args=ocp.args.StandardRestore())["params"]
+  return saved["params"], saved["qparams"]
+
+
+def spec_from_policy(policy: quant.Policy) -> quant.QuantSpec:
+  """A QuantSpec whose plan is exactly the policy's matrices (one rule per matrix), for the
+  fake-quantized model the policy was trained as."""
+  rules = [quant.Rule(pattern=re.escape(m.path) + "$", quantizer=m.quantizer, groups=m.groups,
+                      bit_choices=m.bit_choices, learn_range=m.learn_range,
+                      activation_bits=m.activation_bits) for m in policy.matrices]
+  return quant.QuantSpec(rules=tuple(rules), activation_bits=policy.activation_bits,
+                         activation_mode="moving", embedding_bits=policy.embedding_bits,
+                         embedding_quantizer=policy.embedding_quantizer)
+
+
+def _agreement(config: ml_collections.ConfigDict, packed: packed_lib.PackedModel, params: Any,
+               qparams: Any) -> dict[str, Any]:
+  """Dev predictions of the packed model against the fake-quantized one."""
+  from mpqbert.methods import common  # pylint: disable=g-import-not-at-top
+  from mpqbert.train import loop  # pylint: disable=g-import-not-at-top
+  ctx = common.make_context(config)
+  dev = ctx.eval_sets[ctx.dev_split]
+  qapply = quant.transform(ctx.model.apply, spec_from_policy(packed.policy))
+  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
+  fake = loop.predict(eval_step, (params, qparams, packed.policy), dev, config, ctx.mesh)[0]
+  start = time.time()
+  served = common.predict_packed(ctx, packed, dev)
+  out = {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
+         "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels)}
+  if ctx.task.is_regression:
+    diff = np.abs(np.asarray(fake, np.float64) - np.asarray(served, np.float64))
+    return {**out, "agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
+  return {**out, "agreement": float(np.mean(np.asarray(fake) == np.asarray(served)))}
+
+
+def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
+               ) -> dict[str, Any]:
+  """Packs the final model of the run in `workdir` into `out`; returns (and writes to
+  `<out>.json`) the file's bytes against the run's reported sizes."""
+  workdir, out = Path(workdir), Path(out)
+  if not (workdir / "results.json").is_file():
+    raise FileNotFoundError(f"{workdir}/results.json is missing: the run is not finished (or "
+                            "not an mpqbert run); finish it with the same command first.")
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  policy = quant.Policy.load(workdir / "policy.json")
+  stage = final_stage(workdir)
+  params, qparams = _restore(stage)
+  bert_config = BertConfig.from_json_file(resolve_model_dir(config.model) / "config.json")
+  num_labels = data.get_task(config.task).num_labels
+  packed = packed_lib.export_packed(params, policy, qparams, config=bert_config,
+                                    num_labels=num_labels)
+  path = packed_lib.save_packed(packed, out)
+  size = quant.size_report(params, policy)
+  report = {"workdir": str(workdir), "stage": stage.name, "file": str(path),
+            "file_bytes": path.stat().st_size,
+            "matrix_bytes": packed_lib.packed_nbytes(packed, part="matrices"),
+            "size_mb_bytes": size["size_mb"] * 2**20,
+            "all_bytes": packed_lib.packed_nbytes(packed),
+            "size_mb_total_bytes": size["size_mb_total"] * 2**20}
+  report["matrix_bytes_over_size_mb"] = report["matrix_bytes"] / report["size_mb_bytes"]
+  if check_dev:
+    report.update(_agreement(config, jax.device_get(packed), params, qparams))
+  Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n")
+  return report
