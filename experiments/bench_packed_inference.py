@@ -5,9 +5,9 @@ r"""Packed models against the full-precision one: bytes on disk and inference la
           `export.half_dtype()` activations (float16 on GPU), XNOR-popcount matmuls for 1-bit FFNs
           with binarized inputs; on CPU the kernels' pure-jnp reference ("auto" backend).
 
-The packed models are exported files (--packed, repeatable: e.g. an AutoMPQ run exported with
-`python -m mpqbert.export`) or, without any, the uniform 4-bit and SensiMix 3+3 exports of the
-embedded MiniLM: the time of a forward does not depend on the values. For each batch size, timed
+The packed models are the uniform 4-bit and SensiMix 3+3 exports of the embedded MiniLM (the time
+of a forward does not depend on the values) and any exported runs given with --packed
+(repeatable, e.g. an AutoMPQ run exported with `python -m mpqbert.export`). For each batch size, timed
 rounds alternate between the models; ratios of median times are reported.
 
   python experiments/bench_packed_inference.py --batch_sizes=1,32 --seq_len=128
@@ -17,6 +17,7 @@ Writes experiments/results/packed_inference_<backend>.{json,md}. About 3 min on 
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 import statistics
@@ -31,13 +32,14 @@ import numpy as np
 from absl import app, flags
 
 from mpqbert import export, models, quant
-from mpqbert.methods import sensimix
 from mpqbert.train import results
+
+sensimix = importlib.import_module("mpqbert.methods.sensimix")  # the module, not the pipeline
 
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Examples per forward.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
-_PACKED = flags.DEFINE_multi_string("packed", [], "Exported packed .npz files (default: export "
-                                    "uniform 4-bit and SensiMix 3+3 of the embedded MiniLM).")
+_PACKED = flags.DEFINE_multi_string("packed", [], "Exported MiniLM runs (packed .npz files) to "
+                                    "time besides uniform 4-bit and SensiMix 3+3.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timed rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Forwards per timed round.")
 _OUT = flags.DEFINE_string("out", None, "Output path without extension (default: "
@@ -71,14 +73,12 @@ def _times(fn, *args) -> list[float]:
 
 def main(argv):
   del argv
-  if _PACKED.value:
-    packed = {Path(p).stem: export.load_packed(p) for p in _PACKED.value}
-    first = next(iter(packed.values()))
-    model = first.model()
-    params = models.init_params(model, seed=0)
-  else:
-    model, params = models.load_pretrained("minilm", num_labels=2)
-    packed = _default_packed(params, model.config)
+  model, params = models.load_pretrained("minilm", num_labels=2)
+  packed = _default_packed(params, model.config)
+  for path in _PACKED.value:
+    packed[Path(path).stem] = export.load_packed(path)
+    if packed[Path(path).stem].config != model.config:
+      raise ValueError(f"{path} is not a MiniLM export; this benchmark compares MiniLM models.")
   fp_bytes = sum(int(np.asarray(v).nbytes) for v in jax.tree.leaves(params))
   fp = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, attention_mask=mask,
                                                 deterministic=True))
@@ -104,7 +104,8 @@ def main(argv):
                    "latency_ratio_vs_fp": median / fp_s})
     print(f"batch {batch}: " + ", ".join(f"{r['model']} {r['median_ms']:.1f} ms"
                                          for r in rows if r["batch_size"] == batch), flush=True)
-  sizes = {"full precision": {"file_bytes": fp_bytes, "matrix_bytes": None}}
+  fp_matrix_bytes = quant.size_report(params)["size_mb"] * 2**20
+  sizes = {"full precision": {"file_bytes": fp_bytes, "matrix_bytes": fp_matrix_bytes}}
   for name, p in packed.items():
     sizes[name] = {"file_bytes": _file_bytes(p),
                    "matrix_bytes": export.packed_nbytes(p, part="matrices")}
@@ -120,19 +121,21 @@ def main(argv):
   lines = [f"Packed inference against full precision: one jitted forward, sequences of "
            f"{_SEQ_LEN.value} tokens, on {device} ({backend}; packed GEMMs in "
            f"{report['half_dtype']}).", "",
-           "| model | file on disk (MB) | x smaller | " +
+           "| model | encoder matrices (MB) | file on disk (MB) | x smaller | " +
            " | ".join(f"batch {b} (ms) | ratio" for b in _BATCHES.value) + " |",
-           "|---|---:|---:|" + "---:|---:|" * len(_BATCHES.value)]
+           "|---|---:|---:|---:|" + "---:|---:|" * len(_BATCHES.value)]
   for name, size in sizes.items():
     cells = []
     for b in _BATCHES.value:
       r = next(r for r in rows if r["model"] == name and r["batch_size"] == int(b))
       cells += [f"{r['median_ms']:.1f}", f"{r['latency_ratio_vs_fp']:.2f}x"]
-    lines.append(f"| {name} | {size['file_bytes'] / 2**20:.2f} | "
+    lines.append(f"| {name} | {size['matrix_bytes'] / 2**20:.2f} | "
+                 f"{size['file_bytes'] / 2**20:.2f} | "
                  f"{fp_bytes / size['file_bytes']:.1f} | " + " | ".join(cells) + " |")
   lines += ["", f"Ratio: median time over the full-precision model's in the same run "
             f"({_ROUNDS.value} alternating rounds of {_REPEATS.value} forwards). Full precision "
-            "is the float32 parameter bytes. jax " + jax.__version__ + "; commit "
+            "is the float32 parameter bytes; the other files hold the embeddings at their policy's "
+            "bits (float32 for uniform and AutoMPQ, 8-bit for SensiMix). jax " + jax.__version__ + "; commit "
             f"{report['git_commit'][:10]}. Command: `{report['command']}`."]
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
