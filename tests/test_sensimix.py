@@ -38,14 +38,13 @@ def test_index_quantization_round_trip_is_within_half_a_step_on_the_int8_range()
   w_hat = quant.quantize_index(w, lo, hi, 8)
   step = float(hi[0] - lo[0]) / 255
   assert float(jnp.max(jnp.abs(w_hat - w))) <= step / 2 * (1 + 1e-5)
-  codes = export.packed._index_codes(w, lo, hi, 8)
-  assert codes.dtype == jnp.int8
-  # idx = round((w - min) * 255 / (max - min)) - 128, by hand in float64.
+  codes = export.packed._index_codes(w, lo, hi, 8)  # what the packed export stores
+  # idx = round((w - min) * 255 / (max - min)), by hand in float64.
   w64, lo64, hi64 = np.asarray(w, np.float64), float(lo[0]), float(hi[0])
-  hand = np.round((w64 - lo64) * 255 / (hi64 - lo64)) - 128
+  hand = np.round((w64 - lo64) * 255 / (hi64 - lo64))
   assert np.abs(np.asarray(codes, np.float64) - hand).max() <= 1  # ties may round either way
   assert np.mean(np.asarray(codes) == hand) > 0.999
-  assert int(codes.min()) == -128 and int(codes.max()) == 127  # min and max are exact codes
+  assert int(codes.min()) == 0 and int(codes.max()) == 255  # min and max are exact codes
   flat = np.asarray(w).ravel()
   assert np.asarray(codes).ravel()[flat.argmin()] == -128
   assert np.asarray(codes).ravel()[flat.argmax()] == 127
