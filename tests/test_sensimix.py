@@ -46,10 +46,13 @@ def test_index_quantization_round_trip_is_within_half_a_step_on_the_int8_range()
   assert np.mean(np.asarray(codes) == hand) > 0.999
   assert int(codes.min()) == 0 and int(codes.max()) == 255  # min and max are exact codes
   flat = np.asarray(w).ravel()
-  assert np.asarray(codes).ravel()[flat.argmin()] == -128
-  assert np.asarray(codes).ravel()[flat.argmax()] == 127
-  dequantized = export.packed._dequantize_index(codes, lo, hi, 8)
-  np.testing.assert_array_equal(np.asarray(dequantized), np.asarray(w_hat))
+  assert np.asarray(codes).ravel()[flat.argmin()] == 0
+  assert np.asarray(codes).ravel()[flat.argmax()] == 255
+  # Stored as packed 8-bit codes with scale (hi - lo) / 255 and zero point -lo / scale.
+  scale = jnp.repeat((hi - lo) / 255, 48)
+  dequantized = kernels.dequantize(kernels.pack(codes, 8, signed=False), scale, bits=8, k=64,
+                                   signed=False, zero_points=jnp.repeat(-lo, 48) / scale)
+  np.testing.assert_allclose(np.asarray(dequantized), np.asarray(w_hat), rtol=0, atol=step * 1e-3)
 
 
 def test_binary_weights_and_inputs_forward_values_and_ste_gradient():
