@@ -542,3 +542,32 @@ def test_xnor_matmul_rejects_bad_inputs():
       fn(xw, ww, 40, scale=jnp.ones((4,)))
     with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
       fn(xw, ww, 40, bias=jnp.ones((5, 1)))
+
+
+# ------------------------------------------------------------------- lowering without the device
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
+def test_kernels_lower_for_gpu_and_tpu_on_any_host(platform: str, backend: str):
+  """Pallas -> Triton / Mosaic lowering runs on the host, so an op or shape the GPU or TPU
+  lowering rejects fails here even without the device (compilation itself is not covered)."""
+  k, n, m = 768, 256, 8
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  for bits in packing.SUPPORTED_BITS:
+    rows = packing.word_rows(k, bits)
+    w = jax.ShapeDtypeStruct((rows, n), jnp.uint32)
+    per_channel = jax.ShapeDtypeStruct((n,), jnp.float32)
+    cases = [(per_channel, None, None), (per_channel, per_channel, None)]
+    # K-group scales index their rows dynamically; Mosaic needs the TPU's kind for that.
+    if k % packing.values_per_word(bits) == 0 and platform == "cuda":
+      grouped = jax.ShapeDtypeStruct((k // rows, n), jnp.float32)
+      cases.append((grouped, grouped, rows))
+    for scales, zeros, group_size in cases:
+      def call(x, w, s, z, bits=bits, group_size=group_size):
+        return kernels.packed_matmul(x, w, s, bits=bits, signed=z is None, zero_points=z,
+                                     group_size=group_size, backend=backend)
+      jax.jit(call).trace(x, w, scales, zeros).lower(lowering_platforms=(platform,))
+  words = packing.word_rows(k, 1)
+  jax.jit(lambda a, b: kernels.xnor_matmul(a, b, k, backend=backend)).trace(
+      jax.ShapeDtypeStruct((m, words), jnp.uint32),
+      jax.ShapeDtypeStruct((words, n), jnp.uint32)).lower(lowering_platforms=(platform,))
