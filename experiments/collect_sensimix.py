@@ -72,8 +72,8 @@ def main() -> None:
            "`python experiments/collect_sensimix.py`. size_mb: the encoder's 36 weight matrices; "
            "total: every parameter (8-bit word and position tables, the rest in float16); "
            "compression against float32. agreement: dev examples on which the packed model "
-           "(packed 8-bit codes through `packed_matmul`, packed sign bits through `xnor_matmul`) predicts what the fake-quantized "
-           "model does.", "",
+           "(packed 8-bit codes through `packed_matmul`, packed sign bits through "
+           "`xnor_matmul`) predicts what the fake-quantized model does.", "",
            "| task | run | dev | size_mb | compression | total MB | total compression | "
            "binary FFN layers | agreement |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
