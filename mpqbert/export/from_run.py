@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
 from mpqbert import data, quant
 from mpqbert.export import packed as packed_lib
 from mpqbert.models.config import BertConfig
 from mpqbert.models.pretrained import resolve_model_dir
+from mpqbert.train import checkpoint
 
 
 def final_stage(workdir: Path) -> Path:
@@ -39,15 +37,6 @@ def final_stage(workdir: Path) -> Path:
                           "configs/uniform.py, hessian.py, automp.py or sensimix.py.")
 
 
-def _restore(stage: Path) -> tuple[Any, Any]:
-  manager = ocp.CheckpointManager(stage.absolute() / "checkpoints")
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {stage}/checkpoints.")
-  saved = manager.restore(step, args=ocp.args.StandardRestore())["params"]
-  return saved["params"], saved["qparams"]
-
-
 def spec_from_policy(policy: quant.Policy) -> quant.QuantSpec:
   """A QuantSpec whose plan is exactly the policy's matrices (one rule per matrix), for the
   fake-quantized model the policy was trained as."""
@@ -57,26 +46,6 @@ def spec_from_policy(policy: quant.Policy) -> quant.QuantSpec:
   return quant.QuantSpec(rules=tuple(rules), activation_bits=policy.activation_bits,
                          activation_mode="moving", embedding_bits=policy.embedding_bits,
                          embedding_quantizer=policy.embedding_quantizer)
-
-
-def _agreement(config: ml_collections.ConfigDict, packed: packed_lib.PackedModel, params: Any,
-               qparams: Any) -> dict[str, Any]:
-  """Dev predictions of the packed model against the fake-quantized one."""
-  from mpqbert.methods import common  # pylint: disable=g-import-not-at-top
-  from mpqbert.train import loop  # pylint: disable=g-import-not-at-top
-  ctx = common.make_context(config)
-  dev = ctx.eval_sets[ctx.dev_split]
-  qapply = quant.transform(ctx.model.apply, spec_from_policy(packed.policy))
-  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
-  fake = loop.predict(eval_step, (params, qparams, packed.policy), dev, config, ctx.mesh)[0]
-  start = time.time()
-  served = common.predict_packed(ctx, packed, dev)
-  out = {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
-         "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels)}
-  if ctx.task.is_regression:
-    diff = np.abs(np.asarray(fake, np.float64) - np.asarray(served, np.float64))
-    return {**out, "agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
-  return {**out, "agreement": float(np.mean(np.asarray(fake) == np.asarray(served)))}
 
 
 def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
@@ -90,7 +59,8 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   policy = quant.Policy.load(workdir / "policy.json")
   stage = final_stage(workdir)
-  params, qparams = _restore(stage)
+  saved = checkpoint.load_params(stage)
+  params, qparams = saved["params"], saved["qparams"]
   bert_config = BertConfig.from_json_file(resolve_model_dir(config.model) / "config.json")
   num_labels = data.get_task(config.task).num_labels
   packed = packed_lib.export_packed(params, policy, qparams, config=bert_config,
@@ -105,6 +75,8 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
             "size_mb_total_bytes": size["size_mb_total"] * 2**20}
   report["matrix_bytes_over_size_mb"] = report["matrix_bytes"] / report["size_mb_bytes"]
   if check_dev:
-    report.update(_agreement(config, jax.device_get(packed), params, qparams))
+    from mpqbert.methods import common  # pylint: disable=g-import-not-at-top (imports export)
+    report.update(common.packed_agreement(common.make_context(config), jax.device_get(packed),
+                                          spec_from_policy(policy), params, qparams))
   Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n")
   return report

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from mpqbert import data, export, models, quant
@@ -100,16 +99,9 @@ def split_for_search(dataset: data.TokenizedDataset, fraction: float, seed: int
 
 
 def restore_params(workdir: Path, template: Any) -> Any:
-  """The `params` of the newest checkpoint of a finished fine-tuning run in `workdir`."""
-  manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints")
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; fine-tune a teacher with "
-                            "configs/finetune.py there first, or leave teacher.workdir unset.")
-  saved = manager.restore(step, args=ocp.args.StandardRestore())["params"]
-  got = jax.tree.map(np.shape, saved)
-  want = jax.tree.map(np.shape, template)
-  if got != want:
+  """The `params` of the newest checkpoint in `workdir`, checked against `template`'s shapes."""
+  saved = checkpoint.load_params(workdir)
+  if jax.tree.map(np.shape, saved) != jax.tree.map(np.shape, template):
     raise ValueError(f"the checkpoint in {workdir} holds another model (its parameter shapes "
                      "differ from config.model with this task's head); point teacher.workdir "
                      "at a fine-tuning run of the same model and task.")
@@ -396,3 +388,21 @@ def predict_packed(ctx: TaskContext, packed: export.PackedModel,
             "loss_sum": jnp.sum(losses * batch["weights"])}
 
   return loop.predict(eval_step, packed, dataset, ctx.config, ctx.mesh)[0]
+
+
+def packed_agreement(ctx: TaskContext, packed: export.PackedModel, spec: quant.QuantSpec,
+                     params: Any, qparams: Any) -> dict[str, Any]:
+  """Dev predictions of the packed model against the fake-quantized model it was exported from:
+  the share of equal labels (regression: |difference| <= 0.05) and the packed model's metrics."""
+  dev = ctx.eval_sets[ctx.dev_split]
+  eval_step = make_quant_eval_step(quant.transform(ctx.model.apply, spec), ctx.task.is_regression)
+  fake = np.asarray(loop.predict(eval_step, (params, qparams, packed.policy), dev, ctx.config,
+                                 ctx.mesh)[0])
+  start = time.time()
+  served = np.asarray(predict_packed(ctx, packed, dev))
+  out = {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
+         "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels)}
+  if ctx.task.is_regression:
+    diff = np.abs(fake.astype(np.float64) - served.astype(np.float64))
+    return {**out, "agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
+  return {**out, "agreement": float(np.mean(fake == served))}

@@ -16,7 +16,6 @@ stage's weights.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,7 +28,6 @@ from mpqbert import data, export, quant
 from mpqbert.methods import common
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop
-from mpqbert.train.steps import per_example_loss
 
 _ATTENTION = r"attention/(self/(query|key|value)|output/dense)/kernel$"
 _FFN = r"(intermediate|output)/dense/kernel$"
@@ -200,29 +198,17 @@ def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSp
   packed = export.export_packed(params, policy, qparams, config=ctx.model.config,
                                 num_labels=ctx.task.num_labels)
   path = export.save_packed(packed, workdir / "packed.npz")
-  dev = ctx.eval_sets[ctx.dev_split]
-  qapply = quant.transform(ctx.model.apply, spec)
-  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
-  fake = loop.predict(eval_step, (params, qparams, policy), dev, ctx.config, ctx.mesh)[0]
-  start = time.time()
-  served = common.predict_packed(ctx, packed, dev)
-  if ctx.task.is_regression:
-    diff = np.abs(np.asarray(fake, np.float64) - np.asarray(served, np.float64))
-    agree = {"agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
-  else:
-    agree = {"agreement": float(np.mean(np.asarray(fake) == np.asarray(served)))}
-  metrics = data.glue_metrics(ctx.task, served, dev.labels)
+  check = common.packed_agreement(ctx, packed, spec, params, qparams)
   size = quant.size_report(params, policy)
   logging.info("sensimix: packed model %s, %d bytes (%.0f expected), agreement with the "
                "fake-quantized model %.4f, dev %s", path, path.stat().st_size,
-               size["size_mb_total"] * 2**20, agree["agreement"], metrics)
+               size["size_mb_total"] * 2**20, check["agreement"], check["dev_metrics"])
   return {"file": str(path), "file_bytes": path.stat().st_size,
           "array_bytes": export.packed_nbytes(packed),
           "matrix_bytes": export.packed_nbytes(packed, part="matrices"),
           "size_mb_bytes": size["size_mb"] * 2**20,
-          "size_mb_total_bytes": size["size_mb_total"] * 2**20, **agree,
-          "dev_metrics": metrics, "half_dtype": jnp.dtype(export.half_dtype()).name,
-          "dev_examples": len(dev), "predict_wall_s": time.time() - start}
+          "size_mb_total_bytes": size["size_mb_total"] * 2**20,
+          "half_dtype": jnp.dtype(export.half_dtype()).name, **check}
 
 
 def sensimix(config, workdir) -> dict[str, Any]:

@@ -33,6 +33,16 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def load_params(workdir: str | Path) -> Any:
+  """The `params` entry of the newest checkpoint in `workdir/checkpoints`, as saved (no target)."""
+  manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints")
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: the run there has not "
+                            "saved yet; finish it (rerun its command) or point at another run.")
+  return manager.restore(step, args=ocp.args.StandardRestore())["params"]
+
+
 def _flat(config_dict: dict) -> dict[str, Any]:
   return traverse_util.flatten_dict(config_dict, sep=".")
 
