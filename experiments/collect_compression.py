@@ -17,14 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from mpqbert import defaults  # noqa: E402
+from mpqbert.methods import report  # noqa: E402
 
 METHOD_ORDER = ["full precision", "uniform8", "uniform4", "uniform2", "hessian8", "automp8",
                 "hessian16", "automp16"]
@@ -96,32 +92,8 @@ def merge_committed(rows: list[dict], csv_path: Path, numeric: dict = NUMERIC) -
 
 
 def write_pareto(rows: list[dict], task: str, out: Path) -> None:
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  styles = {"full precision": ("k", "*"), "uniform": ("tab:blue", "o"),
-            "hessian": ("tab:orange", "s"), "automp": ("tab:green", "D")}
-  for name, (color, marker) in styles.items():
-    pts = sorted((r["size_mb"], r["dev"], r["run"]) for r in rows if r["task"] == task
-                 and r["run"].startswith(name) and not r["run"].startswith("ablation"))
-    if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=name,
-              linestyle="-" if len(pts) > 1 else "none")
-      for x, y, run in pts:
-        suffix = run.replace(name, "")
-        label = "" if not suffix else f"{suffix}-bit" if name == "uniform" else f"{suffix}x"
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-  ax.set_xscale("log")
-  ticks = [2, 3, 5, 10, 20, 40]
-  ax.set_xticks(ticks, [str(t) for t in ticks])
-  ax.minorticks_off()
-  ax.set_xlabel("encoder matrices size (MB, log scale)")
-  metric = next(r["metric"] for r in rows if r["task"] == task)
-  ax.set_ylabel(f"dev {metric}")
-  ax.set_title(f"MiniLM on {task}: size vs accuracy")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / f"pareto_{task}.png", dpi=120)
-  plt.close(fig)
+  report.pareto_figure(rows, task, title=f"MiniLM on {task}: size vs accuracy").savefig(
+      out / f"pareto_{task}.png", dpi=120)
 
 
 def main() -> None:

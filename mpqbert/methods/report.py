@@ -1,18 +1,21 @@
-"""Pictures of a policy: the bit-width heat map (layers x matrices x sub-groups)."""
+"""Pictures of results: the bit-width heat map of a policy (layers x matrices x sub-groups) and
+the size / accuracy Pareto plot of a task.
+
+The figures are `matplotlib.figure.Figure`s built without pyplot, so they neither pick nor change
+a backend: a script saves them, a notebook displays them.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps, colors
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import colors  # noqa: E402
-
-from mpqbert.quant import Policy  # noqa: E402
+from mpqbert.quant import Policy
 
 MATRIX_ORDER = (("attention/self/query", "Q"), ("attention/self/key", "K"),
                 ("attention/self/value", "V"), ("attention/output/dense", "O"),
@@ -36,15 +39,16 @@ def bit_grid(policy: Policy) -> tuple[np.ndarray, list[str]]:
   return grid, [label for _, label in MATRIX_ORDER]
 
 
-def plot_bit_map(policy: Policy, path: str | Path, title: str = "") -> Path:
+def bit_map_figure(policy: Policy, title: str = "") -> Figure:
   """Heat map of bits per sub-group: a row per layer, a block of columns per matrix kind."""
   grid, labels = bit_grid(policy)
   levels = sorted({int(b) for m in policy.matrices for b in m.bit_choices})
-  cmap = plt.get_cmap("viridis", len(levels))
+  cmap = colormaps["viridis"].resampled(len(levels))
   norm = colors.BoundaryNorm([levels[0] - 0.5] + [b + 0.5 for b in levels], cmap.N) if len(
       levels) > 1 else None
   block = grid.shape[1] // len(labels)
-  fig, ax = plt.subplots(figsize=(min(16, 2 + 0.05 * grid.shape[1] + 6), 1 + 0.45 * grid.shape[0]))
+  fig = Figure(figsize=(min(16, 2 + 0.05 * grid.shape[1] + 6), 1 + 0.45 * grid.shape[0]))
+  ax = fig.subplots()
   image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
   for m in range(1, len(labels)):
     ax.axvline(m * block - 0.5, color="white", linewidth=2)
@@ -54,7 +58,50 @@ def plot_bit_map(policy: Policy, path: str | Path, title: str = "") -> Path:
   bar.set_label("bits (0 = pruned)")
   ax.set_title(title or "bits per sub-group")
   fig.tight_layout()
+  return fig
+
+
+def plot_bit_map(policy: Policy, path: str | Path, title: str = "") -> Path:
+  """`bit_map_figure` saved as a PNG."""
   path = Path(path)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  bit_map_figure(policy, title).savefig(path, dpi=120)
   return path
+
+
+_PARETO_STYLES = {"full precision": ("k", "*"), "uniform": ("tab:blue", "o"),
+                  "hessian": ("tab:orange", "s"), "automp": ("tab:green", "D"),
+                  "sensimix": ("tab:purple", "^")}
+
+
+def pareto_figure(rows: Sequence[dict[str, Any]], task: str, title: str = "") -> Figure:
+  """Dev metric against encoder-matrix size (log scale) for every method of `task`.
+
+  `rows` are results-table rows: `task`, `run` (a method name, e.g. "uniform4", "automp16",
+  "full precision"; "ablation*" runs are left out), `size_mb`, `dev` and `metric`.
+  """
+  fig = Figure(figsize=(6.5, 4.2))
+  ax = fig.subplots()
+  for name, (color, marker) in _PARETO_STYLES.items():
+    pts = sorted((r["size_mb"], r["dev"], r["run"]) for r in rows if r["task"] == task
+                 and r["run"].startswith(name) and not r["run"].startswith("ablation"))
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=name,
+              linestyle="-" if len(pts) > 1 else "none")
+      for x, y, run in pts:
+        suffix = run.replace(name, "").strip()
+        label = (suffix if not suffix.isdigit() else
+                 f"{suffix}-bit" if name == "uniform" else f"{suffix}x")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+  ax.set_xscale("log")
+  sizes = [r["size_mb"] for r in rows if r["task"] == task]
+  ticks = [t for t in (0.5, 1, 2, 3, 5, 10, 20, 40, 80) if min(sizes) / 1.5 <= t <= max(sizes) * 1.5]
+  ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+  ax.minorticks_off()
+  ax.set_xlabel("encoder matrices size (MB, log scale)")
+  metric = next(r["metric"] for r in rows if r["task"] == task)
+  ax.set_ylabel(f"dev {metric}")
+  ax.set_title(title or f"{task}: size vs accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  return fig
