@@ -38,6 +38,9 @@ setuptools.setup(
             "hypothesis",
             "scikit-learn",
             "scipy",
+            "nbclient",  # Executes colabs/*.ipynb (tests/test_colabs.py).
+            "nbformat",
+            "ipykernel",
         ],
         # Reference for the parity tests; those tests skip without it. Pinned because an unpinned
         # `torch` pulls the newest CUDA build (several GB) on a fresh machine.
