@@ -103,9 +103,8 @@ def finetune_command(task: str, workdir_root: str) -> str:
   """The command of `experiments/run_finetune_fp.sh` that creates `workdir_root/task`."""
   extra = (" --config.train.num_epochs=1 --config.train.eval_every_steps=500" if task == "sst2"
            else "")
-  return (f"bash experiments/run_finetune_fp.sh {workdir_root} (runs all five tasks), or for "
-          f"{task} "
-          f"alone: python -m mpqbert.main --config=configs/finetune.py --config.task={task} "
+  return (f"bash experiments/run_finetune_fp.sh {task} (into workdirs/finetune_fp), that is: "
+          f"python -m mpqbert.main --config=configs/finetune.py --config.task={task} "
           f"--config.data.glue_dir=../shared/data/glue --config.checkpoint.keep=1{extra} "
           f"--workdir={workdir_root}/{task}")
 

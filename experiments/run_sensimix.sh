@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The SensiMix results of issue 6 on MiniLM (3 + 3 layers by default).
 #
-#   bash experiments/run_sensimix.sh [task ...]     (default: sst2 mrpc rte stsb)
+#   bash experiments/run_sensimix.sh [--dry-run] [task ...]     (default: sst2 mrpc rte stsb)
+#   python experiments/collect_sensimix.py        # -> results/sensimix.{md,csv}
 #
-# Every run starts from the full-precision teacher of experiments/run_finetune_fp.sh
-# (workdirs/finetune_fp/<task>, fine-tuned first when missing) with TRAIN_STEPS steps in all
-# (shared equally by the PT and ILF stages) on a 4000-example subset. On SST-2 and MRPC also the
-# paper's Table 4 ablation (no ABWR, no PT, no ILF), the sensitivity-chosen split at the size of
-# 3 + 3, and the two improvements (XNOR-Net scale per sub-group on the 1-bit weights, 8-bit FFN
-# inputs). Finished runs are skipped and killed ones resume. Then:
-#   python experiments/collect_sensimix.py
+# Budget: every run starts from the full-precision teacher of experiments/run_finetune_fp.sh
+# (workdirs/finetune_fp/<task>, fine-tuned first when missing) with TRAIN_STEPS (default 400)
+# steps in all, shared equally by the PT and ILF stages, on a 4000-example subset. On SST-2 and
+# MRPC also the paper's Table 4 ablation (no ABWR, no PT, no ILF), the sensitivity-chosen split
+# at the size of 3 + 3, and the two improvements (XNOR-Net scale per sub-group on the 1-bit
+# weights, 8-bit FFN inputs): 7 runs each, 1 on RTE and STS-B.
+# Wall time: 2-core CPU, measured on MRPC (with a second experiment sharing the cores): ~30 min
+# per run, so ~9 h for all 16 runs; one GPU: not measured yet.
+# Finished runs are skipped and killed ones resume; --dry-run prints the runs and which are done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/lib.sh
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
 TASKS=${*:-sst2 mrpc rte stsb}
 ROOT=${ROOT:-workdirs/sensimix}
 TRAIN_STEPS=${TRAIN_STEPS:-400}
-source experiments/lib.sh
 
 run() {  # run <workdir> <task> [overrides...]
   local workdir=$1 task=$2; shift 2
