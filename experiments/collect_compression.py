@@ -23,7 +23,7 @@ from mpqbert import defaults  # noqa: E402
 from mpqbert.methods import report  # noqa: E402
 
 METHOD_ORDER = ["full precision", "uniform8", "uniform4", "uniform2", "hessian8", "automp8",
-                "hessian16", "automp16"]
+                "hessian16", "automp16", "automp20", "automp30"]
 ABLATIONS = {"automp16": "12 groups, {0,2,4,8}, Adam", "ablation_groups1": "1 group",
              "ablation_groups128": "128 groups", "ablation_bits024": "bit choices {0,2,4}",
              "ablation_sgd": "SGD lr 0.1 on the logits"}

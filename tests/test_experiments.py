@@ -19,10 +19,13 @@ def _dry_run(script: str, *args: str, root) -> list[str]:
 
 
 @pytest.mark.parametrize("script, task, runs", [
+    ("run_compression.sh", "rte", ["uniform4", "automp16", "hessian16", "automp8", "hessian8",
+                                   "uniform8", "uniform2"]),
     ("run_compression.sh", "mrpc", ["uniform4", "automp16", "hessian16", "automp8", "hessian8",
-                                    "uniform8", "uniform2"]),
+                                    "uniform8", "uniform2", "automp20", "automp30"]),
     ("run_compression.sh", "sst2", ["uniform4", "automp16", "hessian16", "automp8", "hessian8",
-                                    "uniform8", "uniform2", "ablation_groups1",
+                                    "uniform8", "uniform2", "automp20", "automp30",
+                                    "ablation_groups1",
                                     "ablation_groups128", "ablation_bits024", "ablation_sgd"]),
     ("run_sensimix.sh", "rte", ["sensimix"]),
     ("run_sensimix.sh", "mrpc", ["sensimix", "xnor_scale", "no_abwr", "no_pt", "no_ilf",
