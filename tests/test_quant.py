@@ -250,6 +250,18 @@ def test_activation_quantizer_learned_and_moving():
   np.testing.assert_array_equal(quant.quantize_activation(x, 0.0, 8), x)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_activation_quantizer_keeps_half_precision_inputs_half(dtype):
+  """A bfloat16 run (train.dtype=bfloat16) feeds half-precision activations: both branches
+  (calibrated and not) return x's dtype, the grid values of the float32 reference."""
+  x = jnp.linspace(-2.0, 2.0, 17).astype(dtype)
+  scale = quant.absmax_scale(x.astype(jnp.float32), 8)
+  out = quant.quantize_activation(x, scale, 8)
+  assert out.dtype == dtype and quant.quantize_activation(x, 0.0, 8).dtype == dtype
+  expected = ref_symmetric(np.asarray(x, np.float64)[None], np.asarray([scale], np.float64), 8)[0]
+  np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=1e-2, atol=1e-2)
+
+
 # ---------------------------------------------------------------- mixture and Gumbel-softmax
 
 

@@ -181,10 +181,11 @@ def quantize_activation(x: Array, scale: Array, bits: int = 8, *, learned: bool 
   if not learned:
     scale = jax.lax.stop_gradient(scale)
   # A branch, not an elementwise select: the select and its gradient were two extra passes over
-  # every activation.
-  return jax.lax.cond(scale > 0,
-                      lambda x, s: quantize_symmetric(x, s.reshape(1), bits, lsq_grad=learned),
-                      lambda x, s: x, x, scale)
+  # every activation. The grid is computed in float32 and returned in x's dtype (bfloat16 runs).
+  return jax.lax.cond(
+      scale > 0,
+      lambda x, s: quantize_symmetric(x, s.reshape(1), bits, lsq_grad=learned).astype(x.dtype),
+      lambda x, s: x, x, scale)
 
 
 def absmax_scale(x: Array, bits: int) -> Array:

@@ -36,17 +36,21 @@ class MetricsLog:
   """Appends rows to `workdir/metrics.jsonl`.
 
   On resume, rows logged after the restored step by the killed process are dropped first, so the
-  file reads as if the run had never stopped.
+  file reads as if the run had never stopped. On several hosts only process 0 writes (every
+  process logs the same globally reduced metrics).
   """
 
   def __init__(self, workdir: str | Path, resume_step: int):
     self.path = Path(workdir) / "metrics.jsonl"
-    if self.path.exists():
+    self.writer = jax.process_index() == 0
+    if self.path.exists() and self.writer:
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line)["step"] <= resume_step]
       self.path.write_text("".join(line + "\n" for line in kept))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    if not self.writer:
+      return
     row = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
