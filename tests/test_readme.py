@@ -1,7 +1,8 @@
 """Every `python -m mpqbert.main` command in README.md runs as written, on a small budget.
 
 Each command is taken from the README (continuation lines joined, `...` dropped), its workdir
-replaced by a temporary one, and flags appended that shrink it to seconds: the tiny BERT, a
+replaced by a temporary one, a `teacher.workdir` (a finished fine-tuning run) dropped so the
+teacher is fine-tuned on the spot, and flags appended that shrink it to seconds: the tiny BERT, a
 64-example subset, 32 tokens, a few steps per stage. Everything else (config file, task, target,
 bit-widths, dtype) is the README's.
 """
@@ -69,7 +70,8 @@ def _command_id(command: str) -> str:
 @pytest.mark.parametrize("command", readme_commands(), ids=_command_id)
 def test_readme_command_runs(command, tmp_path, tiny_model_dir, glue_dir):
   config = re.search(r"configs/(\w+)\.py", command).group(1)
-  args = [a for a in shlex.split(command)[3:] if not a.startswith("--workdir")]
+  args = [a for a in shlex.split(command)[3:]
+          if not a.startswith(("--workdir", "--config.teacher.workdir"))]
   args += [f"--workdir={tmp_path / 'run'}",
            *_small_budget(config, tiny_model_dir, glue_dir)]
   run = subprocess.run([sys.executable, "-m", "mpqbert.main", *args], cwd=REPO_ROOT,
