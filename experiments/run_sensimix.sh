@@ -9,9 +9,10 @@
 # steps in all, shared equally by the PT and ILF stages, on a 4000-example subset. On SST-2 and
 # MRPC also the paper's Table 4 ablation (no ABWR, no PT, no ILF), the sensitivity-chosen split
 # at the size of 3 + 3, and the two improvements (XNOR-Net scale per sub-group on the 1-bit
-# weights, 8-bit FFN inputs): 7 runs each, 1 on RTE and STS-B.
+# weights, 8-bit FFN inputs), and the hard-tanh (clipped) straight-through rule on the binarized
+# inputs in place of SensiMix's identity: 8 runs each, 1 on RTE and STS-B.
 # Wall time: 2-core CPU, measured on MRPC (with a second experiment sharing the cores): ~30 min
-# per run, so ~9 h for all 16 runs; one GPU: not measured yet.
+# per run, so ~9 h for all 18 runs; one GPU: not measured yet.
 # Finished runs are skipped and killed ones resume; --dry-run prints the runs and which are done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +38,6 @@ for task in $TASKS; do
     run "$d/no_ilf" "$task" --config.sensimix.inverse_layerwise=False
     run "$d/auto_split" "$task" --config.sensimix.split=auto
     run "$d/ffn_inputs_8bit" "$task" --config.quant.ffn_input_bits=8
+    run "$d/clipped_input_ste" "$task" --config.quant.binary_input_clip=1
   fi
 done

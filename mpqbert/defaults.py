@@ -128,6 +128,9 @@ def sensimix_config() -> config_dict.ConfigDict:
   config.quant.binary_scale = False  # True: XNOR-Net mean|w| per sub-group on the 1-bit weights.
   config.quant.binary_groups = 1  # Sub-groups of that scale (binary_scale only).
   config.quant.ffn_input_bits = 1  # Inputs of the 1-bit FFNs: 1 (sign, XNOR GEMM) or 2..8.
+  # Backward of those sign(x) inputs: None passes the gradient straight through (SensiMix's
+  # code); c passes it only where |x| <= c (hard-tanh STE). See quant.QuantSpec.
+  config.quant.binary_input_clip = config_dict.placeholder(float)
   config.quant.calibration_batches = 4  # Batches that set the input step sizes (2..8 bits).
 
   config.sensimix = config_dict.ConfigDict()

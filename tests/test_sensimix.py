@@ -92,6 +92,30 @@ def test_binary_weights_and_inputs_forward_values_and_ste_gradient():
   np.testing.assert_allclose(np.asarray(seen["y"]), hand, atol=1e-4)
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_binarized_input_gradient_is_straight_through_unless_clipped(clip):
+  # A one-matrix model: y = sign(x) @ sign(W) + b. The input's gradient is g @ sign(W)^T where
+  # the rule passes it: everywhere (None, SensiMix's code) or only where |x| <= clip.
+  spec = quant.QuantSpec(rules=(quant.Rule(pattern="kernel$", quantizer="sign", bit_choices=(1,),
+                                           activation_bits=1),),
+                         activation_bits=quant.FULL_PRECISION, binary_input_clip=clip)
+  dense = models.QuantizableDense(3)
+  x = jnp.array([[0.5, -3.0, 2.0, -0.25]], jnp.float32)
+  params = dense.init(jax.random.PRNGKey(0), x)["params"]
+  policy = sm.fixed_policy(spec, params, other_bits=32)
+  qapply = quant.transform(lambda v, x: dense.apply(v, x), spec)
+  qparams = quant.init_qparams(spec, params)
+  cotangent = np.array([[1.0, -2.0, 0.5]])
+  grad = jax.grad(lambda x: jnp.sum(qapply(params, qparams, policy, x) * cotangent))(x)
+  w_sign = np.where(np.asarray(params["kernel"], np.float64) >= 0, 1.0, -1.0)
+  hand = cotangent @ w_sign.T
+  if clip is not None:
+    hand = np.where(np.abs(np.asarray(x)) <= clip, hand, 0.0)
+  np.testing.assert_allclose(np.asarray(grad), hand, rtol=1e-6)
+  with pytest.raises(ValueError, match="binary_input_clip"):
+    quant.QuantSpec(rules=spec.rules, binary_input_clip=0.0)
+
+
 def test_xnor_popcount_matmul_matches_float64_sign_products():
   rng = np.random.default_rng(2)
   for k in (1, 31, 32, 33, 384, 1000):

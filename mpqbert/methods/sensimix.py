@@ -40,10 +40,12 @@ def _layers(layers: Sequence[int], tail: str) -> str:
 
 def sensimix_spec(eight_bit_ffn_layers: Sequence[int], binary_ffn_layers: Sequence[int], *,
                   weight_bits: int = 8, embedding_bits: int = 8, binary_scale: bool = False,
-                  binary_groups: int = 1, ffn_input_bits: int = 1) -> quant.QuantSpec:
+                  binary_groups: int = 1, ffn_input_bits: int = 1,
+                  binary_input_clip: float | None = None) -> quant.QuantSpec:
   """Every attention matrix and the FFNs of `eight_bit_ffn_layers` at `weight_bits` index; the
   FFNs of `binary_ffn_layers` at 1 bit (sign, or xnor with `binary_scale`) with inputs at
-  `ffn_input_bits`; FFNs in neither list stay float (the layers PT / ILF have not reached)."""
+  `ffn_input_bits` (`binary_input_clip`: see `QuantSpec`); FFNs in neither list stay float (the
+  layers PT / ILF have not reached)."""
   if set(eight_bit_ffn_layers) & set(binary_ffn_layers):
     raise ValueError(f"layers {sorted(set(eight_bit_ffn_layers) & set(binary_ffn_layers))} are "
                      "both 8-bit and binary.")
@@ -58,7 +60,8 @@ def sensimix_spec(eight_bit_ffn_layers: Sequence[int], binary_ffn_layers: Sequen
                             groups=binary_groups if binary_scale else 1, bit_choices=(1,),
                             activation_bits=ffn_input_bits))
   return quant.QuantSpec(rules=tuple(rules), activation_bits=quant.FULL_PRECISION,
-                         embedding_bits=embedding_bits, embedding_quantizer="index")
+                         embedding_bits=embedding_bits, embedding_quantizer="index",
+                         binary_input_clip=binary_input_clip)
 
 
 def fixed_policy(spec: quant.QuantSpec, params: Any, *, other_bits: int) -> quant.Policy:
@@ -130,7 +133,8 @@ def _spec(config, eight_bit: Sequence[int], binary: Sequence[int],
   return sensimix_spec(eight_bit, binary, weight_bits=qc.weight_bits,
                        embedding_bits=qc.embedding_bits if embedding_bits is None
                        else embedding_bits, binary_scale=qc.binary_scale,
-                       binary_groups=qc.binary_groups, ffn_input_bits=qc.ffn_input_bits)
+                       binary_groups=qc.binary_groups, ffn_input_bits=qc.ffn_input_bits,
+                       binary_input_clip=qc.binary_input_clip)
 
 
 def _mean_loss(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any,

@@ -136,7 +136,8 @@ def minmax_range(w: Array, groups: int) -> tuple[Array, Array]:
 
 
 def binarize_sign(w: Array, clip: float = 1.0) -> Array:
-  """sign(w) in {-1, +1}, no scale (SensiMix); gradient identity for |w| <= clip."""
+  """sign(w) in {-1, +1}, no scale (SensiMix); gradient identity for |w| <= clip (every w for
+  clip = inf)."""
   return sign_ste(w, clip)
 
 

@@ -145,6 +145,11 @@ class QuantSpec:
   embedding_quantizer: "symmetric" (every table, per row) or "index" (word and position tables,
     per tensor min-max, as SensiMix); see `EMBEDDING_TABLE`.
   num_heads: needed by rules with groups="head".
+  binary_input_clip: the backward rule of inputs binarized to sign(x) (rules with
+    activation_bits=1). None: straight through, the identity, as SensiMix's code does; c: the
+    gradient only where |x| <= c (the hard-tanh rule of BinaryConnect). With unscaled 1-bit
+    weights the inputs of an FFN's second matrix are GELUs of sums of hundreds of +-1 products,
+    far outside [-1, 1], so a clip stops almost every gradient through that FFN.
   """
 
   rules: tuple[Rule, ...]
@@ -154,6 +159,7 @@ class QuantSpec:
   activation_momentum: float = 0.9
   embedding_bits: int = FULL_PRECISION
   embedding_quantizer: str = "symmetric"
+  binary_input_clip: float | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
@@ -169,6 +175,9 @@ class QuantSpec:
                        f"{ACTIVATION_MODES}.")
     if not 0.0 <= self.activation_momentum < 1.0:
       raise ValueError(f"activation_momentum={self.activation_momentum} must be in [0, 1).")
+    if self.binary_input_clip is not None and not self.binary_input_clip > 0:
+      raise ValueError(f"binary_input_clip={self.binary_input_clip} must be positive, or None "
+                       "for the straight-through identity.")
     if any(r.groups == "head" for r in self.rules) and not self.num_heads:
       raise ValueError("a rule uses groups='head': set QuantSpec.num_heads.")
 

@@ -16,6 +16,8 @@ layers; this module intercepts it with `flax.linen.intercept_methods`, the only 
 
 from __future__ import annotations
 
+import math
+
 import zlib
 from typing import Any, Callable, Mapping
 
@@ -236,7 +238,8 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
       kernel = quantize_weight(kernel, matrix, qparams[path], probs_of(path, matrix))
       input_bits = matrix.input_bits(act_bits)
       if input_bits == 1:
-        x = quantizers.binarize_sign(x)
+        x = quantizers.binarize_sign(x, math.inf if spec.binary_input_clip is None
+                                     else spec.binary_input_clip)
       elif input_bits < FULL_PRECISION:
         if update_act_stats:
           context.module.sow(_STATS, "act_absmax", jnp.max(jnp.abs(jax.lax.stop_gradient(x))))
