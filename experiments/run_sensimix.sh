@@ -6,7 +6,7 @@
 #
 # Budget: every run starts from the full-precision teacher of experiments/run_finetune_fp.sh
 # (workdirs/finetune_fp/<task>, fine-tuned first when missing) with TRAIN_STEPS (default 400)
-# steps in all, shared equally by the PT and ILF stages, on a 4000-example subset. On SST-2 and
+# steps in all, shared by the PT and ILF stages 1 : 1 : 1 : 3, on a 4000-example subset. On SST-2 and
 # MRPC also the paper's Table 4 ablation (no ABWR, no PT, no ILF), the sensitivity-chosen split
 # at the size of 3 + 3, and the two improvements (XNOR-Net scale per sub-group on the 1-bit
 # weights, 8-bit FFN inputs), and the hard-tanh (clipped) straight-through rule on the binarized

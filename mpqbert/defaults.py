@@ -116,7 +116,8 @@ def compression_config(method: str) -> config_dict.ConfigDict:
 def sensimix_config() -> config_dict.ConfigDict:
   """SensiMix (`configs/sensimix.py`): 8-bit index / 1-bit value split, ABWR, PT and ILF.
 
-  `config.train` is the whole budget; the PT and ILF stages share it equally.
+  `config.train` is the whole budget, shared by the PT and ILF stages (the last one
+  `sensimix.final_stage_shares` times as much as each other).
   """
   config = _teacher_and_qat("sensimix")
   config.train.num_epochs = 3.0
@@ -145,4 +146,7 @@ def sensimix_config() -> config_dict.ConfigDict:
   config.sensimix.abwr_weight = 1.0  # lambda of the Absolute Binary Weight Regularization.
   config.sensimix.prioritized_training = True  # PT: a first stage with the 1-bit FFNs in float.
   config.sensimix.inverse_layerwise = True  # ILF: binarize top-down, one layer per stage.
+  # The last stage (every chosen FFN binary) trains this many times as long as each earlier one;
+  # the authors' six-epoch script: one epoch per earlier stage, the last three for the last.
+  config.sensimix.final_stage_shares = 3
   return config

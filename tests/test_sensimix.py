@@ -155,6 +155,10 @@ def test_pt_and_ilf_schedule_and_which_matrices_are_binary_at_each_stage():
   assert sm.stage_schedule([3, 4, 5], prioritized=False, inverse_layerwise=False) == [(3, 4, 5)]
   assert sm.stage_schedule([], prioritized=True, inverse_layerwise=True) == [()]
   assert sm.split_budget(10, 4) == [3, 3, 2, 2]
+  # One step each, then the rest by shares 1 : 1 : 1 : 3: 1 + 396 // 6 = 67 and 1 + 198 = 199.
+  assert sm.split_budget(400, 4, final_shares=3) == [67, 67, 67, 199]
+  assert sm.split_budget(7, 2, final_shares=3) == [3, 4]  # 1 + 5 // 4, 1 + 15 // 4, +1 first
+  assert sm.split_budget(4, 4, final_shares=3) == [1, 1, 1, 1]
   with pytest.raises(ValueError, match="cannot cover 4"):
     sm.split_budget(3, 4)
 
@@ -286,7 +290,8 @@ def test_sensimix_pipeline_on_a_tiny_bert(tmp_path, tiny_model_dir, glue_dir):
   result = json.loads((tmp_path / "fixed" / "results.json").read_text())
   assert "sensimix" in out and result["method"] == "sensimix"
   assert [s["binary_layers"] for s in result["stages"]] == [[], [1]]
-  assert [s["steps"] for s in result["stages"]] == [6, 6] and result["steps"] == 12
+  # 12 steps at 1 : 3 (final_stage_shares): 1 + 10 // 4 (+1 remainder) and 1 + 30 // 4.
+  assert [s["steps"] for s in result["stages"]] == [4, 8] and result["steps"] == 12
   params = _abstract_params(models.BertConfig(**TINY_BERT))
   spec = sm.sensimix_spec([0], [1])
   hand = quant.size_report(params, sm.fixed_policy(spec, params, other_bits=16))

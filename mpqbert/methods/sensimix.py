@@ -9,8 +9,8 @@ Sensitive parts (every attention Q/K/V/O, the FFNs of the 8-bit layers, word and
 embeddings) get 8-bit min-max index quantization per tensor; the FFNs of the other layers get
 1-bit value quantization sign(w) with sign-binarized inputs (an XNOR-popcount GEMM), trained with
 the Absolute Binary Weight Regularization `lambda * sum mean((|W| - 1)^2)` over those FFNs in
-every stage. The stages share the `config.train` budget equally; each starts from the previous
-stage's weights.
+every stage. The stages share the `config.train` budget (the last one `final_stage_shares` times
+as much as each other); each starts from the previous stage's weights.
 """
 
 from __future__ import annotations
@@ -93,13 +93,21 @@ def stage_schedule(binary_layers: Sequence[int], *, prioritized: bool,
   return stages
 
 
-def split_budget(total_steps: int, num_stages: int) -> list[int]:
-  """`total_steps` shared as equally as possible, the earlier stages taking the remainder."""
+def split_budget(total_steps: int, num_stages: int, final_shares: int = 1) -> list[int]:
+  """`total_steps` shared by the stages in proportion 1 : ... : 1 : `final_shares`, the earlier
+  stages taking the remainder. The last stage (every chosen FFN binary) is the model that ships,
+  so it may train longer: the authors' six-epoch script gives it the last three epochs."""
+  if final_shares < 1:
+    raise ValueError(f"sensimix.final_stage_shares={final_shares} must be at least 1.")
   if total_steps < num_stages:
     raise ValueError(f"{total_steps} training steps cannot cover {num_stages} SensiMix stages; "
                      "raise train.num_train_steps (or train.num_epochs).")
-  base, extra = divmod(total_steps, num_stages)
-  return [base + (1 if i < extra else 0) for i in range(num_stages)]
+  shares = [1] * (num_stages - 1) + [final_shares]
+  spare = total_steps - num_stages  # Every stage gets one step, the rest goes by shares.
+  steps = [1 + spare * share // sum(shares) for share in shares]
+  for i in range(total_steps - sum(steps)):
+    steps[i] += 1
+  return steps
 
 
 def abwr(params: Any, paths: Sequence[str]) -> jax.Array:
@@ -226,7 +234,8 @@ def sensimix(config, workdir) -> dict[str, Any]:
   stages = stage_schedule(binary, prioritized=sc.prioritized_training,
                           inverse_layerwise=sc.inverse_layerwise)
   steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
-  budget = split_budget(loop.num_train_steps(config.train, steps_per_epoch), len(stages))
+  budget = split_budget(loop.num_train_steps(config.train, steps_per_epoch), len(stages),
+                        sc.final_stage_shares)
   logging.info("sensimix: binary FFN layers %s; stages %s with %s steps", binary, stages, budget)
   # ABWR pulls every FFN the split binarizes toward |w| = 1 from the first stage on, so that
   # binarizing it in its ILF stage changes its output little.
