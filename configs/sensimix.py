@@ -5,7 +5,9 @@ r"""SensiMix: 8-bit index sensitive parts, 1-bit FFNs in the insensitive layers,
 
 Ablations: --config.sensimix.abwr_weight=0, --config.sensimix.prioritized_training=False,
 --config.sensimix.inverse_layerwise=False; the sensitivity-chosen split:
---config.sensimix.split=auto. All keys and defaults: `mpqbert/defaults.py`.
+--config.sensimix.split=auto; variants: --config.quant.binary_scale=True (XNOR-Net scale),
+--config.quant.ffn_input_bits=8, --config.quant.binary_input_clip=1 (hard-tanh STE on the
+binarized inputs). All keys and defaults: `mpqbert/defaults.py`.
 """
 
 from mpqbert import defaults
