@@ -26,11 +26,17 @@ RUNS = {"sensimix": "SensiMix 3+3 (ABWR, PT, ILF)", "no_abwr": "without ABWR",
         "xnor_scale": "1-bit weights with a mean-abs scale per 12 sub-groups",
         "ffn_inputs_8bit": "1-bit FFN weights, 8-bit FFN inputs",
         "clipped_input_ste": "binarized inputs with the hard-tanh STE (gradient only |x| <= 1)"}
-FIELDS = ["task", "run", "metric", "dev", "size_mb", "compression", "size_mb_total",
+FIELDS = ["task", "run", "metric", "dev", "accuracy", "stage_dev", "size_mb", "compression", "size_mb_total",
           "compression_total", "binary_layers", "agreement", "steps", "wall_time_s",
           "git_commit", "command"]
-NUMERIC = {"dev": float, "size_mb": float, "compression": float, "size_mb_total": float,
+NUMERIC = {"dev": float, "accuracy": lambda v: float(v) if v else "", "size_mb": float, "compression": float, "size_mb_total": float,
            "compression_total": float, "agreement": float, "steps": int, "wall_time_s": float}
+
+
+def _accuracy(result: dict) -> float | str:
+  """Dev accuracy of a classification run ("" for STS-B): on MRPC it shows what F1 hides, a
+  model that predicts only the majority class (F1 0.812, accuracy 0.684)."""
+  return result["dev_metrics"]["validation"].get("accuracy", "")
 
 
 def load_rows(root: Path) -> list[dict]:
@@ -39,13 +45,16 @@ def load_rows(root: Path) -> list[dict]:
     r = json.loads(path.read_text())
     base = {"task": r["task"], "metric": r["metric"], "git_commit": r["git_commit"][:10]}
     workdir = path.parent.relative_to(REPO) if path.is_relative_to(REPO) else path.parent
-    rows.append({**base, "run": path.parent.name, **{k: r[k] for k in (
+    rows.append({**base, "run": path.parent.name, "accuracy": _accuracy(r),
+                 "stage_dev": " / ".join(f"{s['dev']:.4f}" for s in r["stages"]), **{k: r[k] for k in (
         "dev", "size_mb", "compression", "size_mb_total", "compression_total", "steps",
         "wall_time_s")}, "binary_layers": " ".join(map(str, r["split"]["binary_layers"])),
         "agreement": r["export"]["agreement"], "command": command(r["config"], workdir)})
     if not any(x["task"] == r["task"] and x["run"] == "full precision" for x in rows):
       fp = r["rows"][0]
-      rows.append({**base, "run": "full precision", "dev": fp["dev"], "size_mb": fp["size_mb"],
+      teacher = json.loads((path.parent / "full_precision.json").read_text())
+      rows.append({**base, "run": "full precision", "dev": fp["dev"],
+                   "accuracy": _accuracy(teacher), "stage_dev": "", "size_mb": fp["size_mb"],
                    "compression": 1.0, "size_mb_total": r["full_precision_total_mb"],
                    "compression_total": 1.0, "binary_layers": "", "agreement": 1.0,
                    "steps": 0, "wall_time_s": 0.0,
@@ -74,12 +83,16 @@ def main() -> None:
            "total: every parameter (8-bit word and position tables, the rest in float16); "
            "compression against float32. agreement: dev examples on which the packed model "
            "(packed 8-bit codes through `packed_matmul`, packed sign bits through "
-           "`xnor_matmul`) predicts what the fake-quantized model does.", "",
-           "| task | run | dev | size_mb | compression | total MB | total compression | "
-           "binary FFN layers | agreement |", "|---|---|---|---|---|---|---|---|---|"]
+           "`xnor_matmul`) predicts what the fake-quantized model does. "
+           "dev after each stage: PT, then one more binary FFN per ILF stage.", "",
+           "| task | run | dev | accuracy | dev after each stage | size_mb | compression | "
+           "total MB | total compression | binary FFN layers | agreement |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    accuracy = f"{r['accuracy']:.4f}" if r["accuracy"] != "" else ""
     lines.append(f"| {r['task']} | {RUNS.get(r['run'], r['run'])} | {r['metric']} "
-                 f"{r['dev']:.4f} | {r['size_mb']:.3f} | {r['compression']:.2f}x | "
+                 f"{r['dev']:.4f} | {accuracy} | {r['stage_dev']} | "
+                 f"{r['size_mb']:.3f} | {r['compression']:.2f}x | "
                  f"{r['size_mb_total']:.2f} | {r['compression_total']:.2f}x | "
                  f"{r['binary_layers']} | {r['agreement']:.4f} |")
   lines += ["", "## Commands", ""] + [f"- {r['task']} {r['run']}: `{r['command']}` "
