@@ -17,7 +17,6 @@ Writes experiments/results/packed_inference_<backend>.{json,md}. About 3 min on 
 
 from __future__ import annotations
 
-import importlib
 import json
 import platform
 import statistics
@@ -32,9 +31,9 @@ import numpy as np
 from absl import app, flags
 
 from mpqbert import export, models, quant
+from mpqbert.methods import sensimix
 from mpqbert.train import results
 
-sensimix = importlib.import_module("mpqbert.methods.sensimix")  # the module, not the pipeline
 
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Examples per forward.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")

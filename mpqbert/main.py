@@ -27,7 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 METHODS: dict[str, Callable] = {"finetune": finetune, "automp": methods.automp,
                                 "uniform": methods.uniform, "hessian": methods.hessian,
-                                "sensimix": methods.sensimix}
+                                "sensimix": methods.sensimix.run}
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -15,8 +14,8 @@ import pytest
 
 from conftest import TINY_BERT
 from mpqbert import export, kernels, models, quant
+from mpqbert.methods import sensimix as sm
 
-sm = importlib.import_module("mpqbert.methods.sensimix")  # the module; `methods.sensimix` is the pipeline
 
 MINILM = models.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
                            num_attention_heads=12, intermediate_size=1536,

@@ -1,6 +1,6 @@
-"""Compression pipelines (`config.method`): automp, uniform, hessian and sensimix."""
+"""Compression pipelines (`config.method`): automp, uniform and hessian, and sensimix.run."""
 
+from mpqbert.methods import sensimix
 from mpqbert.methods.pipelines import automp, hessian, uniform
-from mpqbert.methods.sensimix import sensimix
 
 __all__ = ["automp", "hessian", "sensimix", "uniform"]

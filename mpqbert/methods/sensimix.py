@@ -223,7 +223,7 @@ def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSp
           "half_dtype": jnp.dtype(export.half_dtype()).name, **check}
 
 
-def sensimix(config, workdir) -> dict[str, Any]:
+def run(config, workdir) -> dict[str, Any]:
   """SensiMix from the teacher: split, PT and ILF stages with ABWR, eval, packed export."""
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   sc = config.sensimix
