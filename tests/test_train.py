@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO_ROOT, load_config, tiny_run_flags
 from mpqbert import models
+from mpqbert.methods import common
 from mpqbert.train import checkpoint, optim, steps
 from mpqbert.train.loop import finetune
 
@@ -153,6 +154,23 @@ def test_bad_task_data_and_workdir_errors(tmp_path, tiny_model_dir, glue_dir):
   checkpoint.guard_workdir(tmp_path / "d", _config(base).to_json())
   with pytest.raises(ValueError, match=r"different config.*train.learning_rate"):
     checkpoint.guard_workdir(tmp_path / "d", _config({**base, "train.learning_rate": 1.0}).to_json())
+
+
+def test_teacher_checkpoint_of_another_model_names_the_differing_parameters(tmp_path):
+  saved = {"encoder": {"kernel": np.zeros((4, 8)), "bias": np.zeros(8)}, "head": np.zeros(3)}
+  manager = checkpoint.make_manager(tmp_path / "run", every_steps=1, keep=1)
+  checkpoint.save(manager, 1, {"params": saved}, force=True)
+  manager.wait_until_finished()
+  template = {"encoder": {"kernel": np.zeros((4, 6)), "bias": np.zeros(8)},
+              "classifier": np.zeros(2)}  # What the checkpoint's `params` entry should hold.
+  with pytest.raises(ValueError, match=r"another model") as error:
+    common.restore_params(tmp_path / "run", template)
+  message = str(error.value)
+  assert "classifier missing" in message and "head unexpected" in message
+  assert "encoder/kernel: saved (4, 8), model (4, 6)" in message
+  assert "bias" not in message and "teacher.workdir" in message
+  restored = common.restore_params(tmp_path / "run", saved)
+  np.testing.assert_array_equal(restored["encoder"]["kernel"], saved["encoder"]["kernel"])
 
 
 def test_divergence_raises_a_clear_error(tmp_path, tiny_model_dir, glue_dir):

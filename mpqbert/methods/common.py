@@ -101,10 +101,12 @@ def split_for_search(dataset: data.TokenizedDataset, fraction: float, seed: int
 def restore_params(workdir: Path, template: Any) -> Any:
   """The `params` of the newest checkpoint in `workdir`, checked against `template`'s shapes."""
   saved = checkpoint.load_params(workdir)
-  if jax.tree.map(np.shape, saved) != jax.tree.map(np.shape, template):
-    raise ValueError(f"the checkpoint in {workdir} holds another model (its parameter shapes "
-                     "differ from config.model with this task's head); point teacher.workdir "
-                     "at a fine-tuning run of the same model and task.")
+  differences = checkpoint.shape_differences(template, saved)
+  if differences:
+    raise ValueError(f"the checkpoint in {workdir} holds another model than config.model with "
+                     f"this task's head ({'; '.join(differences[:4])}"
+                     f"{' ...' if len(differences) > 4 else ''}); point teacher.workdir at a "
+                     "fine-tuning run of the same model and task.")
   return jax.tree.map(jnp.asarray, saved)
 
 

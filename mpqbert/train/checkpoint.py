@@ -43,6 +43,17 @@ def load_params(workdir: str | Path) -> Any:
   return manager.restore(step, args=ocp.args.StandardRestore())["params"]
 
 
+def shape_differences(expected: Any, found: Any) -> list[str]:
+  """Each parameter path where `found` lacks, adds or reshapes a leaf of `expected`, in words."""
+  want = traverse_util.flatten_dict(expected, sep="/")
+  have = traverse_util.flatten_dict(found, sep="/")
+  return ([f"{k} missing" for k in sorted(want.keys() - have.keys())]
+          + [f"{k} unexpected" for k in sorted(have.keys() - want.keys())]
+          + [f"{k}: saved {tuple(have[k].shape)}, model {tuple(want[k].shape)}"
+             for k in sorted(want.keys() & have.keys())
+             if tuple(have[k].shape) != tuple(want[k].shape)])
+
+
 def _flat(config_dict: dict) -> dict[str, Any]:
   return traverse_util.flatten_dict(config_dict, sep=".")
 
