@@ -70,8 +70,7 @@ def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, 
   if path.is_file():
     return json.loads(path.read_text())
   value = compute()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(value, indent=2))
+  results.write_text_atomic(path, json.dumps(value, indent=2))
   return value
 
 
