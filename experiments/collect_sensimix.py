@@ -46,7 +46,7 @@ def load_rows(root: Path) -> list[dict]:
     base = {"task": r["task"], "metric": r["metric"], "git_commit": r["git_commit"][:10]}
     workdir = path.parent.relative_to(REPO) if path.is_relative_to(REPO) else path.parent
     rows.append({**base, "run": path.parent.name, "accuracy": _accuracy(r),
-                 "stage_dev": " / ".join(f"{s['dev']:.4f}" for s in r["stages"]), **{k: r[k] for k in (
+                 "stage_dev": " / ".join(f"{s['dev']:.4f} ({s['steps']})" for s in r["stages"]), **{k: r[k] for k in (
         "dev", "size_mb", "compression", "size_mb_total", "compression_total", "steps",
         "wall_time_s")}, "binary_layers": " ".join(map(str, r["split"]["binary_layers"])),
         "agreement": r["export"]["agreement"], "command": command(r["config"], workdir)})
@@ -84,8 +84,10 @@ def main() -> None:
            "compression against float32. agreement: dev examples on which the packed model "
            "(packed 8-bit codes through `packed_matmul`, packed sign bits through "
            "`xnor_matmul`) predicts what the fake-quantized model does. "
-           "dev after each stage: PT, then one more binary FFN per ILF stage.", "",
-           "| task | run | dev | accuracy | dev after each stage | size_mb | compression | "
+           "dev after each stage (its steps): PT, then one more binary FFN per ILF stage; "
+           "without PT the first stage already binarizes the last FFN, without ILF the stage "
+           "after PT binarizes all three at once.", "",
+           "| task | run | dev | accuracy | dev after each stage (steps) | size_mb | compression | "
            "total MB | total compression | binary FFN layers | agreement |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
