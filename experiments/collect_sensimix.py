@@ -27,7 +27,8 @@ RUNS = {"sensimix": "SensiMix 3+3 (ABWR, PT, ILF)", "no_abwr": "without ABWR",
         "ffn_inputs_8bit": "1-bit FFN weights, 8-bit FFN inputs",
         "clipped_input_ste": "binarized inputs with the hard-tanh STE (gradient only |x| <= 1)"}
 FIELDS = ["task", "run", "metric", "dev", "accuracy", "stage_dev", "size_mb", "compression", "size_mb_total",
-          "compression_total", "binary_layers", "agreement", "steps", "wall_time_s",
+          "compression_total", "binary_layers", "layer_sensitivity", "agreement", "steps",
+          "wall_time_s",
           "git_commit", "command"]
 NUMERIC = {"dev": float, "accuracy": lambda v: float(v) if v else "", "size_mb": float, "compression": float, "size_mb_total": float,
            "compression_total": float, "agreement": float, "steps": int, "wall_time_s": float}
@@ -37,6 +38,12 @@ def _accuracy(result: dict) -> float | str:
   """Dev accuracy of a classification run ("" for STS-B): on MRPC it shows what F1 hides, a
   model that predicts only the majority class (F1 0.812, accuracy 0.684)."""
   return result["dev_metrics"]["validation"].get("accuracy", "")
+
+
+def _sensitivity(split: dict) -> str:
+  """"layer:loss increase" for each layer the automatic split measured ("" for a fixed split)."""
+  return " ".join(f"{layer}:{value:.3f}" for layer, value in sorted(
+      split.get("sensitivity", {}).items(), key=lambda item: int(item[0])))
 
 
 def load_rows(root: Path) -> list[dict]:
@@ -49,6 +56,7 @@ def load_rows(root: Path) -> list[dict]:
                  "stage_dev": " / ".join(f"{s['dev']:.4f} ({s['steps']})" for s in r["stages"]), **{k: r[k] for k in (
         "dev", "size_mb", "compression", "size_mb_total", "compression_total", "steps",
         "wall_time_s")}, "binary_layers": " ".join(map(str, r["split"]["binary_layers"])),
+        "layer_sensitivity": _sensitivity(r["split"]),
         "agreement": r["export"]["agreement"], "command": command(r["config"], workdir)})
     if not any(x["task"] == r["task"] and x["run"] == "full precision" for x in rows):
       fp = r["rows"][0]
@@ -56,7 +64,8 @@ def load_rows(root: Path) -> list[dict]:
       rows.append({**base, "run": "full precision", "dev": fp["dev"],
                    "accuracy": _accuracy(teacher), "stage_dev": "", "size_mb": fp["size_mb"],
                    "compression": 1.0, "size_mb_total": r["full_precision_total_mb"],
-                   "compression_total": 1.0, "binary_layers": "", "agreement": 1.0,
+                   "compression_total": 1.0, "binary_layers": "", "layer_sensitivity": "",
+                   "agreement": 1.0,
                    "steps": 0, "wall_time_s": 0.0,
                    "command": f"experiments/run_finetune_fp.sh (teacher of {path.parent.name})"})
   return rows
@@ -97,6 +106,14 @@ def main() -> None:
                  f"{r['size_mb']:.3f} | {r['compression']:.2f}x | "
                  f"{r['size_mb_total']:.2f} | {r['compression_total']:.2f}x | "
                  f"{r['binary_layers']} | {r['agreement']:.4f} |")
+  measured = [r for r in rows if r["layer_sensitivity"]]
+  if measured:
+    lines += ["", "## Layer sensitivity (automatic split)", "",
+              "Loss increase on the search split (carved from train) when only that layer's FFN "
+              "is binarized; the least sensitive layers are binarized up to the size of 3+3.", "",
+              "| task | layer: loss increase | chosen binary FFN layers |", "|---|---|---|"]
+    lines += [f"| {r['task']} | {r['layer_sensitivity']} | {r['binary_layers']} |"
+              for r in measured]
   lines += ["", "## Commands", ""] + [f"- {r['task']} {r['run']}: `{r['command']}` "
                                      f"({r['git_commit']})" for r in rows]
   (args.out / "sensimix.md").write_text("\n".join(lines) + "\n")
