@@ -11,8 +11,8 @@
 # at the size of 3 + 3, and the two improvements (XNOR-Net scale per sub-group on the 1-bit
 # weights, 8-bit FFN inputs), and the hard-tanh (clipped) straight-through rule on the binarized
 # inputs in place of SensiMix's identity: 8 runs each, 1 on RTE and STS-B.
-# Wall time: 2-core CPU, measured on MRPC (with a second experiment sharing the cores): ~30 min
-# per run, so ~9 h for all 18 runs; one GPU: not measured yet.
+# Wall time: 2-core CPU with nothing else running, 13-17 min per run on SST-2 and MRPC (the
+# automatic split adds about a minute), so ~5 h for all 18 runs; one GPU: not measured yet.
 # Finished runs are skipped and killed ones resume; --dry-run prints the runs and which are done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
