@@ -26,10 +26,9 @@ RUNS = {"sensimix": "SensiMix 3+3 (ABWR, PT, ILF)", "no_abwr": "without ABWR",
         "xnor_scale": "1-bit weights with a mean-abs scale per 12 sub-groups",
         "ffn_inputs_8bit": "1-bit FFN weights, 8-bit FFN inputs",
         "clipped_input_ste": "binarized inputs with the hard-tanh STE (gradient only |x| <= 1)"}
-FIELDS = ["task", "run", "metric", "dev", "accuracy", "stage_dev", "size_mb", "compression", "size_mb_total",
-          "compression_total", "binary_layers", "layer_sensitivity", "agreement", "steps",
-          "wall_time_s",
-          "git_commit", "command"]
+FIELDS = ["task", "run", "metric", "dev", "accuracy", "stage_dev", "size_mb", "compression",
+          "size_mb_total", "compression_total", "binary_layers", "layer_sensitivity", "agreement",
+          "steps", "wall_time_s", "git_commit", "command"]
 NUMERIC = {"dev": float, "accuracy": lambda v: float(v) if v else "", "size_mb": float, "compression": float, "size_mb_total": float,
            "compression_total": float, "agreement": float, "steps": int, "wall_time_s": float}
 
@@ -65,8 +64,7 @@ def load_rows(root: Path) -> list[dict]:
                    "accuracy": _accuracy(teacher), "stage_dev": "", "size_mb": fp["size_mb"],
                    "compression": 1.0, "size_mb_total": r["full_precision_total_mb"],
                    "compression_total": 1.0, "binary_layers": "", "layer_sensitivity": "",
-                   "agreement": 1.0,
-                   "steps": 0, "wall_time_s": 0.0,
+                   "agreement": 1.0, "steps": 0, "wall_time_s": 0.0,
                    "command": f"experiments/run_finetune_fp.sh (teacher of {path.parent.name})"})
   return rows
 
