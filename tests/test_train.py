@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, load_config, tiny_run_flags
-from mpqbert import models
+from mpqbert import files, models
 from mpqbert.methods import common
 from mpqbert.train import checkpoint, optim, results, steps
 from mpqbert.train.loop import finetune
@@ -156,12 +156,14 @@ def test_bad_task_data_and_workdir_errors(tmp_path, tiny_model_dir, glue_dir):
     checkpoint.guard_workdir(tmp_path / "d", _config({**base, "train.learning_rate": 1.0}).to_json())
 
 
-def test_write_text_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
+def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
   path = tmp_path / "new_dir" / "result.json"
-  results.write_text_atomic(path, '{"dev": 1}')
-  results.write_text_atomic(path, '{"dev": 2}')
+  files.write_atomic(path, '{"dev": 1}')
+  files.write_atomic(path, '{"dev": 2}')
   assert json.loads(path.read_text()) == {"dev": 2}
-  assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+  files.write_atomic(path.with_name("plot.png"), b"\x89PNG")
+  assert path.with_name("plot.png").read_bytes() == b"\x89PNG"
+  assert sorted(p.name for p in path.parent.iterdir()) == ["plot.png", "result.json"]
 
 
 def test_teacher_checkpoint_of_another_model_names_the_differing_parameters(tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mpqbert import data, export, models, quant
+from mpqbert import data, export, files, models, quant
 from mpqbert.models.bert import BertLayer
 from mpqbert.train import checkpoint, loop, optim, results, sharding
 from mpqbert.train.steps import TrainState, make_eval_step, per_example_loss, weighted_mean
@@ -70,7 +70,7 @@ def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, 
   if path.is_file():
     return json.loads(path.read_text())
   value = compute()
-  results.write_text_atomic(path, json.dumps(value, indent=2))
+  files.write_atomic(path, json.dumps(value, indent=2))
   return value
 
 

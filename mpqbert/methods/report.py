@@ -7,6 +7,7 @@ a backend: a script saves them, a notebook displays them.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
+from mpqbert import files
 from mpqbert.quant import Policy
 
 MATRIX_ORDER = (("attention/self/query", "Q"), ("attention/self/key", "K"),
@@ -63,9 +65,9 @@ def bit_map_figure(policy: Policy, title: str = "") -> Figure:
 
 def plot_bit_map(policy: Policy, path: str | Path, title: str = "") -> Path:
   """`bit_map_figure` saved as a PNG."""
-  path = Path(path)
-  bit_map_figure(policy, title).savefig(path, dpi=120)
-  return path
+  png = io.BytesIO()
+  bit_map_figure(policy, title).savefig(png, format="png", dpi=120)
+  return files.write_atomic(path, png.getvalue())
 
 
 _PARETO_STYLES = {"full precision": ("k", "*"), "uniform": ("tab:blue", "o"),

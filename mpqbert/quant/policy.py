@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from mpqbert import files
 from mpqbert.quant.spec import (EMBEDDING_QUANTIZERS, EMBEDDING_TABLE, ENCODER_MATRIX,
                                 FULL_PRECISION, INDEX_EMBEDDING_TABLE, MatrixSpec, Plan,
                                 _check_bits_or_fp, flatten_params)
@@ -118,9 +119,7 @@ class Policy:
                other_bits=int(d.get("other_bits", FULL_PRECISION))).validate()
 
   def save(self, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(self.to_json(), indent=1))
-    return path
+    return files.write_atomic(path, json.dumps(self.to_json(), indent=1))
 
   @classmethod
   def load(cls, path: str | Path, plan: Plan | None = None) -> "Policy":

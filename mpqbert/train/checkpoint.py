@@ -10,7 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mpqbert.train import results
+from mpqbert import files
 
 CONFIG_FILE = "config.json"
 
@@ -78,4 +78,4 @@ def guard_workdir(workdir: str | Path, config_json: str) -> None:
           f"workdir {workdir} holds a run with a different config ({details}). Resume it with the "
           "same config, or pass a new --workdir for the new config.")
     return
-  results.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+  files.write_atomic(path, json.dumps(current, indent=2, sort_keys=True))

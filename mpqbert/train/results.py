@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,25 +11,13 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from mpqbert import files
+
 
 def quiet_library_info_logs(record: logging.LogRecord) -> bool:
   """A log filter that keeps Orbax's per-save INFO chatter out of run logs (warnings still show)."""
   # A standard-library LogRecord: compare with its levels, not absl's (WARNING = -1).
   return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-  """Writes `text` to `path` through a temporary file and a rename.
-
-  A reader never sees half a file: not a resumed run after a kill mid-write, nor another process
-  of a multi-host run, where every process writes the same small JSON files to a shared workdir.
-  """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_name(f".{path.name}.{jax.process_index()}.{os.getpid()}.tmp")
-  temporary.write_text(text)
-  os.replace(temporary, path)
-  return path
 
 
 def git_commit() -> str:
@@ -61,7 +48,7 @@ class MetricsLog:
     if self.path.exists() and self.writer:
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line)["step"] <= resume_step]
-      write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+      files.write_atomic(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     if not self.writer:
@@ -75,5 +62,5 @@ class MetricsLog:
 
 
 def write_results(workdir: str | Path, results: Mapping[str, Any]) -> Path:
-  return write_text_atomic(Path(workdir) / "results.json",
+  return files.write_atomic(Path(workdir) / "results.json",
                            json.dumps({k: _jsonable(v) for k, v in results.items()}, indent=2))
