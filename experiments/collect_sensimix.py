@@ -25,7 +25,8 @@ RUNS = {"sensimix": "SensiMix 3+3 (ABWR, PT, ILF)", "no_abwr": "without ABWR",
         "auto_split": "sensitivity-chosen split, size of 3+3",
         "xnor_scale": "1-bit weights with a mean-abs scale per 12 sub-groups",
         "ffn_inputs_8bit": "1-bit FFN weights, 8-bit FFN inputs",
-        "clipped_input_ste": "binarized inputs, hard-tanh STE (no gradient outside [-1, 1])"}
+        "clipped_input_ste": "binarized inputs, hard-tanh STE (no gradient outside [-1, 1])",
+        "double_steps": "SensiMix 3+3 (ABWR, PT, ILF), twice the steps"}
 FIELDS = ["task", "run", "metric", "dev", "accuracy", "stage_dev", "size_mb", "compression",
           "size_mb_total", "compression_total", "binary_layers", "layer_sensitivity", "agreement",
           "steps", "wall_time_s", "git_commit", "command"]

@@ -30,6 +30,9 @@ def _dry_run(script: str, *args: str, root) -> list[str]:
     ("run_sensimix.sh", "rte", ["sensimix"]),
     ("run_sensimix.sh", "mrpc", ["sensimix", "xnor_scale", "no_abwr", "no_pt", "no_ilf",
                                  "auto_split", "ffn_inputs_8bit", "clipped_input_ste"]),
+    ("run_sensimix.sh", "sst2", ["sensimix", "xnor_scale", "no_abwr", "no_pt", "no_ilf",
+                                 "auto_split", "ffn_inputs_8bit", "clipped_input_ste",
+                                 "double_steps"]),
 ])
 def test_dry_run_lists_the_teacher_then_every_run(script, task, runs, tmp_path):
   lines = _dry_run(script, task, root=tmp_path)
