@@ -63,4 +63,4 @@ class MetricsLog:
 
 def write_results(workdir: str | Path, results: Mapping[str, Any]) -> Path:
   return files.write_atomic(Path(workdir) / "results.json",
-                           json.dumps({k: _jsonable(v) for k, v in results.items()}, indent=2))
+                            json.dumps({k: _jsonable(v) for k, v in results.items()}, indent=2))
