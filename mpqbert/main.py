@@ -18,12 +18,17 @@ from ml_collections import config_flags
 
 from mpqbert import methods
 from mpqbert.methods.common import format_table
-from mpqbert.train import finetune
+from mpqbert.train import compiled, finetune
 from mpqbert.train.results import quiet_library_info_logs
 from mpqbert.train.sharding import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<method>.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", str(compiled.DEFAULT_CACHE_DIR),
+    "JAX's persistent compilation cache: a resumed or repeated run loads its compiled steps "
+    "from here instead of compiling them again. '' turns it off; JAX_COMPILATION_CACHE_DIR, "
+    "when set, wins.")
 
 METHODS: dict[str, Callable] = {"finetune": finetune, "automp": methods.automp,
                                 "uniform": methods.uniform, "hessian": methods.hessian,
@@ -53,6 +58,7 @@ def main(argv: list[str]) -> None:
                          f"{sorted(METHODS)}.")
   logging.get_absl_handler().addFilter(quiet_library_info_logs)
   maybe_initialize_distributed()
+  compiled.enable_persistent_cache(_CACHE.value)
   summary = METHODS[config.method](config, _WORKDIR.value)
   logging.info("results: %s", json.dumps({k: v for k, v in summary.items() if k != "config"}))
   if "rows" in summary:

@@ -29,16 +29,20 @@ def _flags(model_dir, glue_dir, **extra) -> dict:
 
 
 def _launch(config: str, workdir: Path, flags: dict) -> subprocess.Popen:
+  """`python -m mpqbert.main` with a compilation cache of its own beside the workdir."""
   args = [sys.executable, "-m", "mpqbert.main", f"--config=configs/{config}.py",
-          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
-  return subprocess.Popen(args, cwd=REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+          f"--workdir={workdir}", f"--compilation_cache_dir={workdir.parent / 'xla_cache'}"
+          ] + [f"--config.{k}={v}" for k, v in flags.items()]
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  return subprocess.Popen(args, cwd=REPO_ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(process: subprocess.Popen) -> str:
+  """The run's printed output followed by its log."""
   out, err = process.communicate(timeout=900)
   assert process.returncode == 0, err[-3000:]
-  return out
+  return out + err
 
 
 def _rows(path: Path) -> list[dict]:
@@ -51,6 +55,12 @@ def test_automp_resumes_after_kill_9_as_if_uninterrupted(tmp_path, tiny_model_di
   out = _finish(_launch("automp", reference_dir, flags))
   reference = json.loads((reference_dir / "results.json").read_text())
   assert "full precision" in out and "automp" in out  # the printed table
+  # Each step function compiles once per sequence length (32 or 64 here): the search's two
+  # batches share one length, so at most 2 search compilations, not one per pair of lengths.
+  assert 1 <= out.count("compiled search_step for") <= 2
+  assert 1 <= out.count("compiled qat_step for") <= 2
+  # The later runs below load their steps from this cache; they must still match this run.
+  assert any((tmp_path / "xla_cache").iterdir())
   low, high = reference["search"]["band_mb"]
   assert low <= reference["size_mb"] <= high
   assert (reference_dir / "bit_map.png").stat().st_size > 0

@@ -5,6 +5,7 @@ from mpqbert.data.batching import TokenizedDataset
 from mpqbert.data.batching import bucket_length
 from mpqbert.data.batching import eval_batches
 from mpqbert.data.batching import num_train_batches
+from mpqbert.data.batching import pad_to_length
 from mpqbert.data.batching import restore_order
 from mpqbert.data.batching import tokenize
 from mpqbert.data.batching import train_batches
@@ -42,6 +43,7 @@ __all__ = [
     "load_split",
     "matthews_corrcoef",
     "num_train_batches",
+    "pad_to_length",
     "pearson",
     "read_tsv",
     "resolve_glue_dir",

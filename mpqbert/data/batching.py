@@ -176,6 +176,24 @@ def _collate(
   }
 
 
+_TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def pad_to_length(batch: Batch, length: int) -> Batch:
+  """`batch` with its [B, L] token arrays padded by zeros to [B, length] (padding positions).
+
+  Two batches that one step consumes together (the search's weight and architecture batches)
+  are padded to a common length, so that step compiles once per length, not per pair.
+  """
+  current = batch["input_ids"].shape[1]
+  if length < current:
+    raise ValueError(f"cannot pad a batch of length {current} to the shorter {length}.")
+  if length == current:
+    return batch
+  widths = ((0, 0), (0, length - current))
+  return {k: np.pad(v, widths) if k in _TOKEN_FIELDS else v for k, v in batch.items()}
+
+
 def _epoch_plan(
     lengths: np.ndarray,
     batch_size: int,

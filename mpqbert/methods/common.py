@@ -23,6 +23,7 @@ from absl import logging
 from mpqbert import data, export, files, models, quant
 from mpqbert.models.bert import BertLayer
 from mpqbert.train import checkpoint, loop, optim, results, sharding
+from mpqbert.train.compiled import Jit
 from mpqbert.train.steps import TrainState, make_eval_step, per_example_loss, weighted_mean
 
 Batch = dict[str, jax.Array]
@@ -171,7 +172,7 @@ def make_quant_eval_step(qapply: Callable, is_regression: bool) -> Callable:
     predictions = logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1)
     return {"predictions": predictions, "loss_sum": jnp.sum(losses * batch["weights"])}
 
-  return jax.jit(eval_step)
+  return Jit(eval_step, "quant_eval_step")
 
 
 def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qparams: Any,
@@ -184,15 +185,16 @@ def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qpara
   if not any(1 < bits < quant.FULL_PRECISION for bits in input_bits):
     return qparams  # No input has a step size (float or sign inputs only).
 
-  @jax.jit
-  def update(qparams, batch):
+  def update(params, qparams, arch, batch):
     return _forward(qapply, (params, qparams, arch), batch, deterministic=True,
                     update_act_stats=True)[1]
 
+  update = Jit(update, "calibrate_step")
+  params, qparams, arch = sharding.replicate((params, qparams, arch), ctx.mesh)
   stream = loop.batches_for(ctx.config, ctx.train_set, 0)
   for _ in range(ctx.config.quant.calibration_batches):
     batch = next(stream)
-    qparams = update(qparams, sharding.shard_batch(batch, ctx.mesh))
+    qparams = update(params, qparams, arch, sharding.shard_batch(batch, ctx.mesh))
   return qparams
 
 
@@ -231,23 +233,32 @@ def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hi
 Regularizer = Callable[[Any], jax.Array]  # weights {"params", "qparams"} -> scalar added to the loss
 
 
-def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer, policy: quant.Policy,
-                  teacher_params: Any, regularizer: Regularizer | None = None) -> Callable:
+def distills(train_config: ml_collections.ConfigDict) -> bool:
+  """Whether quantization-aware training learns from the teacher (logits or hidden states)."""
+  return train_config.distill_alpha > 0 or train_config.distill_hidden_weight > 0
+
+
+def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer,
+                  regularizer: Regularizer | None = None) -> Jit:
   """One AdamW step of weights and quantizer parameters under a fixed policy (+ distillation,
-  + an optional `regularizer` of the weights, logged as "regularizer")."""
+  + an optional `regularizer` of the weights, logged as "regularizer").
+
+  The compiled `step(state, batch, teacher_params, policy)` takes the teacher's weights (None
+  without distillation) and the policy as arguments, so they are not constants in its program.
+  """
   train = ctx.config.train
   is_regression = ctx.task.is_regression
   base_key = jax.random.key(ctx.config.seed)
-  distill = train.distill_alpha > 0 or train.distill_hidden_weight > 0
+  distill = distills(train)
 
-  def loss_fn(weights, batch, key):
-    loss, aux = task_and_distillation_loss(weights, batch, key)
+  def loss_fn(weights, batch, key, teacher_params, policy):
+    loss, aux = task_and_distillation_loss(weights, batch, key, teacher_params, policy)
     if regularizer is None:
       return loss, aux
     penalty = regularizer(weights)
     return loss + penalty, {**aux, "regularizer": penalty}
 
-  def task_and_distillation_loss(weights, batch, key):
+  def task_and_distillation_loss(weights, batch, key, teacher_params, policy):
     kwargs = dict(deterministic=False, rngs={"dropout": key})
     if distill:
       kwargs["capture_intermediates"] = _is_layer
@@ -267,14 +278,15 @@ def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer, policy: quant.P
             + train.distill_hidden_weight * kd_hidden)
     return loss, {"task_loss": task_loss, "kd_logits": kd_logits, "kd_hidden": kd_hidden}
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, batch: Batch, teacher_params: Any, policy: quant.Policy):
     key = jax.random.fold_in(base_key, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key,
+                                                                   teacher_params, policy)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state), {"loss": loss, **aux}
 
-  return jax.jit(step, donate_argnums=0)
+  return Jit(step, "qat_step", donate_argnums=0)
 
 
 def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy: quant.Policy,
@@ -301,12 +313,15 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
     state = sharding.replicate(
         TrainState.create({"params": params, "qparams": calibrated}, optimizer), ctx.mesh)
     eval_step = make_quant_eval_step(qapply, ctx.task.is_regression)
+    qat_step = make_qat_step(ctx, qapply, optimizer, regularizer)
+    frozen = sharding.replicate((teacher_params if distills(config.train) else None, policy),
+                                ctx.mesh)
     state, dev_metrics = loop.train_loop(
         name=f"{stage.name} {ctx.task.name}", workdir=stage, state=state,
-        train_step=make_qat_step(ctx, qapply, optimizer, policy, teacher_params, regularizer),
+        train_step=lambda s, batch: qat_step(s, batch, *frozen),
         batches=lambda s: loop.batches_for(config, ctx.train_set, s), total_steps=total_steps,
         evaluate_fn=lambda s: ctx.evaluate(eval_step, (s.params["params"],
-                                                       s.params["qparams"], policy)),
+                                                       s.params["qparams"], frozen[1])),
         config=config, mesh=ctx.mesh,
         eval_every=config.train.eval_every_steps or steps_per_epoch, learning_rate=schedule)
     return {"dev": ctx.dev_value(dev_metrics), "dev_metrics": dev_metrics,
@@ -379,7 +394,6 @@ def predict_packed(ctx: TaskContext, packed: export.PackedModel,
   """Dev predictions of a packed model (`export.packed_apply`, the kernels of this backend)."""
   is_regression = ctx.task.is_regression
 
-  @jax.jit
   def eval_step(packed, batch):
     logits = export.packed_apply(ctx.model, packed, batch["input_ids"],
                                  attention_mask=batch["attention_mask"],
@@ -388,7 +402,8 @@ def predict_packed(ctx: TaskContext, packed: export.PackedModel,
     return {"predictions": logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1),
             "loss_sum": jnp.sum(losses * batch["weights"])}
 
-  return loop.predict(eval_step, packed, dataset, ctx.config, ctx.mesh)[0]
+  return loop.predict(Jit(eval_step, "packed_eval_step"), packed, dataset, ctx.config,
+                      ctx.mesh)[0]
 
 
 def packed_agreement(ctx: TaskContext, packed: export.PackedModel, spec: quant.QuantSpec,

@@ -116,10 +116,12 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
                                       activation_bits=config.quant.activation_bits)
     return ctx.evaluate(eval_step, (state.weights["params"], state.weights["qparams"], argmax))
 
-  def batches(start):
-    return zip(loop.batches_for(config, weight_set, start, batch_size=sc.batch_size),
-               loop.batches_for(config, search_set, start, batch_size=sc.batch_size,
-                                seed_offset=1))
+  def batches(start):  # Both batches of a step padded to one length: one shape per length.
+    for weight_batch, search_batch in zip(
+        loop.batches_for(config, weight_set, start, batch_size=sc.batch_size),
+        loop.batches_for(config, search_set, start, batch_size=sc.batch_size, seed_offset=1)):
+      length = max(weight_batch["input_ids"].shape[1], search_batch["input_ids"].shape[1])
+      yield data.pad_to_length(weight_batch, length), data.pad_to_length(search_batch, length)
 
   logging.info("search: %d weight / %d search examples, %d steps (%d/epoch), architecture "
                "updates from step %d, band %s", len(weight_set), len(search_set), total_steps,

@@ -4,10 +4,13 @@ The parameter tree mirrors the PyTorch state dict (`encoder/layer/3/attention/se
 is `encoder.layer.3.attention.self.query.weight`, transposed), so checkpoints convert one to one
 (`mpqbert.models.convert`).
 
-Quantization injection point: every Dense of attention (Q, K, V, output) and of the FFN
-(intermediate, output) is a `QuantizableDense`, whose `quantize_operands(x, kernel)` method is the
+Quantization injection point: every Dense (attention Q, K, V, output; FFN intermediate, output;
+pooler; classifier) is a `QuantizableDense`, whose `quantize_operands(x, kernel)` method is the
 identity here. The quantizer transform intercepts that one method (`flax.linen.intercept_methods`)
 to return quantized operands, so no module carries a quantization flag.
+
+Every matmul goes through `matmul.einsum`: in `dtype` with float32 accumulation, forward and
+backward (the fast bfloat16 path of XLA:CPU with `dtype=bfloat16`; plain float32 otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpqbert.models import matmul
 from mpqbert.models.config import BertConfig
 
 Array = jax.Array
@@ -58,8 +62,9 @@ class QuantizableDense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel = self.quantize_operands(x, kernel)
-    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    return jnp.einsum("...i,io->...o", x, kernel) + bias
+    rows = x.reshape(-1, x.shape[-1])
+    y = matmul.einsum("mi,io->mo", rows, kernel, self.dtype) + bias  # float32 accumulation
+    return y.astype(self.dtype).reshape(*x.shape[:-1], self.features)
 
   def quantize_operands(self, x: Array, kernel: Array) -> tuple[Array, Array]:
     """Identity. `mpqbert.quant.transform` intercepts this call to quantize input and kernel."""
@@ -102,14 +107,19 @@ class BertSelfAttention(nn.Module):
   def __call__(self, hidden: Array, mask_bias: Array, deterministic: bool) -> Array:
     cfg = self.config
     dense = lambda name: QuantizableDense(cfg.hidden_size, self.dtype, _normal_init(cfg), name=name)
-    split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.head_dim))
+    # Heads-major [batch, heads, seq, head_dim]: both products (and their gradients) are plain
+    # batched matmuls, which XLA:CPU runs in bfloat16 too (some other layouts it cannot).
+    split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.head_dim)
+                                ).transpose(0, 2, 1, 3)
     query, key, value = (split(dense(n)(hidden)) for n in ("query", "key", "value"))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(cfg.head_dim).astype(self.dtype)
-    # Softmax in float32 keeps bfloat16 runs stable; the mask bias is added in float32 too.
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + mask_bias, axis=-1).astype(self.dtype)
+    # float32 scores (accumulated in float32 from `dtype` operands): the softmax and the mask
+    # bias stay float32, which keeps bfloat16 runs stable.
+    scores = matmul.einsum("bhqd,bhkd->bhqk", query, key, self.dtype) / jnp.sqrt(
+        jnp.float32(cfg.head_dim))
+    probs = jax.nn.softmax(scores + mask_bias, axis=-1).astype(self.dtype)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-    context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
-    return context.reshape(context.shape[:-2] + (cfg.hidden_size,))
+    context = matmul.einsum("bhqk,bhkd->bhqd", probs, value, self.dtype).astype(self.dtype)
+    return context.transpose(0, 2, 1, 3).reshape(hidden.shape[:-1] + (cfg.hidden_size,))
 
 
 class BertResidualOutput(nn.Module):
@@ -200,8 +210,8 @@ class BertPooler(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: Array) -> Array:
-    dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=_normal_init(self.config), name="dense")
+    dense = QuantizableDense(self.config.hidden_size, self.dtype, _normal_init(self.config),
+                             name="dense")
     return jnp.tanh(dense(hidden[:, 0]))
 
 
@@ -262,6 +272,6 @@ class BertForSequenceClassification(nn.Module):
     pooled = bert.pool(bert(input_ids, attention_mask, token_type_ids,
                             deterministic=deterministic))
     pooled = nn.Dropout(self.config.head_dropout)(pooled, deterministic=deterministic)
-    logits = nn.Dense(self.num_labels, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=_normal_init(self.config), name="classifier")(pooled)
+    logits = QuantizableDense(self.num_labels, self.dtype, _normal_init(self.config),
+                              name="classifier")(pooled)
     return logits.astype(jnp.float32)

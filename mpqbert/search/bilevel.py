@@ -21,6 +21,7 @@ import optax
 
 from mpqbert.quant import Plan
 from mpqbert.search.size import SizeBand, expected_size_mb, size_loss
+from mpqbert.train.compiled import Jit
 from mpqbert.train.steps import per_example_loss, weighted_mean
 
 Array = jax.Array
@@ -120,4 +121,4 @@ def make_search_step(qapply: Callable, *, plan: Plan, band: SizeBand, fixed_bits
     return new_state, {"loss": loss, "tau": tau, "arch_entropy": arch_entropy(arch),
                        **arch_metrics}
 
-  return jax.jit(step_fn, donate_argnums=0)
+  return Jit(step_fn, "search_step", donate_argnums=0)

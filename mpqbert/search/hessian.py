@@ -21,6 +21,7 @@ from mpqbert import quant
 from mpqbert.quant import Plan, Policy
 from mpqbert.search.derive import fit_to_band, policy_from_choices
 from mpqbert.search.size import SizeBand
+from mpqbert.train.compiled import Jit
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -41,10 +42,11 @@ def block_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
   flat = traverse_util.flatten_dict(params, sep="/")
   zeros = {k: jnp.zeros_like(v) for k, v in flat.items()}
 
-  @jax.jit
   def hvp(params, tangent, batch):
     grad = jax.grad(loss_fn)
     return jax.jvp(lambda p: grad(p, batch), (params,), (tangent,))[1]
+
+  hvp = Jit(hvp, "hessian_vector_product")
 
   def block_hvp(path: str, v: jax.Array) -> jax.Array:
     tangent = traverse_util.unflatten_dict({**zeros, path: v}, sep="/")

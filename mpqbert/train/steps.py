@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mpqbert.train.compiled import Jit
+
 Batch = dict[str, jax.Array]
 
 
@@ -63,7 +65,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, is_regressio
                               opt_state=opt_state)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  return jax.jit(train_step, donate_argnums=0)
+  return Jit(train_step, "train_step", donate_argnums=0)
 
 
 def make_eval_step(model, is_regression: bool) -> Callable[[Any, Batch], dict]:
@@ -75,4 +77,4 @@ def make_eval_step(model, is_regression: bool) -> Callable[[Any, Batch], dict]:
     predictions = logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1)
     return {"predictions": predictions, "loss_sum": jnp.sum(losses * batch["weights"])}
 
-  return jax.jit(eval_step)
+  return Jit(eval_step, "eval_step")
