@@ -60,6 +60,17 @@ STAGE_FILES = (("teacher", "teacher/results.json"), ("uniform 4-bit", "uniform4/
                ("table", "results.json"))
 
 
+def cpu_features() -> list[str]:
+  """The CPU's bfloat16 / int8 matmul features (Linux), which decide what bfloat16 can gain."""
+  try:
+    flags_line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines()
+                      if l.startswith("flags"))
+  except (OSError, StopIteration):
+    return []
+  wanted = ("avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni", "avx_vnni")
+  return [f for f in wanted if f in flags_line.split()]
+
+
 def quickstart_config():
   spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
   module = importlib.util.module_from_spec(spec)
@@ -178,6 +189,7 @@ def main(argv):
                             results.git_commit(), "jax": jax.__version__,
                             "machine": f"{platform.processor() or platform.machine()}, "
                                        f"{os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+                            "cpu_features": cpu_features(),
                             "rounds": _ROUNDS.value, "steps_per_round": _STEPS.value}
   for seq_len in map(int, _SEQ_LENS.value):
     steppers, compiles = {}, {}
@@ -257,7 +269,9 @@ def write(report: dict[str, Any]) -> None:
     for stage in [name for name, _ in STAGE_FILES] + ["total"]:
       lines.append(f"| {stage} | " + " | ".join(
           f"{report['stage_runs'][l]['seconds'][stage]:.0f}" for l in labels) + " |")
-  lines += ["", f"{report['machine']}; jax {report['jax']}; {report['rounds']} rounds of "
+  lines += ["", f"{report['machine']} (matmul features: "
+            f"{', '.join(report['cpu_features']) or 'none found'}); jax {report['jax']}; "
+            f"{report['rounds']} rounds of "
             f"{report['steps_per_round']} steps; commit {report['git_commit']}. Command: "
             "`python experiments/bench_pipeline.py`."]
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")

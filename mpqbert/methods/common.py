@@ -118,10 +118,12 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       "checkpoint": config.checkpoint.to_dict()})
 
 
-def get_teacher(ctx: TaskContext, workdir: Path) -> Any:
+def get_teacher(ctx: TaskContext, workdir: Path) -> tuple[Any, Metrics | None]:
   """Full-precision fine-tuned params: from `teacher.workdir`, or fine-tuned in `workdir/teacher`.
 
-  A teacher fine-tuned here is resumable like any stage; its `results.json` marks it finished.
+  A teacher fine-tuned here is resumable like any stage; its `results.json` marks it finished
+  and holds its final eval metrics on this run's data, which are returned with it (None for a
+  teacher from `teacher.workdir`, whose data settings may differ).
   """
   config = ctx.config
   if config.teacher.workdir:
@@ -132,17 +134,19 @@ def get_teacher(ctx: TaskContext, workdir: Path) -> Any:
       raise ValueError(f"teacher.workdir={source} was fine-tuned on task "
                        f"{reported.get('task')!r} with model {reported.get('model')!r}, but this "
                        f"run is {ctx.task.name!r} with {config.model!r}.")
-    return restore_params(source, ctx.pretrained_params)
+    return restore_params(source, ctx.pretrained_params), None
   stage = workdir / "teacher"
   tconfig = teacher_config(config)
   checkpoint.guard_workdir(stage, tconfig.to_json())
   if (stage / "results.json").is_file():
-    return restore_params(stage, ctx.pretrained_params)
-  state, _, _ = loop.train_full_precision(tconfig, stage, ctx.model, ctx.pretrained_params,
-                                          ctx.task, ctx.train_set, ctx.eval_sets)
+    finished = json.loads((stage / "results.json").read_text())
+    return restore_params(stage, ctx.pretrained_params), finished.get("dev_metrics")
+  state, dev_metrics, _ = loop.train_full_precision(tconfig, stage, ctx.model,
+                                                    ctx.pretrained_params, ctx.task,
+                                                    ctx.train_set, ctx.eval_sets)
   results.write_results(stage, {"task": ctx.task.name, "model": config.model,
-                                "config": tconfig.to_dict()})
-  return state.params
+                                "dev_metrics": dev_metrics, "config": tconfig.to_dict()})
+  return state.params, dev_metrics
 
 
 # -------------------------------------------------------------------------- quantized model
@@ -336,11 +340,16 @@ def stage_weights(stage: Path, params: Any, qparams: Any) -> dict[str, Any]:
   return restore_params(stage, {"params": params, "qparams": qparams})
 
 
-def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path) -> dict[str, Any]:
-  """The teacher's dev metrics under this run's data settings (the full-precision row)."""
+def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path,
+                            metrics: Metrics | None = None) -> dict[str, Any]:
+  """The teacher's dev metrics under this run's data settings (the full-precision row);
+  `metrics`, when given, are those already measured on them (a teacher fine-tuned here)."""
   def run():
-    metrics = ctx.evaluate(make_eval_step(ctx.model, ctx.task.is_regression), params)
-    return {"dev": ctx.dev_value(metrics), "dev_metrics": metrics,
+    if metrics is None:
+      measured = ctx.evaluate(make_eval_step(ctx.model, ctx.task.is_regression), params)
+    else:
+      measured = metrics
+    return {"dev": ctx.dev_value(measured), "dev_metrics": measured,
             **quant.size_report(jax.device_get(params))}
 
   return cached_json(workdir / "full_precision.json", run)
@@ -354,8 +363,8 @@ def start_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
   workdir = Path(workdir)
   checkpoint.guard_workdir(workdir, config.to_json())
   ctx = make_context(config)
-  teacher = get_teacher(ctx, workdir)
-  full_precision = evaluate_full_precision(ctx, teacher, workdir)
+  teacher, teacher_metrics = get_teacher(ctx, workdir)
+  full_precision = evaluate_full_precision(ctx, teacher, workdir, teacher_metrics)
   logging.info("full precision dev %s = %.4f", ctx.task.main_metric, full_precision["dev"])
   return start, workdir, ctx, teacher, full_precision
 
