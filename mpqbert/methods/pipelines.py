@@ -39,21 +39,9 @@ def _num_heads(ctx: common.TaskContext) -> int:
   return ctx.model.config.num_attention_heads
 
 
-def _uniform_spec(ctx: common.TaskContext, bits: int) -> quant.QuantSpec:
-  """`config.quant`'s spec, or with `bits` as its only choice when it is not among them.
-
-  With `config.quant.bit_choices`, a uniform model trains the same program as the searched
-  model's retrain (the policy is an argument), which then compiles once for both; the other
-  choices add exact zeros (one-hot mixture), so the model is the same either way.
-  """
-  choices = tuple(ctx.config.quant.bit_choices)
-  return common.make_spec(ctx.config, _num_heads(ctx),
-                          bit_choices=choices if bits in choices else (bits,))
-
-
 def _uniform(ctx: common.TaskContext, stage: Path, bits: int, teacher: Any) -> dict[str, Any]:
   """QAT of the teacher with every sub-group at `bits` (same sub-groups as `config.quant`)."""
-  spec = _uniform_spec(ctx, bits)
+  spec = common.make_spec(ctx.config, _num_heads(ctx), bit_choices=(bits,))
   policy = quant.uniform_policy(spec.plan(teacher), bits,
                                 activation_bits=ctx.config.quant.activation_bits)
   qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
@@ -194,7 +182,7 @@ def uniform(config, workdir) -> dict[str, Any]:
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   bits = int(config.quant.bits)
   result = _uniform(ctx, workdir / "retrain", bits, teacher)
-  spec = _uniform_spec(ctx, bits)
+  spec = common.make_spec(config, _num_heads(ctx), bit_choices=(bits,))
   policy = quant.uniform_policy(spec.plan(teacher), bits,
                                 activation_bits=config.quant.activation_bits)
   policy.save(workdir / "policy.json")
