@@ -125,7 +125,7 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
     qat = common.make_qat_step(ctx, qapply, optimizer)
     state = steps.TrainState.create(
         {"params": fresh(), "qparams": quant.init_qparams(spec, params)}, optimizer)
-    out["qat"] = Stepper(lambda s, b: qat(s, b, params, policy), qat, state, batch)
+    out["qat"] = Stepper(qat.bind(params, policy), qat, state, batch)
     extras["qat"] = (qat, state, batch, params, policy)
   if "search" in kinds:
     sc = config.search

@@ -68,6 +68,17 @@ def test_jit_compiles_once_per_input_signature_and_records_it():
   assert all(seconds >= 0 for _, seconds in step.compilations)
 
 
+def test_precompile_compiles_each_new_signature_once_and_bind_fixes_trailing_arguments():
+  step = compiled.Jit(lambda x, batch, scale: x + scale * batch["input_ids"].sum(), "toy_step")
+  bound = step.bind(jnp.int32(2))
+  batches = [{"input_ids": np.ones((2, n), np.int32)} for n in (16, 32, 16)]
+  bound.precompile([(jnp.int32(0), b) for b in batches])
+  assert len(step.compilations) == 2  # two shapes, compiled together
+  assert int(bound(jnp.int32(1), batches[1])) == 1 + 2 * 64
+  assert int(step(jnp.int32(1), batches[0], jnp.int32(3))) == 1 + 3 * 32
+  assert len(step.compilations) == 2  # both calls used the precompiled executables
+
+
 def test_pad_to_length_pads_token_arrays_with_padding_positions():
   batch = {"input_ids": np.array([[101, 7, 102]], np.int32),
            "attention_mask": np.array([[1, 1, 1]], np.int32),

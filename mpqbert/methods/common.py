@@ -322,7 +322,7 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
                                 ctx.mesh)
     state, dev_metrics = loop.train_loop(
         name=f"{stage.name} {ctx.task.name}", workdir=stage, state=state,
-        train_step=lambda s, batch: qat_step(s, batch, *frozen),
+        train_step=qat_step.bind(*frozen),
         batches=lambda s: loop.batches_for(config, ctx.train_set, s), total_steps=total_steps,
         evaluate_fn=lambda s: ctx.evaluate(eval_step, (s.params["params"],
                                                        s.params["qparams"], frozen[1])),

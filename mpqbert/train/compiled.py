@@ -15,6 +15,8 @@ compiling it again. It changes no result: the cache key is the program itself.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -45,13 +47,19 @@ def _describe(tree: Any) -> str:
   return f"{len(leaves)} arrays ({nbytes / 2**20:.1f} MiB)"
 
 
+def _signature(args: tuple) -> tuple:
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple(_leaf_signature(x) for x in leaves)
+
+
 class Jit:
   """`jax.jit(fn)` that compiles ahead of time once per argument signature and logs it.
 
   The signature is the tree structure, shapes, dtypes and shardings of the arguments; a new one
   is lowered and compiled (through the persistent cache, when enabled) and the executable kept.
-  `compilations` lists (signature description, seconds) of every compilation, for tests and
-  benchmarks; `jitted` is the underlying `jax.jit` function.
+  `precompile` compiles several signatures at once, in parallel threads (XLA compiles one
+  program on one core). `compilations` lists (signature description, seconds) of every
+  compilation, for tests and benchmarks; `jitted` is the underlying `jax.jit` function.
   """
 
   def __init__(self, fn: Callable, name: str, *, donate_argnums: int | Sequence[int] = ()):
@@ -61,18 +69,55 @@ class Jit:
     self.compilations: list[tuple[str, float]] = []
 
   def __call__(self, *args):
-    leaves, treedef = jax.tree.flatten(args)
-    key = (treedef, tuple(_leaf_signature(x) for x in leaves))
-    executable = self._executables.get(key)
-    if executable is None:
+    key = _signature(args)
+    if key not in self._executables:
+      self.precompile([args])
+    return self._executables[key](*args)
+
+  def precompile(self, arg_sets: Sequence[tuple]) -> None:
+    """Compiles every signature among `arg_sets` that has none yet, concurrently.
+
+    Only shapes, dtypes and shardings of the arguments matter: nothing runs, nothing is donated.
+    """
+    todo = {}
+    for args in arg_sets:
+      key = _signature(args)
+      if key not in self._executables and key not in todo:
+        todo[key] = args
+    if not todo:
+      return
+
+    def compile_one(item):
+      key, args = item
       start = time.perf_counter()
       executable = self.jitted.lower(*args).compile()
-      seconds = time.perf_counter() - start
-      described = ", ".join(_describe(a) for a in args)
-      self.compilations.append((described, seconds))
-      logging.info("compiled %s for %s in %.1f s", self.name, described, seconds)
-      self._executables[key] = executable
-    return executable(*args)
+      return key, args, executable, time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
+      for key, args, executable, seconds in pool.map(compile_one, todo.items()):
+        described = ", ".join(_describe(a) for a in args)
+        self.compilations.append((described, seconds))
+        logging.info("compiled %s for %s in %.1f s%s", self.name, described, seconds,
+                     f" ({len(todo)} in parallel)" if len(todo) > 1 else "")
+        self._executables[key] = executable
+
+  def bind(self, *trailing: Any) -> "BoundJit":
+    """This function with its last arguments fixed (the teacher, the policy, ...)."""
+    return BoundJit(self, trailing)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundJit:
+  """A `Jit` with fixed trailing arguments: `bound(state, batch) == jit(state, batch, *fixed)`."""
+
+  jit: Jit
+  trailing: tuple
+
+  def __call__(self, *args):
+    return self.jit(*args, *self.trailing)
+
+  def precompile(self, arg_sets: Sequence[tuple]) -> None:
+    self.jit.precompile([(*args, *self.trailing) for args in arg_sets])
 
 
 def enable_persistent_cache(cache_dir: str | os.PathLike | None) -> Path | None:

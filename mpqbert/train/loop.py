@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -95,6 +96,21 @@ def _num_examples(batch: Any) -> int:
   return int(first["weights"].sum())
 
 
+def _precompile(train_step: Any, state: Any, stream, count: int, mesh) -> None:
+  """Compiles `train_step` for every batch shape of the next `count` batches at once.
+
+  A stage sees a few sequence lengths; compiled one after the other as they first appear, they
+  cost one core each while the other idles. `train_step.precompile` (a `compiled.Jit`) compiles
+  them in parallel before the first step.
+  """
+  if not hasattr(train_step, "precompile"):
+    return
+  examples = {}
+  for batch in itertools.islice(stream, count):
+    examples.setdefault(tuple(np.shape(x) for x in jax.tree.leaves(batch)), batch)
+  train_step.precompile([(state, _shard(batch, mesh)) for batch in examples.values()])
+
+
 def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, batches: Callable,
                total_steps: int, evaluate_fn: Callable[[Any], dict[str, dict[str, float]]],
                config, mesh, eval_every: int, learning_rate: Callable | None = None
@@ -103,7 +119,8 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
 
   `state` has a `step` field and is the whole checkpointed state; `batches(start_step)` yields
   the batches from a step on (a dict, or a tuple of dicts); `train_step(state, batch)` returns
-  `(state, metrics)` with a scalar "loss" among them; `evaluate_fn(state)` returns metrics per
+  `(state, metrics)` with a scalar "loss" among them (a `compiled.Jit` is first compiled for
+  every batch shape of the stage, in parallel); `evaluate_fn(state)` returns metrics per
   eval split. Resumes from the newest checkpoint in `workdir/checkpoints`; rows of
   `workdir/metrics.jsonl` past it are dropped. Returns the final state and its eval metrics.
   """
@@ -114,6 +131,7 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
   if start_step:
     logging.info("%s: resuming %s from step %d", name, workdir, start_step)
   log = results.MetricsLog(workdir, start_step)
+  _precompile(train_step, state, batches(start_step), total_steps - start_step, mesh)
   stream = batches(start_step)
   eval_metrics: dict[str, dict[str, float]] = {}
   window, window_start, window_examples = [], time.time(), 0
