@@ -32,7 +32,7 @@ import optax
 from absl import app, flags
 
 from mpqbert import models, quant
-from mpqbert.train import optim, results, steps
+from mpqbert.train import compiled, optim, results, steps
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Examples per step.")
@@ -102,12 +102,12 @@ def search_step(model, params, spec: quant.QuantSpec, batch) -> tuple[Callable, 
     return ({"step": state["step"] + 1, "trees": tuple(new_trees), "opt": tuple(new_opt)},
             {"loss": loss})
 
-  return jax.jit(step, donate_argnums=0), state
+  return compiled.Jit(step, "search_step", donate_argnums=0), state
 
 
 def peak_bytes(step: Callable, state, batch) -> dict[str, int]:
   """XLA's memory plan of the compiled step."""
-  analysis = step.lower(state, batch).compile().memory_analysis()
+  analysis = step.jitted.lower(state, batch).compile().memory_analysis()
   live = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
           - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
   return {"peak": int(live), "temp": int(analysis.temp_size_in_bytes),
