@@ -33,11 +33,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 
-from mpqbert import models, quant, search
+from mpqbert import data, models, quant, search
 from mpqbert.methods import common
 from mpqbert.train import compiled, optim, results, sharding, steps
 
@@ -78,15 +77,6 @@ def quickstart_config():
   return module.get_config()
 
 
-def _batch(batch_size: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  return {"input_ids": rng.integers(1000, 30000, (batch_size, seq_len)).astype(np.int32),
-          "attention_mask": np.ones((batch_size, seq_len), np.int32),
-          "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
-          "labels": rng.integers(0, 2, batch_size).astype(np.int32),
-          "weights": np.ones(batch_size, np.float32)}
-
-
 class Stepper:
   """A step function, its compiled `Jit` and its state: `run(n)` runs n steps and waits."""
 
@@ -108,7 +98,7 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
                                          dtype=jnp.dtype(dtype))
   params = jax.tree.map(jnp.asarray, params)
   fresh = lambda: jax.tree.map(jnp.copy, params)  # Each state its own copy: steps donate it.
-  batch = _batch(_BATCH.value, seq_len, seed=seq_len)
+  batch = data.random_batch(_BATCH.value, seq_len, seed=seq_len)
   ctx = types.SimpleNamespace(config=config, task=types.SimpleNamespace(is_regression=False),
                               model=model, mesh=sharding.make_mesh())
   spec = common.make_spec(config, model.config.num_attention_heads)
@@ -142,7 +132,7 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
     state = search.SearchState.create(fresh(), quant.init_qparams(spec, params),
                                       quant.init_arch(spec, params), weight_opt, arch_opt)
     out["search"] = Stepper(step, step, state,
-                            (batch, _batch(_BATCH.value, seq_len, seed=seq_len + 1)))
+                            (batch, data.random_batch(_BATCH.value, seq_len, seed=seq_len + 1)))
   return out, extras
 
 
@@ -155,9 +145,9 @@ def compile_seconds(stepper: Stepper) -> float:
 def constants_comparison(qat, state, batch, teacher, policy) -> dict[str, float]:
   """Compile time and program size of the QAT step with the teacher and policy as arguments
   against the same step with them closed over (compiled into the program as constants)."""
-  out = {}
-  variants = {"arguments": (qat.jitted, (state, batch, teacher, policy)),
-              "constants": (jax.jit(lambda s, b: qat.jitted(s, b, teacher, policy)),
+  out = {}  # Fresh jax.jit objects: each one lowers and compiles from scratch.
+  variants = {"arguments": (jax.jit(qat.fn), (state, batch, teacher, policy)),
+              "constants": (jax.jit(lambda s, b: qat.fn(s, b, teacher, policy)),
                             (state, batch))}
   for name, (fn, args) in variants.items():
     start = time.perf_counter()

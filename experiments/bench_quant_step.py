@@ -27,11 +27,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags
 
-from mpqbert import models, quant
+from mpqbert import data, models, quant
 from mpqbert.train import compiled, optim, results, steps
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
@@ -49,15 +48,6 @@ _OUT = flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "quant
 TRAIN = ml_collections.ConfigDict(dict(learning_rate=5e-5, warmup_ratio=0.0, weight_decay=0.01,
                                        adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6,
                                        max_grad_norm=1.0))
-
-
-def _batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seq_len)
-  return {"input_ids": rng.integers(1000, 30000, (batch_size, seq_len)).astype(np.int32),
-          "attention_mask": np.ones((batch_size, seq_len), np.int32),
-          "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
-          "labels": rng.integers(0, 2, batch_size).astype(np.int32),
-          "weights": np.ones(batch_size, np.float32)}
 
 
 def fp_step(model, params) -> tuple[Callable, Any]:
@@ -118,7 +108,7 @@ def main(argv):
   del argv
   model, params = models.load_pretrained("minilm", num_labels=2, seed=0)
   config = model.config
-  batch = _batch(_BATCH.value, _SEQ_LEN.value)
+  batch = data.random_batch(_BATCH.value, _SEQ_LEN.value, seed=_SEQ_LEN.value)
   spec = quant.bert_encoder_spec(groups=_GROUPS.value, bit_choices=tuple(map(int, _BITS.value)),
                                  num_heads=config.num_attention_heads,
                                  activation_bits=_ACT_BITS.value,

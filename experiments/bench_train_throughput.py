@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from mpqbert import models
+from mpqbert import data, models
 from mpqbert.train import optim, results, steps
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32", "64", "128"], "Sequence lengths to time.")
@@ -35,15 +35,6 @@ _OUT = flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "train
                            "Output path without extension.")
 
 LEARNING_RATE, WEIGHT_DECAY, EPS, CLIP = 5e-5, 0.01, 1e-6, 1.0
-
-
-def _batch(batch_size: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  return {"input_ids": rng.integers(1000, 30000, (batch_size, seq_len)).astype(np.int32),
-          "attention_mask": np.ones((batch_size, seq_len), np.int32),
-          "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
-          "labels": rng.integers(0, 2, batch_size).astype(np.int32),
-          "weights": np.ones(batch_size, np.float32)}
 
 
 def jax_stepper(model, params):
@@ -106,7 +97,7 @@ def main(argv):
   run_torch, torch_version, attention = torch_stepper(model_dir, params["classifier"])
   rows = []
   for seq_len in map(int, _SEQ_LENS.value):
-    batch = _batch(_BATCH.value, seq_len, seed=seq_len)
+    batch = data.random_batch(_BATCH.value, seq_len, seed=seq_len)
     run_jax(batch, 2)  # Compile and warm up.
     run_torch(batch, 2)
     jax_times, torch_times = [], []

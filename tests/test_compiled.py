@@ -18,15 +18,6 @@ from mpqbert.models import matmul
 from mpqbert.train import compiled, optim, sharding, steps
 
 
-def _batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  return {"input_ids": rng.integers(1000, 30000, (batch_size, seq_len)).astype(np.int32),
-          "attention_mask": np.ones((batch_size, seq_len), np.int32),
-          "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
-          "labels": rng.integers(0, 2, batch_size).astype(np.int32),
-          "weights": np.ones(batch_size, np.float32)}
-
-
 def _largest_constant(stablehlo: str) -> int:
   """Elements of the largest `stablehlo.constant` in a lowered program's text."""
   largest = 0
@@ -50,7 +41,7 @@ def test_qat_step_with_distillation_holds_no_large_constants(tiny_model_dir):
   state = steps.TrainState.create(
       {"params": params, "qparams": quant.init_qparams(spec, params)}, optimizer)
   step = common.make_qat_step(ctx, quant.transform(model.apply, spec), optimizer)
-  text = step.jitted.lower(state, _batch(4, 16), params, policy).as_text()
+  text = step.jitted.lower(state, data.random_batch(4, 16), params, policy).as_text()
   # The tiny BERT's word embeddings alone are 30522 x 32 floats (3.7 MiB): baked-in teacher
   # weights would show up as constants of that size.
   assert len(text) < 2**20, f"the lowered QAT step is {len(text) / 2**20:.1f} MiB of text"
@@ -143,7 +134,8 @@ def test_bfloat16_train_step_multiplies_only_bfloat16_operands(tiny_model_dir):
                                          dtype=jnp.bfloat16)
   optimizer, _ = optim.make_optimizer(load_config("finetune").train, 10)
   step = steps.make_train_step(model, optimizer, is_regression=False, dropout_seed=0)
-  text = step.jitted.lower(steps.TrainState.create(params, optimizer), _batch(4, 16)).as_text()
+  state = steps.TrainState.create(params, optimizer)
+  text = step.jitted.lower(state, data.random_batch(4, 16)).as_text()
   dots = re.findall(r"stablehlo\.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> "
                     r"(tensor<[^>]*>)", text)
   # 2 layers x (6 Dense + 2 attention products) forward, twice as many backward.

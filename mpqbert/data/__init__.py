@@ -6,6 +6,7 @@ from mpqbert.data.batching import bucket_length
 from mpqbert.data.batching import eval_batches
 from mpqbert.data.batching import num_train_batches
 from mpqbert.data.batching import pad_to_length
+from mpqbert.data.batching import random_batch
 from mpqbert.data.batching import restore_order
 from mpqbert.data.batching import tokenize
 from mpqbert.data.batching import train_batches
@@ -44,6 +45,7 @@ __all__ = [
     "matthews_corrcoef",
     "num_train_batches",
     "pad_to_length",
+    "random_batch",
     "pearson",
     "read_tsv",
     "resolve_glue_dir",

@@ -176,6 +176,18 @@ def _collate(
   }
 
 
+def random_batch(batch_size: int, seq_len: int, seed: int = 0, num_labels: int = 2) -> Batch:
+  """A full training batch of random token ids and labels (benchmarks and tests of speed)."""
+  rng = np.random.default_rng(seed)
+  return {
+      "input_ids": rng.integers(1000, 30000, (batch_size, seq_len)).astype(np.int32),
+      "attention_mask": np.ones((batch_size, seq_len), np.int32),
+      "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
+      "labels": rng.integers(0, num_labels, batch_size).astype(np.int32),
+      "weights": np.ones(batch_size, np.float32),
+  }
+
+
 _TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
 
 

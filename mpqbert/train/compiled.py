@@ -59,11 +59,11 @@ class Jit:
   is lowered and compiled (through the persistent cache, when enabled) and the executable kept.
   `precompile` compiles several signatures at once, in parallel threads (XLA compiles one
   program on one core). `compilations` lists (signature description, seconds) of every
-  compilation, for tests and benchmarks; `jitted` is the underlying `jax.jit` function.
+  compilation, for tests and benchmarks; `fn` is the traced function, `jitted` its `jax.jit`.
   """
 
   def __init__(self, fn: Callable, name: str, *, donate_argnums: int | Sequence[int] = ()):
-    self.name = name
+    self.name, self.fn = name, fn
     self.jitted = jax.jit(fn, donate_argnums=donate_argnums)
     self._executables: dict[Any, Any] = {}
     self.compilations: list[tuple[str, float]] = []
