@@ -31,7 +31,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mpqbert" / "xla"
 
 def _leaf_signature(x: Any) -> tuple:
   return (np.shape(x), str(getattr(x, "dtype", type(x).__name__)),
-          getattr(x, "sharding", None))
+          getattr(x, "weak_type", False), getattr(x, "sharding", None))
 
 
 def _describe(tree: Any) -> str:
