@@ -1,7 +1,7 @@
 r"""AutoMPQ: search bits per sub-group (0 = pruned) under a size target, then retrain.
 
   python -m mpqbert.main --config=configs/automp.py --config.task=sst2 \
-      --config.search.target_compression=16 --config.data.glue_dir=../shared/data/glue \
+      --config.search.target_uniform_bits=2 --config.data.glue_dir=../shared/data/glue \
       --workdir=/tmp/mpqbert/automp_sst2_16x
 
 Fine-tunes the full-precision teacher first unless `teacher.workdir` names a finished
@@ -13,6 +13,6 @@ from mpqbert import defaults
 
 
 def get_config():
-  config = defaults.compression_config("automp")
-  config.search.target_compression = 16.0
-  return config
+  # No size target by default: name one (search.target_uniform_bits, target_compression or
+  # target_size_mb) on the command line, as above.
+  return defaults.compression_config("automp")

@@ -76,7 +76,7 @@ def compression_config(method: str) -> config_dict.ConfigDict:
 
   config.quant = config_dict.ConfigDict()
   config.quant.groups = 12  # Sub-groups (of output neurons) per matrix: 1, 12 (a head), 128...
-  config.quant.bit_choices = (0, 2, 4, 8)  # 0 = pruned.
+  config.quant.bit_choices = (0, 1, 2, 3, 4, 8)  # 0 = pruned; 1 = sign times a learned scale.
   config.quant.bits = 4  # uniform only: the one bit-width.
   config.quant.activation_bits = 8  # Inputs of the quantized matmuls (32: float).
   config.quant.calibration_batches = 4  # Batches that set the activation scales' start.
@@ -86,18 +86,28 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.search = config_dict.ConfigDict()
   config.search.target_compression = config_dict.placeholder(float)
   config.search.target_size_mb = config_dict.placeholder(float)
-  config.search.tolerance = 0.05  # The band is (1 +- tolerance) * target.
-  config.search.size_weight = 1.0  # lambda of the size loss.
+  # The exact size of uniform n-bit quantization over the same sub-groups (its equal-size rival).
+  config.search.target_uniform_bits = config_dict.placeholder(int)
+  config.search.tolerance = 0.002  # Derived policies land in [(1 - tolerance) V, V] (knapsack).
+  config.search.max_pruned_fraction = config_dict.placeholder(float)  # None: no limit.
+  config.search.max_pruned_fraction = 0.5  # At most this share of a matrix's groups pruned.
+  config.search.size_weight = 5.0  # lambda of the size loss lambda * log(C / V)^2.
   config.search.num_epochs = 2.0  # Over the weight split.
   config.search.num_train_steps = -1  # >0 overrides num_epochs.
   config.search.batch_size = 32
   config.search.search_fraction = 0.2  # Share of the training data held out for the logits.
   config.search.warmup_epochs = 0.5  # Weights-only epochs before architecture updates.
   config.search.weight_lr = 2e-5  # AdamW on weights and scales.
-  config.search.arch_optimizer = "sgd"  # sgd or adam, on the logits (no weight decay).
-  config.search.arch_lr = 0.1
+  config.search.arch_optimizer = "adam"  # adam or sgd, on the logits (no weight decay).
+  config.search.arch_lr = 0.05
+  config.search.entropy_weight = 0.0  # beta of the mean entropy of softmax(logits) (decisiveness).
+  config.search.hard_sample = True  # Straight-through one-hot Gumbel samples (the retrained model).
+  config.search.prior = "fisher"  # Initial logits: fisher (sensitivity prior) or none (zeros).
+  config.search.prior_strength = 2.0  # Median gap (nats) between a group's two best choices.
+  config.search.prior_batches = 8  # Training batches of the squared-gradient Fisher.
+  config.search.carry_scales = True  # The retrain starts from the search's quantizer scales.
   config.search.second_order = False  # DARTS second-order architecture gradient.
-  config.search.tau_start = 5.0  # Gumbel temperature t0 * exp(-tau_decay * (epoch - warmup)).
+  config.search.tau_start = 1.0  # Gumbel temperature t0 * exp(-tau_decay * (epoch - warmup)).
   config.search.tau_decay = 1.0
   config.search.eval_every_steps = 0  # 0: evaluate the argmax policy at the end only.
 

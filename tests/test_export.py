@@ -50,6 +50,83 @@ def test_mixed_policy_export_matches_fake_quantized_model(tmp_path, activation_b
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
 
 
+def _packed_bytes_by_hand(policy: quant.Policy) -> tuple[int, int]:
+  """(size_mb bytes, packed bytes) of a symmetric policy's matrices, counted per sub-group: b-bit
+  codes of K rows are K * b / 8 bytes per column, except 3-bit codes, ceil(K / 10) uint32 words
+  per column; + 4 bytes of scale per kept sub-group."""
+  size = packed = 0
+  for m in policy.matrices:
+    k, n = m.shape
+    width = n // m.groups
+    for b in np.asarray(policy.bits[m.path]).tolist():
+      if b == 0:
+        continue
+      size += k * width * b // 8 + 4
+      packed += (4 * -(-k // 10) * width if b == 3 else k * width * b // 8) + 4
+  return size, packed
+
+
+@pytest.mark.parametrize("binary_ffn_inputs", [False, True])
+@pytest.mark.parametrize("activation_bits", [32, 8])
+def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, activation_bits,
+                                                                      binary_ffn_inputs):
+  """A symmetric policy over bits (0, 1, 2, 3, 4, 8), 1-bit groups s * sign(w): the packed model
+  gives the fake-quantized logits, with the bytes counted by hand."""
+  config = models.BertConfig(**TINY_BERT)
+  model = models.build_model(config, 2)
+  params = models.init_params(model, seed=1)
+  choices = (0, 1, 2, 3, 4, 8)
+  spec = quant.bert_encoder_spec(groups=4, bit_choices=choices, activation_bits=activation_bits,
+                                 activation_mode="moving")
+  if binary_ffn_inputs:  # FFN outputs' inputs binarized to sign(x): 1-bit groups run XNOR.
+    rules = tuple(quant.Rule(pattern=r.pattern, groups=4, bit_choices=choices,
+                             activation_bits=1 if "/output/dense" in r.pattern and
+                             "attention" not in r.pattern else None) for r in spec.rules)
+    spec = quant.QuantSpec(rules=rules, activation_bits=activation_bits,
+                           activation_mode="moving")
+  plan = spec.plan(params)
+  rng = np.random.default_rng(0)
+  bits = {p: np.asarray(rng.choice(choices, m.groups), np.int32) for p, m in plan.items()}
+  paths = list(plan)
+  bits[paths[0]] = np.asarray([1, 3, 0, 8], np.int32)  # every choice in the first two matrices
+  bits[paths[1]] = np.asarray([2, 1, 4, 3], np.int32)
+  ffn_out = "bert/encoder/layer/1/output/dense/kernel"
+  bits[ffn_out] = np.asarray([1, 2, 1, 0], np.int32)
+  policy = quant.Policy(bits={p: jnp.asarray(b) for p, b in bits.items()},
+                        matrices=tuple(plan.values()), activation_bits=activation_bits).validate()
+  qparams = quant.init_qparams(spec, params)
+  qapply = quant.transform(model.apply, spec)
+  ids = jnp.asarray(np.random.default_rng(2).integers(1000, 5000, (16, 12)), jnp.int32)
+  kwargs = dict(attention_mask=jnp.ones_like(ids), deterministic=True)
+  if activation_bits < 32:
+    _, qparams = qapply(params, qparams, policy, ids, update_act_stats=True, **kwargs)
+  fake = qapply(params, qparams, policy, ids, **kwargs)
+
+  packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
+  size_bytes, packed_bytes = _packed_bytes_by_hand(policy)
+  assert quant.size_report(params, policy)["size_mb"] * 2**20 == size_bytes
+  assert export.packed_nbytes(packed, part="matrices") == packed_bytes
+  assert packed_bytes > size_bytes  # only the 3-bit groups' partly filled words
+
+  # The 1-bit block: sign bits (K = 32: one word per column, bit k = row k, 1 = w >= 0) and the
+  # per-group scale, mean|w| of the group (the "mse" init at 1 bit).
+  w = np.asarray(quant.flatten_params(params)[paths[0]], np.float64)  # [32, 32], groups of 8
+  entry = packed.matrices[paths[0]]
+  words = np.asarray(entry["b1/words"])
+  assert words.shape == (1, 8) and words.dtype == np.uint32
+  sign_bits = (words[0][None, :] >> np.arange(32, dtype=np.uint32)[:, None]) & 1
+  np.testing.assert_array_equal(sign_bits, (w[:, :8] >= 0).astype(np.uint32))
+  np.testing.assert_allclose(entry["b1/scale"], [np.abs(w[:, :8]).mean()], rtol=1e-6)
+  assert set(entry) - {"act_scale"} == {f"b{b}/{a}" for b in (8, 3, 1) for a in ("words",
+                                                                                "scale")}
+
+  loaded = export.load_packed(export.save_packed(packed, tmp_path / "one_bit.npz"))
+  # Closed over, not an argument: a PackedModel's static Policy holds arrays, so jit cannot
+  # compare two same-shaped packed models (the parametrized cases) as pytree arguments.
+  served = jax.jit(lambda ids: loaded.apply(ids, **kwargs))(ids)
+  np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
+
+
 def test_bit_blocks_put_each_width_together_and_leave_pruned_groups_out():
   matrix = quant.MatrixSpec(path="m", shape=(8, 12), groups=6, quantizer="symmetric",
                             bit_choices=(0, 2, 4, 8))

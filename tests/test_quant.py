@@ -130,7 +130,6 @@ def test_b_bit_quantizer_has_at_most_2_to_the_b_values_per_group(w_and_groups, b
   w, groups = w_and_groups
   wj = jnp.asarray(w)
   if kind == "symmetric":
-    bits = max(bits, 2)
     w_hat = quant.quantize_symmetric(wj, quant.init_symmetric_scale(wj, groups, bits), bits)
   elif kind == "index":
     w_hat = quant.quantize_index(wj, *quant.minmax_range(wj, groups), bits)
@@ -182,8 +181,119 @@ def test_symmetric_weight_gradient_is_identity_inside_zero_outside():
 
 
 def test_symmetric_rejects_unsupported_bits():
-  with pytest.raises(ValueError, match="2..8 bits"):
-    quant.quantize_symmetric(jnp.ones((2, 4)), jnp.ones((1,)), 1)
+  for bits in (0, 9):
+    with pytest.raises(ValueError, match="1..8 bits"):
+      quant.quantize_symmetric(jnp.ones((2, 4)), jnp.ones((1,)), bits)
+  with pytest.raises(ValueError, match="1-bit symmetric grid"):
+    quant.symmetric_levels(1)  # {-1, +1} is no integer range [-q_neg, q_pos]
+
+
+# ---------------------------------------------------------------- 1-bit symmetric: s * sign(w)
+
+
+def ref_scaled_sign(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  """s * sign(w) per group of the last axis, sign(0) = +1, in float64."""
+  groups = scale.shape[-1]
+  wg = w.astype(np.float64).reshape(*w.shape[:-1], groups, -1)
+  return (scale.astype(np.float64)[:, None] * np.where(wg >= 0, 1.0, -1.0)).reshape(w.shape)
+
+
+@given(grouped_weights(), st.data())
+@SETTINGS
+def test_one_bit_symmetric_is_scale_times_sign(w_and_groups, data):
+  w, groups = w_and_groups
+  scale = np.asarray(data.draw(st.lists(st.floats(0.0625, 4.0, width=32), min_size=groups,
+                                        max_size=groups)), np.float32)
+  got = np.asarray(quant.quantize_symmetric(jnp.asarray(w), jnp.asarray(scale), 1))
+  np.testing.assert_array_equal(got, ref_scaled_sign(w, scale))  # s * +-1 is exact
+
+
+def test_one_bit_symmetric_hand_case_sign_of_zero_is_plus():
+  w = jnp.array([[0.0, -0.0, -0.3, 2.0], [-1e-3, 5.0, 0.0, -7.0]])
+  got = quant.quantize_symmetric(w, jnp.array([0.5, 2.0]), 1)
+  np.testing.assert_array_equal(got, [[0.5, 0.5, -2.0, 2.0], [-0.5, 0.5, 2.0, -2.0]])
+
+
+def test_one_bit_symmetric_scale_gradient_matches_formula_and_finite_difference():
+  """d/ds sum(c * s sign(w)) = sum_group(c * sign(w)), times LSQ's 1/sqrt(n * 1)."""
+  rng = np.random.default_rng(3)
+  groups = 3
+  w = rng.normal(size=(2, 5, 12)).astype(np.float32)
+  w[0, 0, 0] = 0.0  # sign(0) = +1 in the gradient too
+  cotangent = rng.normal(size=w.shape)
+  scale = np.asarray([0.3, 0.8, 1.7], np.float32)
+
+  def loss(s, lsq_grad):
+    return jnp.sum(quant.quantize_symmetric(jnp.asarray(w), s, 1, lsq_grad=lsq_grad)
+                   * jnp.asarray(cotangent, jnp.float32))
+
+  per_group = w.shape[-1] // groups
+  signs = np.where(w >= 0, 1.0, -1.0).reshape(2, 5, groups, per_group)
+  formula = np.sum(cotangent.reshape(signs.shape) * signs, axis=(0, 1, 3))
+
+  def f64(s: np.ndarray) -> float:
+    return float(np.sum(cotangent * ref_scaled_sign(w, s)))
+
+  finite = np.zeros(groups)
+  for g in range(groups):
+    h = np.zeros(groups)
+    h[g] = 1e-6
+    finite[g] = (f64(scale + h) - f64(scale - h)) / 2e-6
+  np.testing.assert_allclose(formula, finite, rtol=1e-6, atol=1e-8)
+  plain = jax.grad(loss)(jnp.asarray(scale), False)
+  np.testing.assert_allclose(plain, formula, rtol=1e-5, atol=1e-6)
+  lsq = jax.grad(loss)(jnp.asarray(scale), True)
+  np.testing.assert_allclose(lsq, formula / np.sqrt(w.size / groups), rtol=1e-5, atol=1e-6)
+  assert np.all(np.abs(formula) > 1e-3)
+
+
+def test_one_bit_symmetric_weight_gradient_is_identity_inside_the_scale_zero_outside():
+  w = jnp.array([[-1.0, -0.5, -0.2, 0.0, 0.5, 0.6, 3.0, -0.05, 0.05, 0.25]])
+  scale = jnp.array([0.5, 0.1])  # groups of 5: |w| <= 0.5, then |w| <= 0.1
+  cotangent = jnp.arange(1.0, 11.0)
+  grad = jax.grad(lambda v: jnp.sum(quant.quantize_symmetric(v, scale, 1) * cotangent))(w)
+  np.testing.assert_array_equal(grad, [[0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 8.0, 9.0, 0.0]])
+
+
+@given(grouped_weights(), st.sampled_from(["mse", "absmax", "lsq"]))
+@SETTINGS
+def test_one_bit_init_scale_is_group_mean_abs(w_and_groups, method):
+  w, groups = w_and_groups
+  got = np.asarray(quant.init_symmetric_scale(jnp.asarray(w), groups, 1, method))
+  wg = np.abs(w.astype(np.float64)).reshape(*w.shape[:-1], groups, -1)
+  want = np.maximum(np.moveaxis(wg, -2, 0).reshape(groups, -1).mean(axis=1), 1e-12)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
+def test_one_bit_init_scale_minimises_squared_error_against_a_brute_force_grid():
+  rng = np.random.default_rng(4)
+  groups = 4
+  w = (rng.standard_t(3, size=(16, 32)) * rng.uniform(0.1, 2.0, size=32)).astype(np.float32)
+  got = np.asarray(quant.init_symmetric_scale(jnp.asarray(w), groups, 1, "mse"), np.float64)
+  wg = np.moveaxis(w.astype(np.float64).reshape(16, groups, -1), 1, 0).reshape(groups, -1)
+  signs = np.where(wg >= 0, 1.0, -1.0)
+  for g in range(groups):
+    candidates = np.linspace(0.0, np.abs(wg[g]).max(), 20001)  # [C]
+    errors = np.sum((wg[g][None, :] - candidates[:, None] * signs[g][None, :]) ** 2, axis=1)
+    error_at_init = np.sum((wg[g] - got[g] * signs[g]) ** 2)
+    assert error_at_init <= errors.min() * (1 + 1e-7)
+    grid_step = candidates[1] - candidates[0]
+    assert abs(candidates[np.argmin(errors)] - got[g]) <= grid_step
+  with pytest.raises(ValueError, match="unknown scale init"):
+    quant.init_symmetric_scale(jnp.asarray(w), groups, 1, "minmax")
+
+
+def test_one_bit_symmetric_group_costs_one_bit_per_weight_plus_a_scale():
+  params = abstract_params(TINY)
+  spec = quant.bert_encoder_spec(groups=4, bit_choices=(0, 1, 2, 3, 4, 8))
+  plan = spec.plan(params)
+  query = "bert/encoder/layer/0/attention/self/query/kernel"  # [32, 32]: 4 groups of 256
+  bits = {p: np.zeros((4,), np.int32) for p in plan}
+  bits[query] = np.array([1, 1, 0, 3], np.int32)
+  policy = quant.Policy(bits=bits, matrices=tuple(plan.values())).validate()
+  hand_bits = 2 * (256 * 1 + 32) + (256 * 3 + 32)
+  assert quant.size_report(params, policy)["size_mb"] * 8 * 2**20 == hand_bits
+  assert quant.Rule(pattern="x", bit_choices=(0, 1, 2, 3, 4, 8)).bit_choices == (0, 1, 2, 3, 4, 8)
 
 
 # ---------------------------------------------------------------- index, binary, prune
@@ -432,7 +542,9 @@ def test_spec_errors_name_the_problem():
   with pytest.raises(ValueError, match="unknown quantizer"):
     quant.Rule(pattern="x", quantizer="ternary")
   with pytest.raises(ValueError, match="bit_choices"):
-    quant.Rule(pattern="x", bit_choices=(0, 1, 4))
+    quant.Rule(pattern="x", quantizer="sign", bit_choices=(0, 1, 4))
+  with pytest.raises(ValueError, match="bit_choices"):
+    quant.Rule(pattern="x", bit_choices=(0, 1, 9))
   with pytest.raises(ValueError, match="num_heads"):
     quant.bert_encoder_spec(groups="head")
   with pytest.raises(ValueError, match="do not split"):

@@ -211,6 +211,30 @@ def test_mismatched_trees_get_clear_errors(tiny):
     qapply(params, qparams, policy, ids, deterministic=True)
 
 
+def test_policy_bits_outside_the_specs_choices_are_rejected(tiny):
+  """Same shapes and groups, but 3 bits where the spec offers (0, 2, 4, 8): one-hot rows of all
+  zeros would silently quantize those sub-groups to 0, so it must be an error naming them."""
+  model, params, ids, mask = tiny
+  spec = quant.bert_encoder_spec(groups=4, bit_choices=(0, 2, 4, 8))
+  qapply = quant.transform(model.apply, spec)
+  qparams = quant.init_qparams(spec, params)
+  plan3 = quant.bert_encoder_spec(groups=4, bit_choices=(3, 8)).plan(params)
+  policy = quant.uniform_policy(plan3, 8)
+  policy.check_matches(spec.plan(params))  # 8 bits are among the choices: fine
+  np.asarray(qapply(params, qparams, policy, ids, deterministic=True))
+  bits = {p: np.where(np.arange(m.groups) == 1, 3, 8).astype(np.int32) for p, m in plan3.items()}
+  mixed = quant.Policy(bits=bits, matrices=tuple(plan3.values())).validate()
+  with pytest.raises(ValueError, match=r"bit-width\(s\) \[3\].*\(0, 2, 4, 8\)"):
+    mixed.check_matches(spec.plan(params))
+  with pytest.raises(ValueError, match=r"encoder/layer/0/.*bit-width\(s\) \[3\]"):
+    qapply(params, qparams, mixed, ids, deterministic=True)
+  # The one-hot rows of a policy that passes are exactly one-hot.
+  good = quant.uniform_policy(spec.plan(params), 4)
+  for p, m in spec.plan(params).items():
+    rows = np.asarray(quant.one_hot_bits(good.bits[p], m.bit_choices))
+    np.testing.assert_array_equal(rows.sum(-1), np.ones(m.groups))
+
+
 _SHARDED_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])

@@ -4,9 +4,10 @@
 quantized matrix `[K, N]` is split by bit-width: the sub-groups (column blocks) at b bits are
 gathered, in order, into one block packed along K (`kernels.packing`), stored as
 
-  `b{b}/words`   uint32 `[K_w, N_b]`;
-  `b{b}/scale`   float32 per sub-group (symmetric: the step size; index: `(hi - lo) / (2^b - 1)`;
-                 xnor: mean|w|; sign matrices store none);
+  `b{b}/words`   uint32 `[K_w, N_b]`: signed codes (symmetric, sign, xnor; at 1 bit the sign
+                 bits of w, bit 1 = +1, sign(0) = +1) or unsigned ones (index);
+  `b{b}/scale`   float32 per sub-group (symmetric: the step size, at 1 bit the s of s * sign(w);
+                 index: `(hi - lo) / (2^b - 1)`; xnor: mean|w|; sign matrices store none);
   `b{b}/zero`    float32 per sub-group, index matrices only: `-lo / scale`, so `w = scale *
                  (code - zero)`;
 
@@ -17,9 +18,10 @@ quantized to 2..8 bits also store `act_scale`. Embedding tables under an 8-bit i
 int8 codes with a float32 (lo, hi); every other parameter is kept at the policy's `other_bits`.
 
 Inference (`PackedModel.apply`, or `packed_apply`) runs one `kernels.packed_matmul` per bit-width
-block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GPU); a 1-bit matrix
-with binarized inputs runs `kernels.xnor_matmul`. The bytes of the packed matrices are the
-policy's `size_mb` (`packed_nbytes`); 3-bit codes are the exception, 10 to a word (+6.7%).
+block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GPU); a signed
+1-bit block with binarized inputs runs `kernels.xnor_matmul`. The bytes of the packed matrices are
+the policy's `size_mb` (`packed_nbytes`) when K fills whole words; 3-bit codes are the exception,
+10 to a word (+6.7%; `ceil(K / 10)` words per column, so more for small K).
 """
 
 from __future__ import annotations
@@ -98,6 +100,21 @@ def _index_codes(w: Array, lo: Array, hi: Array, bits: int) -> Array:
       jnp.int32).reshape(w.shape)
 
 
+def _sign_codes(w: Array) -> Array:
+  """+-1 codes of 1-bit weights, sign(0) = +1 as in `quant.sign_ste` and 1-bit
+  `quant.quantize_symmetric` (packed as bit 1 = +1 by `kernels.pack(..., signed=True)`)."""
+  return jnp.where(w >= 0, 1, -1)
+
+
+def _symmetric_codes(w: Array, step: Array, bits: int) -> Array:
+  """The signed codes `quant.quantize_symmetric` multiplies by `step` (broadcast against `w`):
+  sign(w) at 1 bit, `round(clip(w / step, -q_neg, q_pos))` at 2..8 bits."""
+  if bits == 1:
+    return _sign_codes(w)
+  q_neg, q_pos = quant.symmetric_levels(bits)
+  return jnp.round(jnp.clip(w / step, -q_neg, q_pos))
+
+
 def _check_supported(policy: Policy) -> None:
   for m in policy.matrices:
     bits = set(np.asarray(policy.bits[m.path]).tolist()) - {0}
@@ -124,8 +141,7 @@ def _pack_matrix(w: Array, matrix: quant.MatrixSpec, bits_per_group: np.ndarray,
     choice = matrix.bit_choices.index(b)
     if matrix.quantizer == "symmetric":
       scale = jnp.asarray(qparams["scale"][choice], jnp.float32)[groups]
-      q_neg, q_pos = quant.quantizers.symmetric_levels(b)
-      codes = jnp.round(jnp.clip(block / jnp.repeat(scale, width), -q_neg, q_pos))
+      codes = _symmetric_codes(block, jnp.repeat(scale, width), b)
       entry[f"b{b}/scale"] = scale
     elif matrix.quantizer == "index":
       if matrix.learn_range:
@@ -137,7 +153,7 @@ def _pack_matrix(w: Array, matrix: quant.MatrixSpec, bits_per_group: np.ndarray,
       scale = jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE) / (2.0**b - 1.0)
       entry[f"b{b}/scale"], entry[f"b{b}/zero"] = scale, -lo / scale
     else:  # sign / xnor: 1 bit, +-1.
-      codes = jnp.where(block >= 0, 1, -1)
+      codes = _sign_codes(block)
       if matrix.quantizer == "xnor":
         entry[f"b{b}/scale"] = quant.xnor_scale(w, matrix.groups)[groups]
     entry[f"b{b}/words"] = kernels.pack(codes.astype(jnp.int32), b,
@@ -195,18 +211,19 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
   input_bits = matrix.input_bits(policy.activation_bits)
   if 1 < input_bits < FULL_PRECISION:
     x2 = quant.quantize_activation(x2, entry["act_scale"], input_bits, learned=False)
+  signed = matrix.quantizer != "index"
   outputs, columns = [], []
   for b, groups in bit_blocks(policy, matrix.path):
     words = entry[f"b{b}/words"]
     scale = entry.get(f"b{b}/scale")
     scale = (jnp.ones((len(groups),), jnp.float32) if scale is None else scale)
     scale = jnp.repeat(scale, width)
-    if matrix.quantizer in ("sign", "xnor") and input_bits == 1:  # Binary x binary.
+    if input_bits == 1 and b == 1 and signed:  # Binary x binary (sign, xnor, 1-bit symmetric).
       y = kernels.xnor_matmul(kernels.pack_signs(x2), words, k, scale=scale, backend=backend)
-    else:
+    else:  # Binarized inputs are sign(x), sign(0) = +1, as quant.sign_ste.
+      xb = jnp.where(x2 >= 0, 1.0, -1.0) if input_bits == 1 else x2
       zero = entry.get(f"b{b}/zero")
-      y = kernels.packed_matmul(x2.astype(half_dtype()), words, scale, bits=b,
-                                signed=matrix.quantizer != "index",
+      y = kernels.packed_matmul(xb.astype(half_dtype()), words, scale, bits=b, signed=signed,
                                 zero_points=None if zero is None else jnp.repeat(zero, width),
                                 out_dtype=jnp.float32, backend=backend)
     outputs.append(y)

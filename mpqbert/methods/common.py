@@ -242,31 +242,24 @@ def distills(train_config: ml_collections.ConfigDict) -> bool:
   return train_config.distill_alpha > 0 or train_config.distill_hidden_weight > 0
 
 
-def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer,
-                  regularizer: Regularizer | None = None) -> Jit:
-  """One AdamW step of weights and quantizer parameters under a fixed policy (+ distillation,
-  + an optional `regularizer` of the weights, logged as "regularizer").
+def make_student_loss(ctx: TaskContext, qapply: Callable) -> Callable:
+  """The quantized model's training loss, shared by the QAT retrain and the AutoMPQ search.
 
-  The compiled `step(state, batch, teacher_params, policy)` takes the teacher's weights (None
-  without distillation) and the policy as arguments, so they are not constants in its program.
+  `loss(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params) -> (loss,
+  aux)`: the task loss, mixed with distillation from the teacher (logits and layer outputs,
+  `config.train.distill_*`) when `distills(config.train)`; `arch` is a Policy or logits sampled
+  with `gumbel_key` at temperature `tau` (`search.make_search_step`'s `LossFn`).
   """
   train = ctx.config.train
   is_regression = ctx.task.is_regression
-  base_key = jax.random.key(ctx.config.seed)
   distill = distills(train)
 
-  def loss_fn(weights, batch, key, teacher_params, policy):
-    loss, aux = task_and_distillation_loss(weights, batch, key, teacher_params, policy)
-    if regularizer is None:
-      return loss, aux
-    penalty = regularizer(weights)
-    return loss + penalty, {**aux, "regularizer": penalty}
-
-  def task_and_distillation_loss(weights, batch, key, teacher_params, policy):
-    kwargs = dict(deterministic=False, rngs={"dropout": key})
+  def loss(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params):
+    kwargs = dict(deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key, tau=tau,
+                  hard=hard)
     if distill:
       kwargs["capture_intermediates"] = _is_layer
-    out = _forward(qapply, (weights["params"], weights["qparams"], policy), batch, **kwargs)
+    out = _forward(qapply, (weights["params"], weights["qparams"], arch), batch, **kwargs)
     logits = out[0] if distill else out
     task_loss = weighted_mean(per_example_loss(logits, batch["labels"], is_regression),
                               batch["weights"])
@@ -278,9 +271,30 @@ def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer,
     kd_logits, kd_hidden = distillation_loss(logits, t_logits, layer_outputs(out[1]), t_hidden,
                                              batch, is_regression=is_regression,
                                              temperature=train.distill_temperature)
-    loss = ((1 - train.distill_alpha) * task_loss + train.distill_alpha * kd_logits
-            + train.distill_hidden_weight * kd_hidden)
-    return loss, {"task_loss": task_loss, "kd_logits": kd_logits, "kd_hidden": kd_hidden}
+    total = ((1 - train.distill_alpha) * task_loss + train.distill_alpha * kd_logits
+             + train.distill_hidden_weight * kd_hidden)
+    return total, {"task_loss": task_loss, "kd_logits": kd_logits, "kd_hidden": kd_hidden}
+
+  return loss
+
+
+def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer,
+                  regularizer: Regularizer | None = None) -> Jit:
+  """One AdamW step of weights and quantizer parameters under a fixed policy (+ distillation,
+  + an optional `regularizer` of the weights, logged as "regularizer").
+
+  The compiled `step(state, batch, teacher_params, policy)` takes the teacher's weights (None
+  without distillation) and the policy as arguments, so they are not constants in its program.
+  """
+  base_key = jax.random.key(ctx.config.seed)
+  student_loss = make_student_loss(ctx, qapply)
+
+  def loss_fn(weights, batch, key, teacher_params, policy):
+    loss, aux = student_loss(weights, policy, batch, key, None, 1.0, False, teacher_params)
+    if regularizer is None:
+      return loss, aux
+    penalty = regularizer(weights)
+    return loss + penalty, {**aux, "regularizer": penalty}
 
   def step(state: TrainState, batch: Batch, teacher_params: Any, policy: quant.Policy):
     key = jax.random.fold_in(base_key, state.step)
@@ -303,6 +317,8 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
   in `stage`; returns (and caches in `stage/result.json`) the dev metrics and sizes of the final
   model, whose weights `stage_weights` reads back.
   """
+  policy.check_matches(spec.plan(params))  # Outside jit: its bits are values here.
+
   def run() -> dict[str, Any]:
     start = time.time()
     config = ctx.config

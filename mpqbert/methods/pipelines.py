@@ -49,9 +49,11 @@ def _uniform(ctx: common.TaskContext, stage: Path, bits: int, teacher: Any) -> d
 
 
 def _finish(ctx, workdir: Path, *, method: str, label: str, spec, policy: quant.Policy,
-            teacher, rows: list, start: float, **extra) -> dict[str, Any]:
-  """Retrain under `policy`, write policy.json, the bit map and results.json."""
-  qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
+            teacher, rows: list, start: float, qparams: Any = None, **extra) -> dict[str, Any]:
+  """Retrain under `policy` (quantizer parameters `qparams`, or fresh ones), write policy.json,
+  the bit map and results.json."""
+  if qparams is None:
+    qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
   result = common.train_quantized(ctx, workdir / "retrain", spec, policy, teacher, qparams,
                                   teacher)
   policy.save(workdir / "policy.json")
@@ -66,7 +68,25 @@ def _finish(ctx, workdir: Path, *, method: str, label: str, spec, policy: quant.
 def _band(ctx, teacher, plan) -> search.SizeBand:
   s = ctx.config.search
   return search.make_band(teacher, plan, target_size_mb=s.target_size_mb,
-                          target_compression=s.target_compression, tolerance=s.tolerance)
+                          target_compression=s.target_compression,
+                          target_uniform_bits=s.target_uniform_bits, tolerance=s.tolerance)
+
+
+def _training_batches(ctx, count: int, seed_offset: int) -> list:
+  """`count` sharded training batches of a seeded stream (sensitivity estimates)."""
+  stream = loop.batches_for(ctx.config, ctx.train_set, 0, seed_offset=seed_offset)
+  return [sharding.shard_batch(next(stream), ctx.mesh) for _ in range(count)]
+
+
+def _label_loss(ctx):
+  """The teacher's mean task loss on a batch, deterministic (for curvature estimates)."""
+  def loss_fn(params, batch):
+    logits = ctx.model.apply({"params": params}, batch["input_ids"],
+                             attention_mask=batch["attention_mask"],
+                             token_type_ids=batch["token_type_ids"], deterministic=True)
+    return weighted_mean(per_example_loss(logits, batch["labels"], ctx.task.is_regression),
+                         batch["weights"])
+  return loss_fn
 
 
 # ------------------------------------------------------------------------------------- automp
@@ -81,9 +101,45 @@ def _arch_optimizer(search_config) -> optax.GradientTransformation:
                    "'adam'.")
 
 
+def initial_logits(ctx: common.TaskContext, spec: quant.QuantSpec, band: search.SizeBand,
+                   teacher: Any, qparams: Any) -> dict[str, Any]:
+  """Zero logits (`search.prior="none"`), or the Fisher sensitivity prior (`search.prior`)."""
+  sc = ctx.config.search
+  if sc.prior == "none":
+    return quant.init_arch(spec, teacher)
+  if sc.prior != "fisher":
+    raise ValueError(f"search.prior={sc.prior!r}; use 'fisher' or 'none'.")
+  plan = spec.plan(teacher)
+  fisher = search.fisher_diagonal(_label_loss(ctx), teacher,
+                                  _training_batches(ctx, sc.prior_batches, seed_offset=3),
+                                  list(plan))
+  costs = search.quantization_errors(teacher, plan, qparams, fisher)
+  logits = search.prior_logits(costs, plan, band, fixed_bits=search.fixed_bits(teacher, plan),
+                               strength=sc.prior_strength)
+  return {p: jax.numpy.asarray(v) for p, v in logits.items()}
+
+
+def arch_summary(arch: Any, plan: quant.Plan, band: search.SizeBand, fixed: int,
+                 max_pruned_fraction: float | None) -> dict[str, Any]:
+  """How decided the logits are and the sizes they imply: expected (softmax), argmax, and the
+  exactly derived policy's, with its pruned sub-groups."""
+  arch = {p: jax.numpy.asarray(v) for p, v in arch.items()}
+  probs = {p: jax.nn.softmax(v) for p, v in arch.items()}
+  derived = search.derive_policy(arch, plan, band, fixed_bits=fixed,
+                                 max_pruned_fraction=max_pruned_fraction)
+  size_of = lambda policy: (fixed + sum(policy.matrix_bits(p) for p in plan)) / search.BITS_PER_MB
+  return {"entropy": float(search.arch_entropy(arch)),
+          "mean_top_prob": float(search.mean_top_probability(arch)),
+          "expected_size_mb": float(search.expected_size_mb(probs, plan, fixed)),
+          "argmax_size_mb": size_of(quant.policy_from_logits(arch, plan)),
+          "derived_size_mb": size_of(derived),
+          "derived_pruned_groups": policy_stats(derived)["pruned_groups"]}
+
+
 def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
                band: search.SizeBand, teacher: Any) -> dict[str, Any]:
-  """The bilevel search from the teacher's weights; returns (and caches) the final logits."""
+  """The bilevel search from the teacher's weights; returns (and caches) the final logits and
+  quantizer parameters (`arch_logits.npz`, `qparams.npz`)."""
   config, sc = ctx.config, ctx.config.search
   plan = spec.plan(teacher)
   fixed = search.fixed_bits(teacher, plan)
@@ -98,17 +154,24 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
   arch_optimizer = _arch_optimizer(sc)
   qapply = quant.transform(ctx.model.apply, spec)
   qparams = quant.init_qparams(spec, teacher, scale_init=config.quant.scale_init)
-  arch = quant.init_arch(spec, teacher)
+  arch = initial_logits(ctx, spec, band, teacher, qparams)
+  start_summary = arch_summary(arch, plan, band, fixed, sc.max_pruned_fraction)
+  logging.info("search start (prior %s): %s", sc.prior, start_summary)
   qparams = common.calibrate_activations(ctx, qapply, teacher, qparams, arch)
   state = sharding.replicate(search.SearchState.create(teacher, qparams, arch, weight_optimizer,
                                                        arch_optimizer), ctx.mesh)
   tau_fn = lambda step: search.temperature(step, steps_per_epoch, tau_start=sc.tau_start,
                                            tau_decay=sc.tau_decay, warmup_epochs=sc.warmup_epochs)
+  distill = common.distills(config.train)
+  loss_fn = (common.make_student_loss(ctx, qapply) if distill
+             else search.label_loss(qapply, ctx.task.is_regression))
   step_fn = search.make_search_step(
-      qapply, plan=plan, band=band, fixed_bits=fixed, size_weight=sc.size_weight,
-      weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer,
-      is_regression=ctx.task.is_regression, tau_fn=tau_fn, arch_start_step=arch_start,
-      second_order=sc.second_order, inner_lr=sc.weight_lr, seed=config.seed)
+      loss_fn, plan=plan, target_mb=band.target_mb, fixed_bits=fixed,
+      size_weight=sc.size_weight, entropy_weight=sc.entropy_weight, hard=sc.hard_sample,
+      weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer, tau_fn=tau_fn,
+      arch_start_step=arch_start, second_order=sc.second_order, inner_lr=sc.weight_lr,
+      seed=config.seed)
+  teacher_arg = sharding.replicate(teacher if distill else None, ctx.mesh)
   eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
 
   def evaluate(state):  # Report only: the argmax policy on the search's own weights.
@@ -126,17 +189,40 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
       yield data.pad_to_length(weight_batch, length), data.pad_to_length(search_batch, length)
 
   logging.info("search: %d weight / %d search examples, %d steps (%d/epoch), architecture "
-               "updates from step %d, band %s", len(weight_set), len(search_set), total_steps,
-               steps_per_epoch, arch_start, band.describe())
+               "updates from step %d, band %s, loss %s", len(weight_set), len(search_set),
+               total_steps, steps_per_epoch, arch_start, band.describe(),
+               "distillation" if distill else "labels")
   state, argmax_metrics = loop.train_loop(
-      name=f"search {ctx.task.name}", workdir=stage, state=state, train_step=step_fn,
-      batches=batches, total_steps=total_steps, evaluate_fn=evaluate, config=config,
-      mesh=ctx.mesh, eval_every=sc.eval_every_steps or total_steps, learning_rate=schedule)
+      name=f"search {ctx.task.name}", workdir=stage, state=state,
+      train_step=step_fn.bind(teacher_arg), batches=batches, total_steps=total_steps,
+      evaluate_fn=evaluate, config=config, mesh=ctx.mesh,
+      eval_every=sc.eval_every_steps or total_steps, learning_rate=schedule)
   arch = jax.device_get(state.arch)
   np.savez(stage / "arch_logits.npz", **{p.replace("/", "."): v for p, v in arch.items()})
-  probs = {p: jax.nn.softmax(v) for p, v in arch.items()}
+  save_qparams(stage / "qparams.npz", jax.device_get(state.weights["qparams"]))
+  end_summary = arch_summary(arch, plan, band, fixed, sc.max_pruned_fraction)
+  logging.info("search end: %s", end_summary)
   return {"arch": arch, "steps": total_steps, "argmax_dev_metrics": argmax_metrics,
-          "expected_size_mb": float(search.expected_size_mb(probs, plan, fixed))}
+          "start": start_summary, **end_summary}
+
+
+def save_qparams(path: Path, qparams: Any) -> None:
+  """Quantizer parameters `{path: {name: array}}` as one .npz (keys `path|name`, / as .)."""
+  flat = {f"{p.replace('/', '.')}|{name}": np.asarray(v) for p, entry in qparams.items()
+          for name, v in entry.items()}
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **flat)
+  tmp.replace(path)
+
+
+def load_qparams(path: Path) -> dict[str, dict[str, Any]]:
+  """The inverse of `save_qparams`."""
+  out: dict[str, dict[str, Any]] = {}
+  with np.load(path) as f:
+    for key in f.files:
+      p, name = key.split("|")
+      out.setdefault(p.replace(".", "/"), {})[name] = jax.numpy.asarray(f[key])
+  return out
 
 
 def load_arch(stage: Path) -> dict[str, np.ndarray]:
@@ -163,15 +249,16 @@ def automp(config, workdir) -> dict[str, Any]:
   search_info = common.cached_json(stage / "search.json", searched)
   arch = load_arch(stage)
   fixed = search.fixed_bits(teacher, plan)
-  argmax = quant.policy_from_logits(arch, plan, activation_bits=config.quant.activation_bits)
   policy = search.derive_policy(arch, plan, band, fixed_bits=fixed,
+                                max_pruned_fraction=config.search.max_pruned_fraction,
                                 activation_bits=config.quant.activation_bits)
-  search_info["argmax_size_mb"] = quant.size_report(jax.device_get(teacher), argmax)["size_mb"]
   search_info["band_mb"] = [band.lower, band.upper]
-  logging.info("search: expected size %.4f MB, argmax policy %.4f MB, derived policy in band %s",
-               search_info["expected_size_mb"], search_info["argmax_size_mb"], band.describe())
+  logging.info("search: expected size %.4f MB, argmax policy %.4f MB, derived policy %.4f MB "
+               "(band %s)", search_info["expected_size_mb"], search_info["argmax_size_mb"],
+               search_info["derived_size_mb"], band.describe())
+  qparams = load_qparams(stage / "qparams.npz") if config.search.carry_scales else None
   return _finish(ctx, workdir, method="automp", label="automp", spec=spec, policy=policy,
-                 teacher=teacher, rows=rows, start=start, search=search_info)
+                 teacher=teacher, rows=rows, start=start, qparams=qparams, search=search_info)
 
 
 # ---------------------------------------------------------------------------------- baselines
@@ -205,15 +292,7 @@ def hessian(config, workdir) -> dict[str, Any]:
     stream = loop.batches_for(config, ctx.train_set, 0, batch_size=hc.batch_size,
                               seed_offset=2)
     batches = [sharding.shard_batch(next(stream), ctx.mesh) for _ in range(hc.num_batches)]
-
-    def loss_fn(params, batch):
-      logits = ctx.model.apply({"params": params}, batch["input_ids"],
-                               attention_mask=batch["attention_mask"],
-                               token_type_ids=batch["token_type_ids"], deterministic=True)
-      return weighted_mean(per_example_loss(logits, batch["labels"], ctx.task.is_regression),
-                           batch["weights"])
-
-    return search.block_top_eigenvalues(loss_fn, teacher, batches, list(plan),
+    return search.block_top_eigenvalues(_label_loss(ctx), teacher, batches, list(plan),
                                         iterations=hc.power_iterations,
                                         tolerance=hc.tolerance, seed=config.seed)
 
@@ -226,6 +305,7 @@ def hessian(config, workdir) -> dict[str, Any]:
   errors = search.quantization_errors(teacher, plan, qparams)
   policy = search.hessian_policy(values, errors, plan, band,
                                  fixed_bits=search.fixed_bits(teacher, plan),
+                                 max_pruned_fraction=config.search.max_pruned_fraction,
                                  activation_bits=config.quant.activation_bits)
   rows = [common.row("full precision", full_precision)]
   return _finish(ctx, workdir, method="hessian", label="hessian", spec=spec, policy=policy,

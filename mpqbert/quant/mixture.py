@@ -36,7 +36,11 @@ def gumbel_softmax(logits: Array, key: jax.Array | None, tau: float | Array = 1.
 
 
 def one_hot_bits(bits: Array, bit_choices: Sequence[int]) -> Array:
-  """`[G]` bit-widths -> `[G, K]` one-hot over `bit_choices` (all-zero rows for bits not in it)."""
+  """`[G]` bit-widths -> `[G, K]` one-hot over `bit_choices`.
+
+  A bit-width outside `bit_choices` would give an all-zero row (a zero weight): policies are
+  checked against the spec before they get here (`Policy.check_matches`).
+  """
   return (jnp.asarray(bits)[..., None] == jnp.asarray(bit_choices)[None, :]).astype(jnp.float32)
 
 

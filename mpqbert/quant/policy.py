@@ -98,6 +98,15 @@ class Policy:
             f"the policy was made for another model or QuantSpec: {path} is shape {got.shape}, "
             f"{got.groups} groups, {got.quantizer!r} in the policy but shape {matrix.shape}, "
             f"{matrix.groups} groups, {matrix.quantizer!r} here.")
+      bits = self.bits[path]
+      if isinstance(bits, jax.core.Tracer):
+        continue  # Checked where the policy met the plan outside jit (its values are unknown here).
+      bad = sorted(set(np.asarray(bits).tolist()) - set(matrix.bit_choices))
+      if bad:
+        raise ValueError(
+            f"{path}: the policy has bit-width(s) {bad}, which this QuantSpec's bit choices "
+            f"{matrix.bit_choices} do not contain, so those sub-groups would quantize to zero. "
+            "Use a spec whose rule has these bit_choices, or a policy over them.")
 
   def to_json(self) -> dict[str, Any]:
     return {"format": _FORMAT, "embedding_bits": self.embedding_bits,

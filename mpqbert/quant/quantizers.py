@@ -7,6 +7,7 @@ G = num_heads makes one group per attention head of Q, K and V.
 
 Integer grids (the b-bit codes an exported checkpoint stores):
   symmetric  w_hat = s * clip(round(w / s), -2^(b-1), 2^(b-1) - 1),  b in 2..8, learned s (LSQ)
+             w_hat = s * sign(w) in {-s, +s}, sign(0) = +1,  b = 1, learned s (codes +-1)
   index      w_hat = round(q (clip(w, lo, hi) - lo)) / q + lo,  q = (2^b - 1) / (hi - lo)  (AQ-BERT)
   sign       w_hat = sign(w) in {-1, +1}, no scale (SensiMix's 1-bit value quantization)
   xnor       w_hat = mean|w| * sign(w) per group (XNOR-Net)
@@ -27,7 +28,7 @@ Array = jax.Array
 
 # Quantizer kinds and the bit-widths each supports (0 = pruned).
 QUANTIZER_BITS = {
-    "symmetric": (0, 2, 3, 4, 5, 6, 7, 8),
+    "symmetric": (0, 1, 2, 3, 4, 5, 6, 7, 8),
     "index": (0, 1, 2, 3, 4, 5, 6, 7, 8),
     "sign": (0, 1),
     "xnor": (0, 1),
@@ -59,9 +60,22 @@ def _reduce_axes(wg: Array) -> tuple[int, ...]:
 
 
 def symmetric_levels(bits: int) -> tuple[float, float]:
-  """(q_neg, q_pos) = (2^(b-1), 2^(b-1) - 1): the signed b-bit integer grid [-q_neg, q_pos]."""
+  """(q_neg, q_pos) = (2^(b-1), 2^(b-1) - 1): the signed b-bit integer grid [-q_neg, q_pos].
+
+  Only for b >= 2: the 1-bit symmetric grid is {-1, +1} (no 0), which no integer range
+  `[-q_neg, q_pos]` describes (b = 1 would give [-1, 0]).
+  """
+  if int(bits) < 2:
+    raise ValueError(f"symmetric_levels takes 2..8 bits, got {bits}; the 1-bit symmetric grid is "
+                     "{-1, +1} (sign(w), sign(0) = +1), handled by quantize_symmetric itself.")
   half = 2.0 ** (int(bits) - 1)
   return half, half - 1.0
+
+
+def _lsq_code_max(bits: int) -> float:
+  """LSQ's Q_P in the step size's gradient scale 1/sqrt(n * Q_P): the largest positive code,
+  2^(b-1) - 1 for b >= 2 and 1 for the 1-bit grid {-1, +1}."""
+  return 1.0 if bits == 1 else symmetric_levels(bits)[1]
 
 
 def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = True) -> Array:
@@ -70,19 +84,24 @@ def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = Tr
   Args:
     w: any array; sub-groups split its last axis.
     scale: `[G]` positive step sizes.
-    bits: 2..8.
-    lsq_grad: scale the step size's gradient by 1/sqrt(n * q_pos), n = elements per group (LSQ).
-  Gradients (`_lsq_bwd`): to `w` identity inside the grid range, 0 outside; to `scale` LSQ's
-  `round(w/s) - w/s` inside, `-q_neg` / `q_pos` outside, summed over the group.
+    bits: 1..8. 1 bit is `s * sign(w)` with sign(0) = +1 (`_scaled_sign`): the codes {-1, +1}
+      of the sign / xnor quantizers, with a learned scale like the other widths.
+    lsq_grad: scale the step size's gradient by 1/sqrt(n * Q_P), n = elements per group, Q_P the
+      largest positive code (`_lsq_code_max`; 1 at 1 bit) (LSQ).
+  Gradients, 2..8 bits (`_lsq_bwd`): to `w` identity inside the grid range, 0 outside; to `scale`
+  LSQ's `round(w/s) - w/s` inside, `-q_neg` / `q_pos` outside, summed over the group.
+  1 bit (`_scaled_sign_bwd`): to `w` identity where |w| <= s, 0 outside; to `scale` the exact
+  derivative of s * sign(w), i.e. sign(w), summed over the group.
   """
-  if not 2 <= bits <= 8:
-    raise ValueError(f"symmetric quantization supports 2..8 bits, got {bits}; use the 'sign' or "
-                     "'xnor' quantizer for 1 bit.")
+  if not 1 <= bits <= 8:
+    raise ValueError(f"symmetric quantization supports 1..8 bits, got {bits}; use prune for 0.")
   groups = scale.shape[-1]
   wg = group_view(w, groups)
-  q_neg, q_pos = symmetric_levels(bits)
   if lsq_grad:
-    scale = scale_grad(scale, 1.0 / math.sqrt(wg.size // groups * q_pos))
+    scale = scale_grad(scale, 1.0 / math.sqrt(wg.size // groups * _lsq_code_max(bits)))
+  if bits == 1:
+    return _scaled_sign(wg, _per_group(scale)).reshape(w.shape)
+  q_neg, q_pos = symmetric_levels(bits)
   return _lsq(wg, _per_group(scale), q_neg, q_pos).reshape(w.shape)
 
 
@@ -109,6 +128,33 @@ def _lsq_bwd(q_neg, q_pos, residuals, g):
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def _signs(x: Array) -> Array:
+  """sign(x) with sign(0) = +1 (two values, as `sign_ste` and the packed sign bits), x's dtype."""
+  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _scaled_sign(wg: Array, s: Array) -> Array:
+  """`s * sign(wg)` on a group view, `s` of shape `[G, 1]`: the 1-bit symmetric quantizer."""
+  return s * _signs(wg)
+
+
+def _scaled_sign_fwd(wg, s):
+  return _scaled_sign(wg, s), (wg, s)
+
+
+def _scaled_sign_bwd(residuals, g):
+  # To w: straight through where |w| <= s, the 1-bit analogue of the other widths' clipped grid
+  # range (the hard-tanh STE of BinaryConnect, in units of s). To s: d(s sign(w))/ds = sign(w).
+  wg, s = residuals
+  grad_w = jnp.where(jnp.abs(wg) <= s, g, 0.0)
+  grad_s = jnp.sum(g * _signs(wg), axis=_reduce_axes(wg)).reshape(s.shape)
+  return grad_w.astype(wg.dtype), grad_s.astype(s.dtype)
+
+
+_scaled_sign.defvjp(_scaled_sign_fwd, _scaled_sign_bwd)
 
 
 def quantize_index(w: Array, lo: Array, hi: Array, bits: int) -> Array:
@@ -205,24 +251,30 @@ def init_symmetric_scale(w: Array, groups: int, bits: int, method: str = "mse") 
     "absmax"  max|w| / q_pos (no clipping);
     "mse"     the scale among 100 fractions of absmax that minimises the squared error per group
               (best for post-training quantization at low bit-widths).
+  At 1 bit every method gives mean|w| per group, the exact minimiser of sum (w - s sign(w))^2
+  (closed form; XNOR-Net's scale): with no grid to fit, "absmax" (max|w|) and "lsq" (2 mean|w|)
+  would only start above that optimum.
   """
+  if method not in ("lsq", "absmax", "mse"):
+    raise ValueError(f"unknown scale init {method!r}; use 'lsq', 'absmax' or 'mse'.")
   wg = jax.lax.stop_gradient(group_view(w, groups))
   axes = _reduce_axes(wg)
+  if bits == 1:
+    return jnp.maximum(jnp.mean(jnp.abs(wg), axis=axes), MIN_SCALE)
   _, q_pos = symmetric_levels(bits)
   absmax = jnp.max(jnp.abs(wg), axis=axes)
   if method == "lsq":
     return jnp.maximum(2.0 * jnp.mean(jnp.abs(wg), axis=axes) / math.sqrt(q_pos), MIN_SCALE)
   if method == "absmax":
     return jnp.maximum(absmax / q_pos, MIN_SCALE)
-  if method == "mse":
-    fractions = jnp.linspace(0.01, 1.0, 100)
-    w_fixed = jax.lax.stop_gradient(w)
+  # "mse": a grid search over fractions of the absmax scale.
+  fractions = jnp.linspace(0.01, 1.0, 100)
+  w_fixed = jax.lax.stop_gradient(w)
 
-    def error(fraction):
-      scale = jnp.maximum(fraction * absmax / q_pos, MIN_SCALE)
-      w_hat = quantize_symmetric(w_fixed, scale, bits, lsq_grad=False)
-      return jnp.sum(jnp.square(group_view(w_hat - w_fixed, groups)), axis=axes)
+  def error(fraction):
+    scale = jnp.maximum(fraction * absmax / q_pos, MIN_SCALE)
+    w_hat = quantize_symmetric(w_fixed, scale, bits, lsq_grad=False)
+    return jnp.sum(jnp.square(group_view(w_hat - w_fixed, groups)), axis=axes)
 
-    errors = jax.lax.map(error, fractions)  # [100, G]
-    return jnp.maximum(fractions[jnp.argmin(errors, axis=0)] * absmax / q_pos, MIN_SCALE)
-  raise ValueError(f"unknown scale init {method!r}; use 'lsq', 'absmax' or 'mse'.")
+  errors = jax.lax.map(error, fractions)  # [100, G]
+  return jnp.maximum(fractions[jnp.argmin(errors, axis=0)] * absmax / q_pos, MIN_SCALE)

@@ -1,11 +1,13 @@
 """The AutoMPQ bilevel step: architecture logits on the search split, weights on the train split.
 
-    min_alpha  L_search(w*(alpha), alpha) + size_loss(E[C](alpha))
+    min_alpha  L_search(w*(alpha), alpha) + size_loss(C(sample of alpha)) + beta H(alpha)
     s.t.       w*(alpha) = argmin_w L_train(w, alpha)
 
 solved DARTS-style by alternating one architecture step (on a search-split batch) and one weight
 step (on a train-split batch). First order uses the current weights in the architecture step;
-second order differentiates through one functional SGD step of the weights. Weights and scales
+second order differentiates through one functional SGD step of the weights. The loss is the
+caller's (`label_loss`, or the retrain's distillation loss), so search and retrain optimize the
+same objective. Weights and scales
 share one optax optimizer, the logits have their own; all randomness comes from
 `fold_in(seed, step)`, so the checkpointed state (with its step) determines the rest of a run.
 """
@@ -19,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mpqbert.quant import Plan
-from mpqbert.search.size import SizeBand, expected_size_mb, size_loss
+from mpqbert.quant import Plan, sample_probs
+from mpqbert.search.size import expected_size_mb, size_loss
 from mpqbert.train.compiled import Jit
 from mpqbert.train.steps import per_example_loss, weighted_mean
 
@@ -64,61 +66,101 @@ def arch_entropy(arch: dict[str, Array]) -> Array:
   return jnp.mean(jnp.concatenate(ents))
 
 
-def make_search_step(qapply: Callable, *, plan: Plan, band: SizeBand, fixed_bits: int,
-                     size_weight: float, weight_optimizer: optax.GradientTransformation,
-                     arch_optimizer: optax.GradientTransformation, is_regression: bool,
-                     tau_fn: Callable[[Array], Array], arch_start_step: int,
-                     second_order: bool = False, inner_lr: float = 0.0, seed: int = 0
-                     ) -> Callable[[SearchState, tuple[Batch, Batch]], tuple[SearchState, dict]]:
-  """The jitted step `(state, (train_batch, search_batch)) -> (state, metrics)`."""
-  base_key = jax.random.key(seed)
+def mean_top_probability(arch: dict[str, Array]) -> Array:
+  """Mean over sub-groups of the largest bit-choice probability (1: decided)."""
+  return jnp.mean(jnp.concatenate([jnp.max(jax.nn.softmax(l), -1) for l in arch.values()]))
 
-  def task_loss(weights, arch, batch, gumbel_key, dropout_key, tau):
+
+def argmax_probs(arch: dict[str, Array]) -> dict[str, Array]:
+  """One-hot probabilities of each sub-group's most likely choice."""
+  return {p: jax.nn.one_hot(jnp.argmax(l, -1), l.shape[-1]) for p, l in arch.items()}
+
+
+# loss_fn(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params)
+#   -> (loss, aux): the quantized model's training loss, sampling its bits from `arch`.
+LossFn = Callable[..., tuple[Array, dict[str, Array]]]
+
+
+def label_loss(qapply: Callable, is_regression: bool) -> LossFn:
+  """A `LossFn` on the labels only (the teacher argument is ignored)."""
+
+  def loss_fn(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params):
+    del teacher_params
     logits = qapply(weights["params"], weights["qparams"], arch, batch["input_ids"],
                     attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-                    deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key, tau=tau)
-    return weighted_mean(per_example_loss(logits, batch["labels"], is_regression),
+                    deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key, tau=tau,
+                    hard=hard)
+    loss = weighted_mean(per_example_loss(logits, batch["labels"], is_regression),
                          batch["weights"])
+    return loss, {"task_loss": loss}
 
-  def arch_objective(arch, weights, train_batch, search_batch, keys, tau):
+  return loss_fn
+
+
+def make_search_step(loss_fn: LossFn, *, plan: Plan, target_mb: float, fixed_bits: int,
+                     size_weight: float, weight_optimizer: optax.GradientTransformation,
+                     arch_optimizer: optax.GradientTransformation,
+                     tau_fn: Callable[[Array], Array], arch_start_step: int,
+                     entropy_weight: float = 0.0, hard: bool = False,
+                     second_order: bool = False, inner_lr: float = 0.0, seed: int = 0
+                     ) -> Jit:
+  """The jitted step `(state, (train_batch, search_batch), teacher_params=None) ->
+  (state, metrics)`.
+
+  The architecture objective is `loss_fn` on the search batch + `size_loss` of the size of the
+  very bit-choice sample that loss saw (Gumbel-softmax at temperature tau, or its hard
+  straight-through one-hot) + `entropy_weight` * the mean entropy of softmax(logits), which
+  pushes each sub-group to decide. Metrics: the sampled, expected (softmax) and argmax sizes,
+  entropy and mean top probability at every step.
+  """
+  base_key = jax.random.key(seed)
+  size_of = lambda probs: expected_size_mb(probs, plan, fixed_bits)
+
+  def arch_objective(arch, weights, train_batch, search_batch, keys, tau, teacher_params):
     if second_order:  # w' = w - xi * grad_w L_train(w, alpha), differentiated through in alpha.
-      grads = jax.grad(task_loss)(weights, arch, train_batch, keys[0], keys[1], tau)
+      grads = jax.grad(lambda w: loss_fn(w, arch, train_batch, keys[0], keys[1], tau, hard,
+                                         teacher_params)[0])(weights)
       weights = jax.tree.map(lambda w, g: w - inner_lr * g, weights, grads)
-    search_loss = task_loss(weights, arch, search_batch, keys[2], keys[3], tau)
-    size = expected_size_mb({p: jax.nn.softmax(l) for p, l in arch.items()}, plan, fixed_bits)
-    penalty = size_loss(size, band, size_weight)
-    return search_loss + penalty, {"search_loss": search_loss, "size_loss": penalty,
-                                   "expected_size_mb": size}
+    search_loss, _ = loss_fn(weights, arch, search_batch, keys[3], keys[2], tau, hard,
+                             teacher_params)
+    sampled_size = size_of(sample_probs(arch, keys[2], tau, hard))
+    penalty = size_loss(sampled_size, target_mb, size_weight)
+    entropy = arch_entropy(arch)
+    return search_loss + penalty + entropy_weight * entropy, {
+        "search_loss": search_loss, "size_loss": penalty, "sampled_size_mb": sampled_size}
 
-  def step_fn(state: SearchState, batches: tuple[Batch, Batch]):
+  def step_fn(state: SearchState, batches: tuple[Batch, Batch], teacher_params: Any = None):
     train_batch, search_batch = batches
     keys = jax.random.split(jax.random.fold_in(base_key, state.step), 6)
     tau = tau_fn(state.step)
 
     def arch_update(_):
       grads, aux = jax.grad(arch_objective, has_aux=True)(state.arch, state.weights, train_batch,
-                                                          search_batch, keys[:4], tau)
+                                                          search_batch, keys[:4], tau,
+                                                          teacher_params)
       updates, opt_state = arch_optimizer.update(grads, state.arch_opt_state, state.arch)
       return optax.apply_updates(state.arch, updates), opt_state, aux
 
     def hold(_):
-      size = expected_size_mb({p: jax.nn.softmax(l) for p, l in state.arch.items()}, plan,
-                              fixed_bits)
       zero = jnp.zeros((), jnp.float32)
-      return state.arch, state.arch_opt_state, {"search_loss": zero, "size_loss": zero,
-                                                "expected_size_mb": size}
+      return state.arch, state.arch_opt_state, {
+          "search_loss": zero, "size_loss": zero,
+          "sampled_size_mb": size_of(sample_probs(state.arch, keys[2], tau, hard))}
 
     arch, arch_opt_state, arch_metrics = jax.lax.cond(state.step >= arch_start_step, arch_update,
                                                       hold, None)
-    loss, grads = jax.value_and_grad(task_loss)(state.weights, arch, train_batch, keys[4],
-                                                keys[5], tau)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.weights, arch, train_batch, keys[5], keys[4], tau, hard, teacher_params)
     updates, weight_opt_state = weight_optimizer.update(grads, state.weight_opt_state,
                                                         state.weights)
     new_state = state.replace(step=state.step + 1,
                               weights=optax.apply_updates(state.weights, updates),
                               arch=arch, weight_opt_state=weight_opt_state,
                               arch_opt_state=arch_opt_state)
-    return new_state, {"loss": loss, "tau": tau, "arch_entropy": arch_entropy(arch),
-                       **arch_metrics}
+    softmax = {p: jax.nn.softmax(l) for p, l in arch.items()}
+    return new_state, {"loss": loss, **aux, "tau": tau, "arch_entropy": arch_entropy(arch),
+                       "mean_top_prob": mean_top_probability(arch),
+                       "expected_size_mb": size_of(softmax),
+                       "argmax_size_mb": size_of(argmax_probs(arch)), **arch_metrics}
 
   return Jit(step_fn, "search_step", donate_argnums=0)

@@ -1,9 +1,9 @@
-"""From search results to a `Policy` inside the size band.
+"""From per-sub-group scores to a `Policy` of exact size: the multiple-choice knapsack.
 
-The argmax of the architecture logits need not land in the band (the size loss acts on the
-expected size, not on the argmax). `fit_to_band` then moves single sub-groups one bit choice at
-a time, always the move that costs least per MB, until the size is in the band. The Hessian
-baseline uses the same function with its own costs, starting from the largest bits.
+Every method derives its policy the same way: one bit choice per sub-group, `size_mb` (weights
+plus scales, exactly as `quant.size_report` counts it) inside the window `[(1 - eps) V, V]`,
+the largest sum of per-group scores. AutoMPQ's score is the searched log-probability of each
+choice; a sensitivity baseline's is minus its estimated loss increase.
 """
 
 from __future__ import annotations
@@ -13,81 +13,74 @@ from typing import Any, Mapping
 import numpy as np
 
 from mpqbert.quant import FULL_PRECISION, Plan, Policy
+from mpqbert.search import knapsack
 from mpqbert.search.size import BITS_PER_MB, SizeBand
 
 
-def _group_bits(matrix) -> np.ndarray:
+def group_bits(matrix) -> np.ndarray:
   """Storage bits of one sub-group for each bit choice `[K]`."""
   choices = np.asarray(matrix.bit_choices, np.int64)
   return choices * matrix.group_size + np.where(choices > 0, 32 * matrix.scale_floats, 0)
 
 
-def fit_to_band(choice: Mapping[str, np.ndarray], costs: Mapping[str, np.ndarray], plan: Plan,
-                band: SizeBand, fixed_bits: int = 0) -> dict[str, np.ndarray]:
-  """Greedy repair of per-sub-group choice indices `[G]` until `size_mb` is inside `band`.
+def exact_choices(scores: Mapping[str, np.ndarray], plan: Plan, band: SizeBand, *,
+                  fixed_bits: int = 0, max_pruned_fraction: float | None = None
+                  ) -> dict[str, np.ndarray]:
+  """Choice indices `[G]` per matrix maximizing the summed `scores[path]` `[G, K]` with the
+  total size (plus `fixed_bits`) in `band`.
 
-  Above the band it moves one sub-group to its next smaller bit choice, below it to the next
-  larger one, each time the move with the least cost change per bit of size among moves that do
-  not jump over the band. `costs[path]` is `[G, K]` (lower is better). Returns new indices.
-  Raises if a single move always jumps over the band (tolerance too small for the sub-groups).
+  `max_pruned_fraction`: at most this share of each matrix's sub-groups at 0 bits (0: none;
+  anything below 1 also keeps every matrix alive). Raises naming the band when it is out of
+  reach (a tolerance smaller than the smallest move, or limits that forbid it).
   """
   paths = list(plan)
-  order = {p: np.argsort(_group_bits(plan[p]), kind="stable") for p in paths}  # by size
-  rank = {p: np.argsort(order[p]) for p in paths}  # choice index -> position in size order
-  pos = {p: rank[p][np.asarray(choice[p], np.int64)] for p in paths}
-  sizes = {p: _group_bits(plan[p])[order[p]] for p in paths}  # [K] in size order
-  cost = {p: np.asarray(costs[p], np.float64)[:, order[p]] for p in paths}  # [G, K] size order
-  lower, upper = band.lower * BITS_PER_MB, band.upper * BITS_PER_MB
+  sizes = np.concatenate([np.tile(group_bits(plan[p]), (plan[p].groups, 1)) for p in paths])
+  values = np.concatenate([np.asarray(scores[p], np.float64) for p in paths])
+  limits, start = [], 0
+  for p in paths:
+    matrix = plan[p]
+    if max_pruned_fraction is not None and 0 in matrix.bit_choices:
+      limits.append(knapsack.CountLimit(items=np.arange(start, start + matrix.groups),
+                                        choice=matrix.bit_choices.index(0),
+                                        max_count=int(np.floor(max_pruned_fraction
+                                                               * matrix.groups))))
+    start += matrix.groups
+  lower = band.lower * BITS_PER_MB - fixed_bits
+  upper = band.upper * BITS_PER_MB - fixed_bits
+  try:
+    chosen = knapsack.solve(sizes, values, np.ceil(lower), np.floor(upper), limits=limits)
+  except ValueError as e:
+    raise ValueError(f"cannot derive a policy in the size band {band.describe()}: {e} Raise "
+                     "search.tolerance, use more sub-groups (quant.groups) or other bit "
+                     "choices.") from None
+  out, start = {}, 0
+  for p in paths:
+    out[p] = chosen[start:start + plan[p].groups]
+    start += plan[p].groups
+  return out
 
-  def total() -> float:
-    return fixed_bits + sum(int(sizes[p][pos[p]].sum()) for p in paths)
 
-  current = total()
-  while not lower <= current <= upper:
-    direction = -1 if current > upper else 1
-    best = None
-    for p in paths:
-      nxt = pos[p] + direction
-      ok = (nxt >= 0) & (nxt < len(sizes[p]))
-      if not ok.any():
-        continue
-      groups = np.nonzero(ok)[0]
-      delta_size = sizes[p][nxt[groups]] - sizes[p][pos[p][groups]]
-      delta_cost = cost[p][groups, nxt[groups]] - cost[p][groups, pos[p][groups]]
-      new_total = current + delta_size
-      keeps = (new_total >= lower) if direction < 0 else (new_total <= upper)
-      if not keeps.any():
-        continue
-      score = np.where(keeps, delta_cost / np.abs(delta_size), np.inf)
-      g = int(np.argmin(score))
-      if best is None or score[g] < best[0]:
-        best = (score[g], p, groups[g], int(delta_size[g]))
-    if best is None:
-      raise ValueError(
-          f"cannot reach the size band {band.describe()} from {current / BITS_PER_MB:.4f} MB: "
-          "every remaining move of one sub-group jumps over the band. Raise search.tolerance or "
-          "use more sub-groups (quant.groups).")
-    _, p, g, delta = best
-    pos[p][g] += direction
-    current += delta
-  return {p: order[p][pos[p]] for p in paths}
+def log_probabilities(arch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """log softmax of each matrix's architecture logits `[G, K]`, in float64."""
+  out = {}
+  for path, logits in arch.items():
+    shifted = np.asarray(logits, np.float64)
+    shifted = shifted - shifted.max(-1, keepdims=True)
+    out[path] = shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))
+  return out
 
 
 def derive_policy(arch: Mapping[str, Any], plan: Plan, band: SizeBand, *, fixed_bits: int = 0,
+                  max_pruned_fraction: float | None = None,
                   activation_bits: int = FULL_PRECISION,
                   embedding_bits: int = FULL_PRECISION) -> Policy:
-  """Argmax bits per sub-group of the architecture logits, repaired into `band`.
+  """The most probable policy under softmax(logits) whose size is in `band` (exact knapsack).
 
-  The repair cost of a choice is its negative log-probability under softmax(logits), so the
-  groups whose search was least decided move first.
+  When the argmax policy is in the band it is the answer; otherwise the groups whose search was
+  least decided give way first, as the log-probabilities say.
   """
-  costs, argmax = {}, {}
-  for path, matrix in plan.items():
-    logits = np.asarray(arch[path], np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    costs[path] = np.log(np.sum(np.exp(shifted), -1, keepdims=True)) - shifted  # -log softmax
-    argmax[path] = np.argmax(logits, axis=-1)
-  choice = fit_to_band(argmax, costs, plan, band, fixed_bits)
+  choice = exact_choices(log_probabilities(arch), plan, band, fixed_bits=fixed_bits,
+                         max_pruned_fraction=max_pruned_fraction)
   return policy_from_choices(choice, plan, activation_bits=activation_bits,
                              embedding_bits=embedding_bits)
 

@@ -3,8 +3,8 @@
 Sensitivity of a weight matrix W is the top eigenvalue of the loss Hessian restricted to W (its
 diagonal block), by power iteration on exact Hessian-vector products (forward-over-reverse).
 Quantizing sub-group g of W to b bits then costs `lambda_W * ||Q_b(W_g) - W_g||^2`, the
-second-order loss increase along the top eigen-direction, and `fit_to_band` lowers bits from
-the largest choice where that cost per MB saved is least until the size is in the band.
+second-order loss increase along the top eigen-direction, and the exact knapsack
+(`derive.exact_choices`) picks the bits with the least total cost inside the size band.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from mpqbert import quant
 from mpqbert.quant import Plan, Policy
-from mpqbert.search.derive import fit_to_band, policy_from_choices
+from mpqbert.search.derive import exact_choices, policy_from_choices
 from mpqbert.search.size import SizeBand
 from mpqbert.train.compiled import Jit
 
@@ -71,16 +71,32 @@ def block_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
   return eigenvalues
 
 
-def quantization_errors(params: Any, plan: Plan, qparams: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """`||Q_b(W_g) - W_g||^2` per sub-group and bit choice `[G, K]` of every planned matrix."""
+def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
+                    batches: Sequence[Any], paths: Sequence[str]) -> dict[str, jax.Array]:
+  """The empirical Fisher's diagonal, mean over `batches` of the squared batch gradient, for
+  each parameter in `paths`: a cheap curvature estimate (one backward pass per batch)."""
+  grad = Jit(jax.grad(loss_fn), "fisher_gradient")
+  total = None
+  for batch in batches:
+    flat = traverse_util.flatten_dict(grad(params, batch), sep="/")
+    squares = {p: jnp.square(flat[p]) for p in paths}
+    total = squares if total is None else {p: total[p] + squares[p] for p in paths}
+  return {p: v / len(batches) for p, v in total.items()}
+
+
+def quantization_errors(params: Any, plan: Plan, qparams: Mapping[str, Any],
+                        weights: Mapping[str, jax.Array] | None = None) -> dict[str, np.ndarray]:
+  """`sum_i f_i (Q_b(W)_i - W_i)^2` per sub-group and bit choice `[G, K]` of every planned
+  matrix, with elementwise weights `f = weights[path]` (e.g. `fisher_diagonal`), or 1."""
   flat = quant.flatten_params(params)
   errors = {}
   for path, matrix in plan.items():
     w = jnp.asarray(flat[path], jnp.float32)
+    f = 1.0 if weights is None else jnp.asarray(weights[path], jnp.float32)
     per_choice = []
     for k in range(len(matrix.bit_choices)):
       diff = quant.quantize_choice(w, matrix, qparams[path], k) - w
-      per_choice.append(jnp.sum(jnp.square(quant.group_view(diff, matrix.groups)),
+      per_choice.append(jnp.sum(quant.group_view(f * jnp.square(diff), matrix.groups),
                                 axis=tuple(i for i in range(diff.ndim + 1) if i != diff.ndim - 1)))
     errors[path] = np.asarray(jnp.stack(per_choice, axis=-1), np.float64)
   return errors
@@ -88,9 +104,10 @@ def quantization_errors(params: Any, plan: Plan, qparams: Mapping[str, Any]) -> 
 
 def hessian_policy(eigenvalues: Mapping[str, float], errors: Mapping[str, np.ndarray], plan: Plan,
                    band: SizeBand, *, fixed_bits: int = 0,
+                   max_pruned_fraction: float | None = None,
                    activation_bits: int = quant.FULL_PRECISION) -> Policy:
-  """Every sub-group starts at its largest bit choice; bits drop where |lambda| * error is least."""
-  costs = {p: abs(eigenvalues[p]) * errors[p] for p in plan}
-  start = {p: np.full((m.groups,), int(np.argmax(m.bit_choices))) for p, m in plan.items()}
-  choice = fit_to_band(start, costs, plan, band, fixed_bits)
+  """The bits in `band` with the least total |lambda_W| * ||Q_b(W_g) - W_g||^2."""
+  scores = {p: -abs(eigenvalues[p]) * errors[p] for p in plan}
+  choice = exact_choices(scores, plan, band, fixed_bits=fixed_bits,
+                         max_pruned_fraction=max_pruned_fraction)
   return policy_from_choices(choice, plan, activation_bits=activation_bits)

@@ -1,4 +1,4 @@
-"""The model-size side of the search: target band, expected size and the AQ-BERT size loss.
+"""The model-size side of the search: the size window, expected size and the size loss.
 
 Sizes are in MB of the encoder weight matrices, the `size_mb` convention of `mpqbert.quant`
 (weights at their bits plus 32-bit scales of kept sub-groups; encoder matrices that the plan
@@ -23,7 +23,11 @@ BITS_PER_MB = 8 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class SizeBand:
-  """Target size V (MB) and tolerance eps: the band is [(1 - eps) V, (1 + eps) V]."""
+  """Target size V (MB) and tolerance eps: a derived policy's size lies in [(1 - eps) V, V].
+
+  Never above the target, so every method compared at V is at most V; eps is how far below V
+  the exact derivation may land (0.2% by default: closer than one sub-group's move).
+  """
 
   target_mb: float
   tolerance: float
@@ -34,7 +38,7 @@ class SizeBand:
 
   @property
   def upper(self) -> float:
-    return (1.0 + self.tolerance) * self.target_mb
+    return self.target_mb
 
   def contains(self, size_mb: float) -> bool:
     return self.lower <= size_mb <= self.upper
@@ -60,20 +64,35 @@ def size_range_mb(params: Any, plan: Plan) -> tuple[float, float]:
   return low / BITS_PER_MB, high / BITS_PER_MB
 
 
-def make_band(params: Any, plan: Plan, *, target_size_mb: float | None,
-              target_compression: float | None, tolerance: float) -> SizeBand:
-  """The band from `search.target_size_mb` or `search.target_compression` (exactly one).
+def uniform_size_mb(params: Any, plan: Plan, bits: int) -> float:
+  """`size_mb` of the policy with every sub-group of `plan` at `bits` (scales included)."""
+  total = fixed_bits(params, plan) + sum(
+      m.groups * (bits * m.group_size + (32 * m.scale_floats if bits else 0))
+      for m in plan.values())
+  return total / BITS_PER_MB
+
+
+def make_band(params: Any, plan: Plan, *, target_size_mb: float | None = None,
+              target_compression: float | None = None, target_uniform_bits: int | None = None,
+              tolerance: float) -> SizeBand:
+  """The window from exactly one of `search.target_size_mb`, `search.target_compression` and
+  `search.target_uniform_bits` (the exact size of uniform b-bit quantization over the same
+  sub-groups: the equal-size rival of a mixed policy).
 
   Compression is relative to the float32 encoder matrices. Raises if no policy over `plan`
-  can land in the band, naming what to change.
+  can land in the window, naming what to change.
   """
-  if (target_size_mb is None) == (target_compression is None):
-    raise ValueError("set exactly one of search.target_size_mb and search.target_compression "
-                     f"(got {target_size_mb} and {target_compression}).")
+  given = [v is not None for v in (target_size_mb, target_compression, target_uniform_bits)]
+  if sum(given) != 1:
+    raise ValueError("set exactly one of search.target_size_mb, search.target_compression and "
+                     f"search.target_uniform_bits (got {target_size_mb}, {target_compression}, "
+                     f"{target_uniform_bits}).")
   if not 0.0 <= tolerance < 1.0:
     raise ValueError(f"search.tolerance={tolerance} must be in [0, 1).")
   fp32_mb = size_report(params)["size_mb"]
-  if target_size_mb is None:
+  if target_uniform_bits is not None:
+    target_size_mb = uniform_size_mb(params, plan, int(target_uniform_bits))
+  elif target_size_mb is None:
     if target_compression <= 0:
       raise ValueError(f"search.target_compression={target_compression} must be > 0.")
     target_size_mb = fp32_mb / target_compression
@@ -103,12 +122,11 @@ def expected_size_mb(probs: Mapping[str, Array], plan: Plan, fixed: int = 0) -> 
   return total / BITS_PER_MB
 
 
-def size_loss(size_mb: Array, band: SizeBand, weight: float) -> Array:
-  """AQ-BERT's size penalty: weight * (log C above the band, 0 inside, -log C below).
+def size_loss(size_mb: Array, target_mb: float, weight: float) -> Array:
+  """weight * log(C / V)^2: pulls the (sampled) size C to the target V from both sides.
 
-  Its gradient pulls the expected size back toward the band from either side and vanishes
-  inside it, so inside the band only the task loss steers the architecture.
+  AQ-BERT's penalty (log C above a band, 0 inside) let the expected size park at the band's
+  upper edge while the derived policy landed far below it; a penalty with its minimum at V
+  makes the search's size and the exactly derived size agree.
   """
-  log_size = jnp.log(size_mb)
-  return weight * jnp.where(size_mb > band.upper, log_size,
-                            jnp.where(size_mb < band.lower, -log_size, 0.0))
+  return weight * jnp.square(jnp.log(size_mb / target_mb))
