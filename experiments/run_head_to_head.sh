@@ -44,7 +44,7 @@ for task in $TASKS; do
     # shellcheck disable=SC2046
     launch "$d/automp_seed$seed" python -m mpqbert.main --config=configs/automp.py \
       --workdir="$d/automp_seed$seed" "${common[@]}" $(settings "$task") \
-      --config.search.target_compression=None --config.search.target_uniform_bits=2 \
+      --config.search.target_uniform_bits=2 \
       --config.search.num_epochs=1.0 --config.search.warmup_epochs=0.2 \
       --config.search.tau_decay=2.0
   done
