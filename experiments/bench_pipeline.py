@@ -7,8 +7,9 @@ steady step time apart, and the wall time of each stage of finished quickstart r
 Steps (embedded MiniLM + 2-way head, batch 32, dropout on, the quickstart's settings):
   fp      full-precision AdamW step (the teacher's fine-tuning)
   qat     quantization-aware step under a fixed policy with distillation from the teacher
-          (bit choices {0, 2, 4, 8}, 12 sub-groups, 8-bit activations; the retrain stages)
-  search  the bilevel AutoMPQ step (architecture step on one batch, weight step on another)
+          (the config's bit choices, 12 sub-groups, 8-bit activations; the retrain stages)
+  search  the bilevel AutoMPQ step (architecture step on one batch, weight step on another,
+          both with the distillation loss)
 Timed rounds alternate between all step kinds and dtypes, so machine load hits them alike;
 medians are reported. One more side-by-side pair: the float32 QAT step compiled with the teacher's
 weights and the policy as arguments (what the pipelines do) and closed over as constants (what
@@ -122,16 +123,18 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
     weight_opt, _ = optim.make_optimizer(config.train, 10**6, mask=optim.weights_decay_mask,
                                          learning_rate=sc.weight_lr)
     arch_opt = optax.adam(sc.arch_lr)
-    band = search.make_band(params, plan, target_size_mb=None,
-                            target_compression=sc.target_compression, tolerance=sc.tolerance)
-    step = search.make_search_step(
-        qapply, plan=plan, band=band, fixed_bits=search.fixed_bits(params, plan),
-        size_weight=sc.size_weight, weight_optimizer=weight_opt, arch_optimizer=arch_opt,
-        is_regression=False, tau_fn=lambda s: jnp.float32(sc.tau_start), arch_start_step=0,
+    band = search.make_band(params, plan, target_size_mb=sc.target_size_mb,
+                            target_compression=sc.target_compression,
+                            target_uniform_bits=sc.target_uniform_bits, tolerance=sc.tolerance)
+    step = search.make_search_step(  # The pipeline's: distillation loss, hard samples.
+        common.make_student_loss(ctx, qapply), plan=plan, target_mb=band.target_mb,
+        fixed_bits=search.fixed_bits(params, plan), size_weight=sc.size_weight,
+        entropy_weight=sc.entropy_weight, hard=sc.hard_sample, weight_optimizer=weight_opt,
+        arch_optimizer=arch_opt, tau_fn=lambda s: jnp.float32(sc.tau_start), arch_start_step=0,
         seed=config.seed)
     state = search.SearchState.create(fresh(), quant.init_qparams(spec, params),
                                       quant.init_arch(spec, params), weight_opt, arch_opt)
-    out["search"] = Stepper(step, step, state,
+    out["search"] = Stepper(step.bind(params), step, state,
                             (batch, data.random_batch(_BATCH.value, seq_len, seed=seq_len + 1)))
   return out, extras
 

@@ -33,10 +33,9 @@ BITS_PER_MB = 8 * 2**20
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def _command(summary: dict[str, Any]) -> str:
-  config = summary.get("config", {})
-  return (f"python -m mpqbert.main --config=configs/{'uniform' if 'uniform' in summary['method'] else summary['method']}.py "
-          f"--config.task={summary['task']} --config.seed={config.get('seed')} ...")
+def _command(task: str, seed: int) -> str:
+  """The command that (re)makes one row: the queue script for that task and seed."""
+  return f"SEEDS={seed} bash experiments/run_head_to_head.sh {task}"
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,7 +87,8 @@ def main(argv):
                    "size_mb": summary["size_mb"], "compression": summary["compression"],
                    "avg_bits": summary["avg_bits"],
                    "pruned_groups": summary.get("policy", {}).get("pruned_groups"),
-                   "commit": summary.get("git_commit"), "command": _command(summary),
+                   "commit": summary.get("git_commit"),
+                   "command": _command(task_dir.name, int(seed)),
                    "workdir": str(run)})
     if not per_method:
       continue

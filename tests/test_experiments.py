@@ -55,3 +55,15 @@ def test_finetune_dry_run_covers_five_tasks(tmp_path):
   lines = _dry_run("run_finetune_fp.sh", root=tmp_path)
   assert [l.split("workdirs/finetune_fp/")[-1] for l in lines] == ["rte", "mrpc", "stsb", "cola",
                                                                    "sst2"]
+
+
+def test_head_to_head_dry_run_lists_the_teacher_then_both_methods_per_seed(tmp_path):
+  lines = _dry_run("run_head_to_head.sh", "mrpc", root=tmp_path)
+  workdirs = [l.split("--workdir=")[1].split()[0] for l in lines]
+  assert workdirs == [f"{tmp_path}/mrpc/teacher"] + [
+      f"{tmp_path}/mrpc/{method}_seed{seed}" for seed in (0, 1, 2)
+      for method in ("uniform2", "automp")]
+  automp = [l for l in lines if "automp_seed" in l]
+  assert all("--config.search.target_uniform_bits=2" in l for l in automp)
+  assert all("--config.train.num_train_steps=100" in l for l in lines[1:])  # same budget
+  assert not any(tmp_path.iterdir()), "a dry run must not create run directories"
