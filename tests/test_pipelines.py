@@ -22,6 +22,7 @@ def _flags(model_dir, glue_dir, **extra) -> dict:
            "train.num_train_steps": 12, "search.num_train_steps": 24, "search.batch_size": 8,
            "search.warmup_epochs": 0.5, "search.arch_optimizer": "adam", "search.arch_lr": 0.05,
            "quant.groups": 4, "quant.calibration_batches": 2, "hessian.batch_size": 8,
+           "search.tolerance": 0.02,  # The tiny BERT's sub-groups are 0.6% of its size each.
            "hessian.num_batches": 1, "hessian.power_iterations": 3, "checkpoint.every_steps": 6}
   flags.pop("train.num_epochs")
   flags.update(extra)
@@ -122,6 +123,6 @@ def test_uniform_and_hessian_pipelines(tmp_path, tiny_model_dir, glue_dir):
                   {**flags, **shared, "search.target_compression": 10.0}))
   hessian = json.loads((tmp_path / "hessian" / "results.json").read_text())
   target = hessian["rows"][0]["size_mb"] / 10.0
-  assert (1 - 0.002) * target <= hessian["size_mb"] <= target  # the knapsack's window
+  assert (1 - 0.02) * target <= hessian["size_mb"] <= target  # the knapsack's window
   assert set(hessian["eigenvalues"]) == set(json.loads(
       (tmp_path / "hessian" / "policy.json").read_text())["matrices"])

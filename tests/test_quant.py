@@ -437,15 +437,33 @@ def test_gumbel_soft_sample_and_straight_through_gradient():
 
 
 def test_expected_bits_is_exact_for_one_hot_and_linear_in_probs():
-  choices, n = (0, 2, 4, 8), 10
+  choice_bits = (0, 20 + 32, 40 + 32, 80 + 32)  # a group's storage at 0, 2, 4, 8 bits, by hand
   probs = jax.nn.one_hot(jnp.array([0, 3, 2]), 4)
-  assert float(quant.expected_bits(probs, choices, n, scale_floats=1)) == (0 + 80 + 32) + (
-      40 + 32)
+  assert float(quant.expected_bits(probs, choice_bits)) == (0 + 80 + 32) + (40 + 32)
   uniform = jnp.full((3, 4), 0.25)
   want = 3 * 0.25 * ((0) + (20 + 32) + (40 + 32) + (80 + 32))
-  assert float(quant.expected_bits(uniform, choices, n, scale_floats=1)) == pytest.approx(want)
-  grad = jax.grad(lambda p: quant.expected_bits(p, choices, n))(uniform)
-  np.testing.assert_allclose(grad, np.tile([0, 20, 40, 80], (3, 1)))
+  assert float(quant.expected_bits(uniform, choice_bits)) == pytest.approx(want)
+  grad = jax.grad(lambda p: quant.expected_bits(p, choice_bits))(uniform)
+  np.testing.assert_allclose(grad, np.tile(choice_bits, (3, 1)))
+
+
+def test_storage_bits_count_packed_words_and_scales_by_hand():
+  """A [384, 1536] kernel in 12 sub-groups of 128 columns: b-bit codes pack floor(32 / b) to a
+  32-bit word along K = 384, so 3 bits take ceil(384 / 10) = 39 words per column, not 36."""
+  matrix = quant.MatrixSpec(path="k", shape=(384, 1536), groups=12, quantizer="symmetric",
+                            bit_choices=(0, 1, 2, 3, 4, 8))
+  by_hand = {0: 0, 1: 12 * 32 * 128 + 32, 2: 24 * 32 * 128 + 32, 3: 39 * 32 * 128 + 32,
+             4: 48 * 32 * 128 + 32, 8: 96 * 32 * 128 + 32}
+  assert matrix.choice_bits == tuple(by_hand[b] for b in (0, 1, 2, 3, 4, 8))
+  for b in (1, 2, 4, 8):  # exactly b bits per weight when the word count divides K
+    assert matrix.code_bits(b) == b * matrix.group_size
+  tiny = quant.MatrixSpec(path="k", shape=(32, 8), groups=2, quantizer="index",
+                          bit_choices=(3,))
+  assert tiny.storage_bits(3) == 4 * 32 * 4 + 2 * 32  # ceil(32 / 10) = 4 words; (lo, hi) floats
+  policy = quant.Policy(bits={"k": np.array([3, 0, 1, 8, 2, 4, 3, 3, 0, 0, 1, 8], np.int32)},
+                        matrices=(matrix,)).validate()
+  bits = [3, 0, 1, 8, 2, 4, 3, 3, 0, 0, 1, 8]
+  assert policy.matrix_bits("k") == sum(by_hand[b] for b in bits)
 
 
 # ---------------------------------------------------------------- policy and size accounting

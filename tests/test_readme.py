@@ -44,6 +44,8 @@ def _small_budget(config: str, model_dir, glue_dir) -> list[str]:
                   "teacher.train.eval_batch_size": 128, "quant.calibration_batches": 1})
   if config in ("automp", "quickstart", "uniform", "hessian"):  # 32-wide tiny matrices: 4 groups.
     flags.update({"quant.groups": 4})
+  if config in ("automp", "quickstart", "hessian"):  # Each tiny sub-group is 0.6% of the size.
+    flags.update({"search.tolerance": 0.02})
   if config in ("automp", "quickstart"):
     flags.update({"search.num_train_steps": 3, "search.batch_size": 8})
   if config == "hessian":

@@ -20,8 +20,8 @@ int8 codes with a float32 (lo, hi); every other parameter is kept at the policy'
 Inference (`PackedModel.apply`, or `packed_apply`) runs one `kernels.packed_matmul` per bit-width
 block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GPU); a signed
 1-bit block with binarized inputs runs `kernels.xnor_matmul`. The bytes of the packed matrices are
-the policy's `size_mb` (`packed_nbytes`) when K fills whole words; 3-bit codes are the exception,
-10 to a word (+6.7%; `ceil(K / 10)` words per column, so more for small K).
+the policy's `size_mb` (`packed_nbytes`): sizes count the packed words (`MatrixSpec.storage_bits`),
+so 3-bit codes, 10 to a word, cost what they take on disk.
 """
 
 from __future__ import annotations

@@ -57,12 +57,10 @@ def mix(w: Array, probs: Array, quantize_choice: Callable[[Array, int], Array]) 
   return jnp.reshape(mixed, w.shape)
 
 
-def expected_bits(probs: Array, bit_choices: Sequence[int], group_size: int,
-                  scale_floats: int = 0) -> Array:
-  """Expected storage in bits of one matrix: `sum_g sum_k p_gk * (b_k * n + scale bits if b_k > 0)`.
+def expected_bits(probs: Array, choice_bits: Sequence[int]) -> Array:
+  """Expected storage in bits of one matrix: `sum_g sum_k p_gk * choice_bits[k]`, with
+  `choice_bits` a sub-group's storage per bit choice (`MatrixSpec.choice_bits`).
 
   Differentiable in `probs`; with one-hot `probs` it equals the policy's exact size.
   """
-  bits = jnp.asarray(bit_choices, jnp.float32)
-  per_choice = bits * group_size + jnp.where(bits > 0, 32.0 * scale_floats, 0.0)
-  return jnp.sum(probs * per_choice)
+  return jnp.sum(probs * jnp.asarray(choice_bits, jnp.float32))

@@ -5,14 +5,15 @@ matrix layout (`MatrixSpec`s) and the embedding / activation bits are static met
 follow one convention (../shared/DESIGN.md):
 
   size_mb        encoder weight matrices (`ENCODER_MATRIX`) under the policy: per sub-group
-                 bits * weights + 32 * scale floats if kept (pruned groups cost nothing);
-                 matrices the policy leaves out count at 32 bits; / 8 / 2^20.
+                 `MatrixSpec.storage_bits` (its codes packed in 32-bit words, b bits per weight
+                 except 3-bit codes at 10 to a word, + 32 * scale floats if kept; pruned groups
+                 cost nothing); matrices the policy leaves out count at 32 bits; / 8 / 2^20.
   size_mb_other  every other parameter at `other_bits` (32, or 16 for half precision), except
                  embedding tables at `embedding_bits` when that is below 32: per row with one
                  float32 scale per row ("symmetric"), or the word and position tables with a
                  float32 (min, max) each ("index").
   compression    32-bit size of the encoder matrices / size_mb.
-  avg_bits       weight bits of the encoder matrices (without scales) / their weight count.
+  avg_bits       packed code bits of the encoder matrices (without scales) / their weight count.
 """
 
 from __future__ import annotations
@@ -145,13 +146,14 @@ class Policy:
     return policy
 
   def weight_bits(self, path: str) -> int:
-    """Bits of one quantized matrix's weights (no scales)."""
-    return int(np.sum(np.asarray(self.bits[path], np.int64))) * self.plan[path].group_size
+    """Storage bits of one quantized matrix's packed codes (no scales)."""
+    matrix = self.plan[path]
+    return sum(matrix.code_bits(int(b)) for b in np.asarray(self.bits[path]))
 
   def matrix_bits(self, path: str) -> int:
-    """Storage bits of one quantized matrix: weights plus the scales of kept groups."""
-    kept_groups = int(np.sum(np.asarray(self.bits[path]) > 0))
-    return self.weight_bits(path) + kept_groups * 32 * self.plan[path].scale_floats
+    """Storage bits of one quantized matrix: packed codes plus the scales of kept groups."""
+    matrix = self.plan[path]
+    return sum(matrix.storage_bits(int(b)) for b in np.asarray(self.bits[path]))
 
 
 def uniform_policy(plan: Plan, bits: int, *, embedding_bits: int = FULL_PRECISION,

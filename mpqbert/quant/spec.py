@@ -38,6 +38,10 @@ BERT_MATRIX_KINDS = {
 }
 ACTIVATION_MODES = ("learned", "moving")
 FULL_PRECISION = 32
+# Packed codes live in 32-bit words along the reduction axis, floor(32 / b) to a word
+# (`mpqbert.kernels.packing`): the storage every size in the project counts.
+WORD_BITS = 32
+SCALE_BITS = 32  # Each stored scale float is float32.
 
 Groups = int | str  # a count, "head" (num_heads groups) or "neuron" (one per output neuron)
 
@@ -114,6 +118,27 @@ class MatrixSpec:
   def scale_floats(self) -> int:
     """float32 scale values stored per kept sub-group."""
     return SCALES_PER_GROUP[self.quantizer]
+
+  def code_bits(self, bits: int) -> int:
+    """Storage bits of one sub-group's codes at `bits`: each of its output columns packs K codes
+    into ceil(K / floor(32 / b)) words. That is b * group_size when floor(32 / b) divides K (1, 2,
+    4, 8 bits on BERT's K = 384, 768, ...); 3-bit codes, 10 to a word, cost 3.2 bits and more."""
+    if bits == 0:
+      return 0
+    k = math.prod(self.shape[:-1])
+    words = -(-k // (WORD_BITS // bits))
+    return words * WORD_BITS * (self.shape[-1] // self.groups)
+
+  def storage_bits(self, bits: int) -> int:
+    """Storage bits of one sub-group at `bits`: its packed codes plus its float32 scales (none
+    when pruned). The one formula of every size: policies, the search's expected size, the
+    knapsack, and the packed checkpoint's bytes."""
+    return self.code_bits(bits) + (SCALE_BITS * self.scale_floats if bits else 0)
+
+  @property
+  def choice_bits(self) -> tuple[int, ...]:
+    """`storage_bits` of each bit choice."""
+    return tuple(self.storage_bits(b) for b in self.bit_choices)
 
   def to_json(self) -> dict[str, Any]:
     out = {"shape": list(self.shape), "groups": self.groups, "quantizer": self.quantizer,

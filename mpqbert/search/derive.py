@@ -18,9 +18,8 @@ from mpqbert.search.size import BITS_PER_MB, SizeBand
 
 
 def group_bits(matrix) -> np.ndarray:
-  """Storage bits of one sub-group for each bit choice `[K]`."""
-  choices = np.asarray(matrix.bit_choices, np.int64)
-  return choices * matrix.group_size + np.where(choices > 0, 32 * matrix.scale_floats, 0)
+  """Storage bits of one sub-group for each bit choice `[K]` (`MatrixSpec.choice_bits`)."""
+  return np.asarray(matrix.choice_bits, np.int64)
 
 
 def exact_choices(scores: Mapping[str, np.ndarray], plan: Plan, band: SizeBand, *,

@@ -57,23 +57,32 @@ def solve(sizes: np.ndarray, scores: np.ndarray, lower: float, upper: float, *,
   n = items * choices
   one_each = sparse.csr_array((np.ones(n), (np.repeat(np.arange(items), choices), np.arange(n))),
                               shape=(items, n))
-  constraints = [optimize.LinearConstraint(one_each, 1, 1),
-                 optimize.LinearConstraint(sizes.reshape(1, n), lower, upper)]
+  base = [optimize.LinearConstraint(one_each, 1, 1)]
   for limit in limits:
     row = np.zeros((items, choices))
     row[np.asarray(limit.items), limit.choice] = 1.0
-    constraints.append(optimize.LinearConstraint(row.reshape(1, n), 0, limit.max_count))
+    base.append(optimize.LinearConstraint(row.reshape(1, n), 0, limit.max_count))
   # Forbidden choices are fixed at 0; their score term is then irrelevant (0 avoids inf * 0).
   bounds = optimize.Bounds(0, np.where(allowed, 1.0, 0.0).reshape(n))
   objective = -np.where(allowed, scores, 0.0).reshape(n)
-  result = optimize.milp(objective, constraints=constraints, integrality=np.ones(n),
+
+  def best(lowest: float):
+    size = optimize.LinearConstraint(sizes.reshape(1, n), lowest, upper)
+    return optimize.milp(objective, constraints=base + [size], integrality=np.ones(n),
                          bounds=bounds,
                          options={"mip_rel_gap": 1e-9, "time_limit": time_limit_s})
+
+  # Only the upper bound first: an easy knapsack. Its answer, when it lands in the window, is
+  # the window's answer too (the window only removes selections); otherwise the window's lower
+  # edge binds, a subset-sum-like problem that can be slow to prove when the window is narrow.
+  result = best(-np.inf)
+  if result.status == 0 and result.x is not None and sizes.reshape(n) @ np.round(result.x) < lower:
+    result = best(lower)
   if result.status == 2:
     raise ValueError(f"no selection has a size in [{lower:.0f}, {upper:.0f}] under the count "
-                     "limits; loosen the limits or the window.")
+                     "limits; loosen the limits or widen the window.")
   if result.status != 0 or result.x is None:
     raise ValueError(f"the knapsack solver stopped without a proven best selection "
-                     f"({result.message}); raise time_limit_s or use fewer sub-groups.")
+                     f"({result.message}); widen the window or use fewer sub-groups.")
   x = np.round(result.x).reshape(items, choices)
   return np.argmax(x, axis=1)

@@ -1,8 +1,8 @@
 """The model-size side of the search: the size window, expected size and the size loss.
 
 Sizes are in MB of the encoder weight matrices, the `size_mb` convention of `mpqbert.quant`
-(weights at their bits plus 32-bit scales of kept sub-groups; encoder matrices that the plan
-leaves out count at 32 bits).
+(packed codes plus 32-bit scales of kept sub-groups, `MatrixSpec.storage_bits`; encoder
+matrices that the plan leaves out count at 32 bits).
 """
 
 from __future__ import annotations
@@ -57,18 +57,14 @@ def size_range_mb(params: Any, plan: Plan) -> tuple[float, float]:
   """The smallest and largest `size_mb` any policy over `plan` can have."""
   low = high = fixed_bits(params, plan)
   for matrix in plan.values():
-    per_group = [b * matrix.group_size + (32 * matrix.scale_floats if b else 0)
-                 for b in matrix.bit_choices]
-    low += matrix.groups * min(per_group)
-    high += matrix.groups * max(per_group)
+    low += matrix.groups * min(matrix.choice_bits)
+    high += matrix.groups * max(matrix.choice_bits)
   return low / BITS_PER_MB, high / BITS_PER_MB
 
 
 def uniform_size_mb(params: Any, plan: Plan, bits: int) -> float:
   """`size_mb` of the policy with every sub-group of `plan` at `bits` (scales included)."""
-  total = fixed_bits(params, plan) + sum(
-      m.groups * (bits * m.group_size + (32 * m.scale_floats if bits else 0))
-      for m in plan.values())
+  total = fixed_bits(params, plan) + sum(m.groups * m.storage_bits(bits) for m in plan.values())
   return total / BITS_PER_MB
 
 
@@ -117,8 +113,7 @@ def expected_size_mb(probs: Mapping[str, Array], plan: Plan, fixed: int = 0) -> 
   """
   total = jnp.asarray(float(fixed))
   for path, matrix in plan.items():
-    total = total + expected_bits(probs[path], matrix.bit_choices, matrix.group_size,
-                                  matrix.scale_floats)
+    total = total + expected_bits(probs[path], matrix.choice_bits)
   return total / BITS_PER_MB
 
 
