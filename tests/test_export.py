@@ -3,6 +3,8 @@ fake-quantized model."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,10 +122,37 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
                                                                                 "scale")}
 
   loaded = export.load_packed(export.save_packed(packed, tmp_path / "one_bit.npz"))
-  # Closed over, not an argument: a PackedModel's static Policy holds arrays, so jit cannot
-  # compare two same-shaped packed models (the parametrized cases) as pytree arguments.
-  served = jax.jit(lambda ids: loaded.apply(ids, **kwargs))(ids)
+  served = _served(loaded, ids, **kwargs)
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnames=("deterministic",))
+def _served(packed, ids, **kwargs):
+  """One jitted function for every packed model of the tests: models of equal shapes and other
+  policies are different static metadata, which jit must compare (and hash) to tell apart."""
+  return packed.apply(ids, **kwargs)
+
+
+def test_packed_models_with_other_policies_retrace_one_jitted_function():
+  config = models.BertConfig(**TINY_BERT)
+  params = models.init_params(models.build_model(config, 2), seed=1)
+  spec = quant.bert_encoder_spec(groups=4, bit_choices=(2, 4), activation_bits=32)
+  plan = spec.plan(params)
+  qparams = quant.init_qparams(spec, params)
+  ids = jnp.asarray(np.random.default_rng(2).integers(1000, 5000, (2, 12)), jnp.int32)
+  for bits in (2, 4, 2):
+    policy = quant.uniform_policy(plan, bits)
+    packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
+    served = np.asarray(_served(packed, ids, deterministic=True))
+    eager = np.asarray(packed.apply(ids, deterministic=True))  # no jit cache involved
+    np.testing.assert_allclose(served, eager, rtol=1e-5, atol=1e-6)
+    if bits == 4:  # not the 2-bit model's program served again
+      assert np.abs(served - first).max() > 0
+    else:
+      first = served
+  assert quant.uniform_policy(plan, 2) == quant.uniform_policy(plan, 2)
+  assert hash(quant.uniform_policy(plan, 2)) == hash(quant.uniform_policy(plan, 2))
+  assert quant.uniform_policy(plan, 2) != quant.uniform_policy(plan, 4)
 
 
 def test_bit_blocks_put_each_width_together_and_leave_pruned_groups_out():

@@ -57,6 +57,19 @@ class Policy:
   def plan(self) -> Plan:
     return {m.path: m for m in self.matrices}
 
+  def _identity(self) -> tuple:
+    bits = tuple((p, np.asarray(b).tobytes()) for p, b in sorted(self.bits.items()))
+    return (bits, self.matrices, self.embedding_bits, self.activation_bits,
+            self.embedding_quantizer, self.other_bits)
+
+  def __eq__(self, other: object) -> bool:
+    """Equal bits and settings. By value, so that a Policy held as static metadata (a
+    `PackedModel`'s) can be compared and hashed by jit, which arrays alone cannot."""
+    return isinstance(other, Policy) and self._identity() == other._identity()
+
+  def __hash__(self) -> int:
+    return hash(self._identity())
+
   def validate(self) -> "Policy":
     """Checks the layout and that every bit-width is one of its matrix's choices."""
     _check_bits_or_fp("embedding_bits", self.embedding_bits)
