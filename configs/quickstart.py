@@ -1,4 +1,4 @@
-r"""The README's main job: the whole AutoMPQ pipeline on the embedded MiniLM in ~10 CPU minutes.
+r"""The README's main job: the whole AutoMPQ pipeline on the embedded MiniLM in ~12 CPU minutes.
 
   python -m mpqbert.main --config=configs/quickstart.py \
       --config.data.glue_dir=../shared/data/glue --workdir=workdirs/quickstart

@@ -5,7 +5,8 @@ the search diagnostics (old search vs new, same seed and budget).
       [--old_search=sst2=workdirs/search_diagnostics/old_sst2]
 
 Reads `<root>/<task>/{automp,uniform2}_seed<s>/results.json` (experiments/run_head_to_head.sh)
-and writes results/head_to_head.{md,csv}: per task and method the mean and standard deviation of
+and writes results/head_to_head.{md,csv} (and the bit-width map of each task's AutoMPQ seed 0,
+head_to_head_bit_map_<task>.png): per task and method the mean and standard deviation of
 the dev metric over seeds, the exact sizes, and the paired difference AutoMPQ - uniform per seed
 with its mean and 95% t-interval (n = seeds). `--old_search` adds diagnostic rows of searches
 made by an older commit (its workdir), next to seed 0 of the new one: final entropy and mean top
@@ -56,6 +57,7 @@ def search_diagnostics(workdir: Path) -> dict[str, Any]:
           "expected_size_mb": info["expected_size_mb"], "argmax_size_mb": info["argmax_size_mb"],
           "derived_size_mb": summary["size_mb"], "target_mb": _target(summary),
           "pruned_groups": summary["policy"]["pruned_groups"], "dev": summary["dev"],
+          "search_dev": next(iter(info["argmax_dev_metrics"].values()))[summary["metric"]],
           "commit": summary.get("git_commit", "?")[:10]}
 
 
@@ -105,20 +107,27 @@ def main(argv):
     if {"automp", "uniform2"} <= set(per_method):
       seeds = sorted(set(per_method["automp"]) & set(per_method["uniform2"]))
       diffs = [per_method["automp"][s]["dev"] - per_method["uniform2"][s]["dev"] for s in seeds]
-      lines += ["", "Paired difference AutoMPQ - uniform 2-bit per seed: " +
-                ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs))]
+      paired = ("Paired difference AutoMPQ - uniform 2-bit per seed: " +
+                ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)))
       if len(diffs) > 1:
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
         half = T95[len(diffs) - 1] * sd / math.sqrt(len(diffs))
-        lines.append(f"; mean {mean:+.4f}, 95% t-interval [{mean - half:+.4f}, "
-                     f"{mean + half:+.4f}] (n = {len(diffs)} seeds).")
+        paired += (f"; mean {mean:+.4f}, 95% t-interval [{mean - half:+.4f}, "
+                   f"{mean + half:+.4f}] (n = {len(diffs)} seeds).")
+      lines += ["", paired]
+    bit_map = task_dir / "automp_seed0" / "bit_map.png"
+    if bit_map.is_file():  # Where the searched bits went (layers x matrices x sub-groups).
+      target = Path(_OUT.value).parent / f"head_to_head_bit_map_{task_dir.name}.png"
+      target.write_bytes(bit_map.read_bytes())
+      lines += ["", f"Bit-width map of AutoMPQ seed 0: `{target.name}`."]
     lines.append("")
   old = dict(item.split("=", 1) for item in _OLD.value)
   if old:
     lines += ["## Search diagnostics (16x, seed 0, the quickstart's budget)", "",
               "| task | search | commit | entropy (nats) | mean top prob | groups top < 0.5 | "
-              "expected MB | argmax MB | derived MB | target MB | pruned groups | dev |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "expected MB | argmax MB | derived MB | target MB | pruned groups | "
+              "argmax policy dev after search | dev after retrain |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for task, workdir in sorted(old.items()):
       for label, path in (("old", Path(workdir)), ("new", root / task / "automp_seed0")):
         if not (path / "results.json").is_file():
@@ -128,7 +137,7 @@ def main(argv):
                      f"{d['mean_top_prob']:.3f} | {d['groups_below_half']} | "
                      f"{d['expected_size_mb']:.4f} | {d['argmax_size_mb']:.4f} | "
                      f"{d['derived_size_mb']:.4f} | {d['target_mb']:.4f} | "
-                     f"{d['pruned_groups']} | {d['dev']:.4f} |")
+                     f"{d['pruned_groups']} | {d['search_dev']:.4f} | {d['dev']:.4f} |")
     lines.append("")
   out = Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -283,7 +283,7 @@ def test_one_bit_init_scale_minimises_squared_error_against_a_brute_force_grid()
     quant.init_symmetric_scale(jnp.asarray(w), groups, 1, "minmax")
 
 
-def test_one_bit_symmetric_group_costs_one_bit_per_weight_plus_a_scale():
+def test_one_and_three_bit_groups_cost_their_packed_words_plus_a_scale():
   params = abstract_params(TINY)
   spec = quant.bert_encoder_spec(groups=4, bit_choices=(0, 1, 2, 3, 4, 8))
   plan = spec.plan(params)
@@ -291,7 +291,9 @@ def test_one_bit_symmetric_group_costs_one_bit_per_weight_plus_a_scale():
   bits = {p: np.zeros((4,), np.int32) for p in plan}
   bits[query] = np.array([1, 1, 0, 3], np.int32)
   policy = quant.Policy(bits=bits, matrices=tuple(plan.values())).validate()
-  hand_bits = 2 * (256 * 1 + 32) + (256 * 3 + 32)
+  # Each group is 8 columns of K = 32 rows: 1 bit, one word per column; 3 bits, 10 codes to a
+  # word, ceil(32 / 10) = 4 words per column; + one 32-bit scale per kept group.
+  hand_bits = 2 * (8 * 32 + 32) + (8 * 4 * 32 + 32)
   assert quant.size_report(params, policy)["size_mb"] * 8 * 2**20 == hand_bits
   assert quant.Rule(pattern="x", bit_choices=(0, 1, 2, 3, 4, 8)).bit_choices == (0, 1, 2, 3, 4, 8)
 
