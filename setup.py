@@ -23,6 +23,7 @@ setuptools.setup(
         "chex>=0.1.88",
         "absl-py",
         "numpy",
+        "scipy>=1.9",  # scipy.optimize.milp (HiGHS): the exact knapsack of policy derivation.
         "transformers>=4.40",  # tokenizers, configs and checkpoint files only.
         "tokenizers",
         "huggingface-hub",
