@@ -71,7 +71,7 @@ def _teacher_and_qat(method: str) -> config_dict.ConfigDict:
 
 
 def compression_config(method: str) -> config_dict.ConfigDict:
-  """The shared keys of the search-style pipelines (automp, uniform, hessian)."""
+  """The shared keys of the search-style pipelines (automp, uniform, qbert, hawq)."""
   config = _teacher_and_qat(method)
 
   config.quant = config_dict.ConfigDict()
@@ -82,7 +82,8 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.quant.calibration_batches = 4  # Batches that set the activation scales' start.
   config.quant.scale_init = "mse"  # Initial weight step sizes: mse, absmax or lsq.
 
-  # The size target (automp and hessian): exactly one of target_compression / target_size_mb.
+  # The size target (automp, qbert and hawq): exactly one of
+  # target_compression, target_size_mb or target_uniform_bits.
   config.search = config_dict.ConfigDict()
   config.search.target_compression = config_dict.placeholder(float)
   config.search.target_size_mb = config_dict.placeholder(float)
@@ -111,12 +112,15 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.search.tau_decay = 1.0
   config.search.eval_every_steps = 0  # 0: evaluate the argmax policy at the end only.
 
+  # The Hessian baselines (qbert, hawq): curvature of the teacher's task loss on training batches.
   config.hessian = config_dict.ConfigDict()
   config.hessian.batch_size = 32
-  config.hessian.num_batches = 2  # Training batches the Hessian is averaged over.
-  config.hessian.power_iterations = 10  # At most; each is one Hessian-vector product per batch.
-  config.hessian.tolerance = 1e-3  # Stop once the eigenvalue's relative change is below this.
-  config.hessian.eigenvalues_from = config_dict.placeholder(str)  # Reuse another run's JSON.
+  config.hessian.num_batches = 10  # Q-BERT: eigenvalues per batch (|mean| + std); HAWQ: averaged.
+  config.hessian.power_iterations = 20  # Q-BERT: at most this many products per batch and layer.
+  config.hessian.tolerance = 1e-3  # Q-BERT: stop once every eigenvalue changes less than this.
+  config.hessian.trace_samples = 4  # HAWQ: Rademacher vectors per batch (Hutchinson).
+  config.hessian.per_group_traces = False  # HAWQ: trace per sub-group instead of per matrix.
+  config.hessian.sensitivity_from = config_dict.placeholder(str)  # Another run's sensitivity.json.
 
   config.compare = config_dict.ConfigDict()
   config.compare.uniform_bits = ()  # automp also trains these uniform baselines, for its table.

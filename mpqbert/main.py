@@ -31,7 +31,8 @@ _CACHE = flags.DEFINE_string(
     "when set, wins.")
 
 METHODS: dict[str, Callable] = {"finetune": finetune, "automp": methods.automp,
-                                "uniform": methods.uniform, "hessian": methods.hessian,
+                                "uniform": methods.uniform, "qbert": methods.qbert,
+                                "hawq": methods.hawq,
                                 "sensimix": methods.sensimix.run}
 
 

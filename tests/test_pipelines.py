@@ -109,7 +109,7 @@ def test_automp_resumes_after_kill_9_as_if_uninterrupted(tmp_path, tiny_model_di
                                    [r[key] for r in want if key in r], rtol=1e-5)
 
 
-def test_uniform_and_hessian_pipelines(tmp_path, tiny_model_dir, glue_dir):
+def test_uniform_qbert_and_hawq_pipelines(tmp_path, tiny_model_dir, glue_dir):
   flags = _flags(tiny_model_dir, glue_dir)
   _finish(_launch("finetune", tmp_path / "teacher",
                   {**tiny_run_flags(tiny_model_dir, glue_dir), "train.num_train_steps": 16}))
@@ -124,10 +124,21 @@ def test_uniform_and_hessian_pipelines(tmp_path, tiny_model_dir, glue_dir):
   assert uniform["method"] == "uniform3"
   assert [r["method"] for r in uniform["rows"]] == ["full precision", "uniform 3-bit"]
 
-  _finish(_launch("hessian", tmp_path / "hessian",
-                  {**flags, **shared, "search.target_compression": 10.0}))
-  hessian = json.loads((tmp_path / "hessian" / "results.json").read_text())
-  target = hessian["rows"][0]["size_mb"] / 10.0
-  assert (1 - 0.02) * target <= hessian["size_mb"] <= target  # the knapsack's window
-  assert set(hessian["eigenvalues"]) == set(json.loads(
-      (tmp_path / "hessian" / "policy.json").read_text())["matrices"])
+  # The Hessian baselines: their policies at or under the target (in the knapsack's window),
+  # Q-BERT without pruning or 1-bit groups, HAWQ over the full search space.
+  for method, extra in (("qbert", {"hessian.num_batches": 2}),
+                        ("hawq", {"hessian.trace_samples": 2})):
+    _finish(_launch(method, tmp_path / method,
+                    {**flags, **shared, **extra, "search.target_uniform_bits": 3}))
+    result = json.loads((tmp_path / method / "results.json").read_text())
+    target = uniform["size_mb"]  # uniform 3-bit's exact size, same sub-groups
+    assert (1 - 0.02) * target <= result["size_mb"] <= target, method
+    bits = {int(b) for b in result["policy"]["groups_per_bits"]}
+    info = json.loads((tmp_path / method / "sensitivity.json").read_text())
+    assert result["sensitivity"] == info and info["method"] == method
+    if method == "qbert":
+      assert bits <= {2, 3, 4, 8} and len(bits) > 1, bits
+      assert all(len(v) == 2 for v in info["eigenvalues"].values())  # one per batch
+      assert [k.split("encoder/")[-1] for k in info["sensitivity"]] == ["layer/0", "layer/1"]
+    else:
+      assert info["vectors"] == 2 * 1 and len(info["trace"]) == 12

@@ -42,15 +42,15 @@ def _small_budget(config: str, model_dir, glue_dir) -> list[str]:
   if config != "finetune":
     flags.update({"teacher.train.num_train_steps": 3, "teacher.train.batch_size": 8,
                   "teacher.train.eval_batch_size": 128, "quant.calibration_batches": 1})
-  if config in ("automp", "quickstart", "uniform", "hessian"):  # 32-wide tiny matrices: 4 groups.
+  if config in ("automp", "quickstart", "uniform", "qbert", "hawq"):  # 32-wide: 4 groups.
     flags.update({"quant.groups": 4})
-  if config in ("automp", "quickstart", "hessian"):  # Each tiny sub-group is 0.6% of the size.
+  if config in ("automp", "quickstart", "qbert", "hawq"):  # A tiny sub-group: 0.6% of the size.
     flags.update({"search.tolerance": 0.02})
   if config in ("automp", "quickstart"):
     flags.update({"search.num_train_steps": 3, "search.batch_size": 8})
-  if config == "hessian":
-    flags.update({"hessian.batch_size": 8, "hessian.num_batches": 1,
-                  "hessian.power_iterations": 2})
+  if config in ("qbert", "hawq"):
+    flags.update({"hessian.batch_size": 8, "hessian.num_batches": 2,
+                  "hessian.power_iterations": 2, "hessian.trace_samples": 1})
   if config == "sensimix":  # The tiny BERT has 2 layers: 1 + 1, and a step per stage (3).
     flags.update({"sensimix.num_8bit_layers": 1})
   return [f"--config.{k}={v}" for k, v in flags.items()]
@@ -58,7 +58,8 @@ def _small_budget(config: str, model_dir, glue_dir) -> list[str]:
 
 def test_the_readme_has_every_method_command():
   configs = {re.search(r"configs/(\w+)\.py", c).group(1) for c in readme_commands()}
-  assert configs >= {"quickstart", "finetune", "automp", "uniform", "hessian", "sensimix"}
+  assert configs >= {"quickstart", "finetune", "automp", "uniform", "qbert", "hawq",
+                     "sensimix"}
 
 
 def _command_id(command: str) -> str:

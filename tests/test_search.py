@@ -1,5 +1,6 @@
-"""AutoMPQ search pieces: size band and loss, derivation into the band, Hessian eigenvalues,
-and a search on a tiny BERT that must prune the sub-groups its task does not need."""
+"""AutoMPQ search pieces: size band and loss, derivation into the band, and a search on a tiny
+BERT that must prune the sub-groups its task does not need (the Hessian baselines:
+test_hessian.py)."""
 
 from __future__ import annotations
 
@@ -201,54 +202,6 @@ def test_temperature_schedule():
   assert tau(0) == tau(100) == 5.0
   assert tau(300) == pytest.approx(5.0 * math.exp(-0.5 * 2.0))
   assert tau(150) == pytest.approx(5.0 * math.exp(-0.25))
-
-
-def test_block_eigenvalues_match_numpy_float64(caplog):
-  """A loss with known Hessian blocks A (for x) and B (for y), coupled by a cross term."""
-  rng = np.random.default_rng(0)
-
-  def spd(n, top):
-    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    return (q * np.r_[top, rng.uniform(0.1, 1.0, n - 1)]) @ q.T
-
-  a, b, c = spd(6, 7.0), spd(4, -5.0), rng.normal(size=(6, 4))
-  params = {"x": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
-            "y": {"kernel": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)}}
-
-  def loss(p, batch):
-    x, y = p["x"]["kernel"].reshape(-1), p["y"]["kernel"].reshape(-1)
-    return batch * (0.5 * x @ a @ x + 0.5 * y @ b @ y + x @ c @ y + jnp.sum(x**3) * 0)
-
-  values = search.block_top_eigenvalues(loss, params, [jnp.float32(1.0), jnp.float32(3.0)],
-                                        ["x/kernel", "y/kernel"], iterations=60)
-  # Mean over the two "batches" scales the Hessian by 2; the cross term c is outside the blocks.
-  assert values["x/kernel"] == pytest.approx(2 * 7.0, rel=1e-3)
-  assert values["y/kernel"] == pytest.approx(2 * -5.0, rel=1e-3)
-
-  # With a tolerance, power iteration stops early on the same values.
-  caplog.set_level(logging.INFO)
-  early = search.block_top_eigenvalues(loss, params, [jnp.float32(1.0), jnp.float32(3.0)],
-                                       ["x/kernel", "y/kernel"], iterations=60, tolerance=1e-5)
-  assert early == pytest.approx(values, rel=1e-3)
-  products = [int(m) for m in re.findall(r"\((\d+) products\)", caplog.text)]
-  assert len(products) == 2 and max(products) < 20, products
-
-
-def test_hessian_policy_gives_sensitive_matrices_more_bits(encoder_params):
-  plan = _plan(encoder_params, groups=4, bit_choices=(2, 4, 8))
-  spec = quant.bert_encoder_spec(groups=4, bit_choices=(2, 4, 8))
-  errors = search.quantization_errors(encoder_params, plan,
-                                      quant.init_qparams(spec, encoder_params))
-  for p, e in errors.items():  # Fewer bits, larger error, per sub-group.
-    assert np.all(e[:, 0] > e[:, 1]) and np.all(e[:, 1] > e[:, 2]), p
-  sensitive = sorted(plan)[:3]
-  eigen = {p: (100.0 if p in sensitive else 0.01) for p in plan}
-  band = search.make_band(encoder_params, plan, target_compression=8.0, tolerance=0.05)
-  policy = search.hessian_policy(eigen, errors, plan, band)
-  assert band.contains(quant.size_report(encoder_params, policy)["size_mb"])
-  mean_bits = {p: float(np.mean(policy.bits[p])) for p in plan}
-  assert min(mean_bits[p] for p in sensitive) > max(mean_bits[p] for p in plan
-                                                     if p not in sensitive)
 
 
 def test_search_prunes_the_sub_groups_the_task_does_not_need():

@@ -2,7 +2,8 @@
 
   automp   teacher -> bilevel search (mpqbert.search) -> derived policy -> QAT retrain -> eval
   uniform  teacher -> n-bit policy -> QAT retrain -> eval
-  hessian  teacher -> Hessian eigenvalues -> sensitivity-assigned policy -> QAT retrain -> eval
+  qbert    teacher -> per-layer Hessian eigenvalues (Q-BERT) -> knapsack policy -> QAT retrain
+  hawq     teacher -> per-matrix Hutchinson traces (HAWQ-V3) -> knapsack policy -> QAT retrain
 
 Every quantized model starts from the teacher's weights and gets the same `config.train` budget;
 the searched/assigned policy lands in the size band of `config.search`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ from mpqbert.methods import common
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop, optim, sharding
 from mpqbert.train.steps import per_example_loss, weighted_mean
+
+
+_LAYER = re.compile(r"^(.*/layer/\d+)/")
 
 
 def policy_stats(policy: quant.Policy) -> dict[str, Any]:
@@ -72,9 +77,10 @@ def _band(ctx, teacher, plan) -> search.SizeBand:
                           target_uniform_bits=s.target_uniform_bits, tolerance=s.tolerance)
 
 
-def _training_batches(ctx, count: int, seed_offset: int) -> list:
+def _training_batches(ctx, count: int, seed_offset: int, batch_size: int | None = None) -> list:
   """`count` sharded training batches of a seeded stream (sensitivity estimates)."""
-  stream = loop.batches_for(ctx.config, ctx.train_set, 0, seed_offset=seed_offset)
+  stream = loop.batches_for(ctx.config, ctx.train_set, 0, seed_offset=seed_offset,
+                            batch_size=batch_size)
   return [sharding.shard_batch(next(stream), ctx.mesh) for _ in range(count)]
 
 
@@ -278,35 +284,97 @@ def uniform(config, workdir) -> dict[str, Any]:
                               start_time=start, policy=policy_stats(policy))
 
 
-def hessian(config, workdir) -> dict[str, Any]:
-  """Q-BERT-style: Hessian top eigenvalue per matrix -> bits per sub-group in the band."""
+def layer_blocks(plan: quant.Plan) -> dict[str, list[str]]:
+  """The planned matrices of each encoder layer (`.../layer/<i>`), Q-BERT's unit."""
+  blocks: dict[str, list[str]] = {}
+  for path in plan:
+    match = _LAYER.search(path)
+    if match is None:
+      raise ValueError(f"{path} is in no encoder layer (.../layer/<i>/...); Q-BERT measures "
+                       "sensitivity per layer.")
+    blocks.setdefault(match.group(1), []).append(path)
+  return blocks
+
+
+def _sensitivity(ctx, workdir: Path, method: str, measure, field: str,
+                 keys: set[str]) -> dict[str, Any]:
+  """The method's Hessian measurement, with a value per key in `info[field]`: computed once and
+  cached in sensitivity.json, or read from `hessian.sensitivity_from` (another run's file, of
+  the same teacher and method)."""
+  source = ctx.config.hessian.sensitivity_from
+  info = (json.loads(Path(source).read_text()) if source
+          else common.cached_json(workdir / "sensitivity.json", measure))
+  missing = sorted(keys - set(info.get(field, {})))
+  if info.get("method") != method or missing:
+    raise ValueError(f"{source or workdir / 'sensitivity.json'} holds no {method} sensitivity "
+                     f"for {missing[0] if missing else 'this model'}; hessian.sensitivity_from "
+                     f"must name the sensitivity.json of a {method} run of the same teacher.")
+  return info
+
+
+def _sensitivity_batches(ctx) -> list:
+  hc = ctx.config.hessian
+  return _training_batches(ctx, hc.num_batches, seed_offset=2, batch_size=hc.batch_size)
+
+
+def _assign(ctx, workdir: Path, method: str, spec, plan, band, teacher, sensitivity,
+            full_precision, start, info) -> dict[str, Any]:
+  """Bits by `search.sensitivity_policy` in the band, then the common retrain."""
+  qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
+  policy = search.sensitivity_policy(sensitivity, search.quantization_errors(teacher, plan,
+                                                                             qparams),
+                                     plan, band, fixed_bits=search.fixed_bits(teacher, plan),
+                                     max_pruned_fraction=ctx.config.search.max_pruned_fraction,
+                                     activation_bits=ctx.config.quant.activation_bits)
+  rows = [common.row("full precision", full_precision)]
+  return _finish(ctx, workdir, method=method, label=method, spec=spec, policy=policy,
+                 teacher=teacher, rows=rows, start=start, sensitivity=info)
+
+
+def qbert(config, workdir) -> dict[str, Any]:
+  """Q-BERT: per layer |mean| + std of the top Hessian eigenvalue over `hessian.num_batches`
+  batches, times each sub-group's quantization error, bits by the exact knapsack in the band."""
+  start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
+  spec = common.make_spec(config, _num_heads(ctx))
+  plan = spec.plan(teacher)
+  band = _band(ctx, teacher, plan)
+  blocks = layer_blocks(plan)
+  hc = config.hessian
+
+  def measure() -> dict[str, Any]:
+    eigenvalues = search.block_top_eigenvalues(
+        _label_loss(ctx), teacher, _sensitivity_batches(ctx), blocks,
+        iterations=hc.power_iterations, tolerance=hc.tolerance, seed=config.seed)
+    return {"method": "qbert", "eigenvalues": {k: v.tolist() for k, v in eigenvalues.items()},
+            "sensitivity": search.qbert_sensitivity(eigenvalues)}
+
+  info = _sensitivity(ctx, workdir, "qbert", measure, "sensitivity", set(blocks))
+  sensitivity = {p: info["sensitivity"][layer] for layer, paths in blocks.items() for p in paths}
+  return _assign(ctx, workdir, "qbert", spec, plan, band, teacher, sensitivity, full_precision,
+                 start, info)
+
+
+def hawq(config, workdir) -> dict[str, Any]:
+  """HAWQ-V3: per matrix (or sub-group) the Hutchinson Hessian trace over its weight count,
+  times each sub-group's quantization error, bits by the exact knapsack in the band."""
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   spec = common.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
   band = _band(ctx, teacher, plan)
   hc = config.hessian
 
-  def eigenvalues() -> dict[str, float]:
-    if hc.eigenvalues_from:
-      return json.loads(Path(hc.eigenvalues_from).read_text())
-    stream = loop.batches_for(config, ctx.train_set, 0, batch_size=hc.batch_size,
-                              seed_offset=2)
-    batches = [sharding.shard_batch(next(stream), ctx.mesh) for _ in range(hc.num_batches)]
-    return search.block_top_eigenvalues(_label_loss(ctx), teacher, batches, list(plan),
-                                        iterations=hc.power_iterations,
-                                        tolerance=hc.tolerance, seed=config.seed)
+  def measure() -> dict[str, Any]:
+    traces = search.hutchinson_traces(_label_loss(ctx), teacher, _sensitivity_batches(ctx), plan,
+                                      samples=hc.trace_samples, seed=config.seed)
+    n = next(iter(traces.values())).shape[0]
+    return {"method": "hawq", "vectors": n,
+            "group_traces": {p: t.mean(0).tolist() for p, t in traces.items()},
+            "trace": {p: float(t.sum(-1).mean()) for p, t in traces.items()},
+            "trace_stderr": {p: float(t.sum(-1).std(ddof=1) / math.sqrt(n)) if n > 1 else None
+                             for p, t in traces.items()}}
 
-  values = common.cached_json(workdir / "hessian_eigenvalues.json", eigenvalues)
-  missing = sorted(set(plan) - set(values))
-  if missing:
-    raise ValueError(f"hessian eigenvalues lack {missing[0]}; hessian.eigenvalues_from must come "
-                     "from a run of the same model.")
-  qparams = quant.init_qparams(spec, teacher, scale_init=config.quant.scale_init)
-  errors = search.quantization_errors(teacher, plan, qparams)
-  policy = search.hessian_policy(values, errors, plan, band,
-                                 fixed_bits=search.fixed_bits(teacher, plan),
-                                 max_pruned_fraction=config.search.max_pruned_fraction,
-                                 activation_bits=config.quant.activation_bits)
-  rows = [common.row("full precision", full_precision)]
-  return _finish(ctx, workdir, method="hessian", label="hessian", spec=spec, policy=policy,
-                 teacher=teacher, rows=rows, start=start, eigenvalues=values)
+  info = _sensitivity(ctx, workdir, "hawq", measure, "group_traces", set(plan))
+  traces = {p: np.asarray([info["group_traces"][p]]) for p in plan}
+  sensitivity = search.average_traces(traces, plan, per_group=hc.per_group_traces)
+  return _assign(ctx, workdir, "hawq", spec, plan, band, teacher, sensitivity, full_precision,
+                 start, info)

@@ -71,7 +71,8 @@ def plot_bit_map(policy: Policy, path: str | Path, title: str = "") -> Path:
 
 
 _PARETO_STYLES = {"full precision": ("k", "*"), "uniform": ("tab:blue", "o"),
-                  "hessian": ("tab:orange", "s"), "automp": ("tab:green", "D"),
+                  "hessian": ("tab:gray", "x"), "qbert": ("tab:orange", "s"),
+                  "hawq": ("tab:red", "v"), "automp": ("tab:green", "D"),
                   "sensimix": ("tab:purple", "^")}
 
 
@@ -79,17 +80,20 @@ def pareto_figure(rows: Sequence[dict[str, Any]], task: str, title: str = "") ->
   """Dev metric against encoder-matrix size (log scale) for every method of `task`.
 
   `rows` are results-table rows: `task`, `run` (a method name, e.g. "uniform4", "automp16",
-  "full precision"; "ablation*" runs are left out), `size_mb`, `dev` and `metric`.
+  "full precision"; "ablation*" runs are left out), `size_mb`, `dev` and `metric`, and
+  optionally `dev_std` (an error bar: the standard deviation over seeds).
   """
   fig = Figure(figsize=(6.5, 4.2))
   ax = fig.subplots()
   for name, (color, marker) in _PARETO_STYLES.items():
-    pts = sorted((r["size_mb"], r["dev"], r["run"]) for r in rows if r["task"] == task
-                 and r["run"].startswith(name) and not r["run"].startswith("ablation"))
+    pts = sorted((r["size_mb"], r["dev"], r["run"], r.get("dev_std") or 0.0) for r in rows
+                 if r["task"] == task and r["run"].startswith(name)
+                 and not r["run"].startswith("ablation"))
     if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=name,
-              linestyle="-" if len(pts) > 1 else "none")
-      for x, y, run in pts:
+      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[3] for p in pts],
+                  marker=marker, color=color, label=name, capsize=3,
+                  linestyle="-" if len(pts) > 1 else "none")
+      for x, y, run, _ in pts:
         suffix = run.replace(name, "").strip()
         label = (suffix if not suffix.isdigit() else
                  f"{suffix}-bit" if name == "uniform" else f"{suffix}x")

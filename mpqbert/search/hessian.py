@@ -1,10 +1,23 @@
-"""Q-BERT-style baseline: Hessian sensitivity per matrix, bits per sub-group to meet a size band.
+"""Second-order sensitivities of the Hessian baselines, and their bits under a size target.
 
-Sensitivity of a weight matrix W is the top eigenvalue of the loss Hessian restricted to W (its
-diagonal block), by power iteration on exact Hessian-vector products (forward-over-reverse).
-Quantizing sub-group g of W to b bits then costs `lambda_W * ||Q_b(W_g) - W_g||^2`, the
-second-order loss increase along the top eigen-direction, and the exact knapsack
-(`derive.exact_choices`) picks the bits with the least total cost inside the size band.
+Q-BERT (Shen et al., AAAI 2020): per layer, the top eigenvalue of the loss Hessian's diagonal
+block over that layer's matrices, measured on each of several batches; the layer's sensitivity
+is |mean| + std of those eigenvalues (`qbert_sensitivity`).
+
+HAWQ-V3 (Yao et al., ICML 2021): per matrix (or sub-group), the trace of the Hessian's diagonal
+block by Hutchinson's estimator, divided by its number of weights: the average curvature
+(`average_traces`).
+
+Both price sub-group g of matrix W at b bits as `sensitivity * ||Q_b(W_g) - W_g||^2` (the
+second-order loss increase) and the exact knapsack (`derive.exact_choices`) picks the bits with
+the least total inside the size band (`sensitivity_policy`); the bit choices (no pruning for
+Q-BERT) come from the method's config.
+
+Hessian-vector products are forward-over-reverse. One `jax.linearize` per batch keeps the
+residuals of the gradient's forward and backward pass, so every further product on that batch
+is one tangent pass; several tangents go through one call (vmap). The linearized function is a
+`jax.tree_util.Partial` whose residuals are arrays: both compiled functions take them as
+arguments, so each compiles once, whatever the batch.
 """
 
 from __future__ import annotations
@@ -23,65 +36,141 @@ from mpqbert.search.derive import exact_choices, policy_from_choices
 from mpqbert.search.size import SizeBand
 from mpqbert.train.compiled import Jit
 
-
-def _unit(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x), 1e-30)
+LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> scalar loss
 
 
-def block_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
-                          batches: Sequence[Any], paths: Sequence[str], *, iterations: int,
-                          tolerance: float = 0.0, seed: int = 0) -> dict[str, float]:
-  """Top (largest-magnitude) eigenvalue of the Hessian block of each parameter in `paths`.
+def _flat(tree: Any) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/")
 
-  `loss_fn(params, batch)` is the scalar loss; the Hessian is that of its mean over `batches`.
-  One compiled HVP serves every block: the tangent is zero outside the block and the block of
-  the product is kept, which is exactly `H_bb v`. Power iteration on a block stops after
-  `iterations` products, or earlier once the Rayleigh quotient changes by at most `tolerance`
-  relative to its previous value (as PyHessian does), which halves the cost on BERT.
+
+def _linearized_gradient(loss_fn: LossFn) -> tuple[Jit, Jit]:
+  """(linearize(params, batch) -> v |-> H v, products(linearized, tangents[n, ...]) -> H v[n])."""
+  def linearize(params, batch):
+    return jax.linearize(lambda p: jax.grad(loss_fn)(p, batch), params)[1]
+
+  def products(hvp, tangents):
+    return jax.vmap(hvp)(tangents)
+
+  return Jit(linearize, "hessian_linearize"), Jit(products, "hessian_vector_products")
+
+
+def _stacked_tangents(flat_params: Mapping[str, jax.Array],
+                      vectors: Sequence[Mapping[str, jax.Array]]) -> Any:
+  """Tangent trees `[len(vectors), ...]`: vector i on its paths, zero on every other one."""
+  out = {}
+  for path, value in flat_params.items():
+    zero = jnp.zeros(value.shape, value.dtype)
+    out[path] = jnp.stack([v.get(path, zero).astype(value.dtype) for v in vectors])
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _key(key: jax.Array, batch: int, vector: int, path: str, flat: Mapping[str, Any]
+         ) -> jax.Array:
+  """An independent key per (batch, vector, parameter): parameters must not share random bits,
+  or the vector's entries across matrices would be correlated and the estimates biased."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, batch), vector),
+                            list(flat).index(path))
+
+
+def _dot(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> float:
+  return float(sum(jnp.vdot(a[p], b[p]) for p in a))
+
+
+def _unit(v: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  norm = max(np.sqrt(_dot(v, v)), 1e-30)
+  return {p: x / norm for p, x in v.items()}
+
+
+def block_top_eigenvalues(loss_fn: LossFn, params: Any, batches: Sequence[Any],
+                          blocks: Mapping[str, Sequence[str]], *, iterations: int,
+                          tolerance: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
+  """Top (largest-magnitude) eigenvalue of the Hessian block of each set of parameter paths
+  `blocks[name]`, on each batch separately: `{name: [len(batches)]}`.
+
+  Power iteration, every block at once (one vmapped call per iteration): `H_bb v` is the block
+  of `H v` for a tangent v that is zero outside the block. It stops after `iterations` products,
+  or once every block's Rayleigh quotient changes by at most `tolerance` relative to its
+  previous value (as PyHessian does).
   """
-  flat = traverse_util.flatten_dict(params, sep="/")
-  zeros = {k: jnp.zeros_like(v) for k, v in flat.items()}
-
-  def hvp(params, tangent, batch):
-    grad = jax.grad(loss_fn)
-    return jax.jvp(lambda p: grad(p, batch), (params,), (tangent,))[1]
-
-  hvp = Jit(hvp, "hessian_vector_product")
-
-  def block_hvp(path: str, v: jax.Array) -> jax.Array:
-    tangent = traverse_util.unflatten_dict({**zeros, path: v}, sep="/")
-    products = [traverse_util.flatten_dict(hvp(params, tangent, b), sep="/")[path]
-                for b in batches]
-    return sum(products) / len(products)
-
-  eigenvalues = {}
+  flat = _flat(params)
+  names = list(blocks)
+  linearize, products = _linearized_gradient(loss_fn)
   key = jax.random.key(seed)
-  for i, path in enumerate(paths):
-    v = _unit(jax.random.normal(jax.random.fold_in(key, i), flat[path].shape, jnp.float32))
-    eigenvalue, previous = 0.0, None
+  out = {name: np.zeros(len(batches)) for name in names}
+  for b, batch in enumerate(batches):
+    hvp = linearize(params, batch)
+    vectors = [_unit({p: jax.random.normal(_key(key, b, i, p, flat), flat[p].shape, jnp.float32)
+                      for p in blocks[name]}) for i, name in enumerate(names)]
+    previous = None
     for step in range(1, iterations + 1):
-      hv = block_hvp(path, v)
-      eigenvalue = float(jnp.vdot(v, hv))
-      v = _unit(hv)
-      if previous is not None and abs(eigenvalue - previous) <= tolerance * abs(previous):
+      hv = _flat(products(hvp, _stacked_tangents(flat, vectors)))
+      hv = [{p: hv[p][i] for p in blocks[name]} for i, name in enumerate(names)]
+      values = np.array([_dot(v, h) for v, h in zip(vectors, hv)])
+      vectors = [_unit(h) for h in hv]
+      if previous is not None and np.all(np.abs(values - previous)
+                                         <= tolerance * np.abs(previous)):
         break
-      previous = eigenvalue
-    eigenvalues[path] = eigenvalue
-    logging.info("hessian top eigenvalue %s = %.5g (%d products)", path, eigenvalue, step)
-  return eigenvalues
+      previous = values
+    for name, value in zip(names, values):
+      out[name][b] = value
+    logging.info("hessian top eigenvalues on batch %d (%d products each): %s", b, step,
+                 ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values)))
+  return out
 
 
-def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
-                    batches: Sequence[Any], paths: Sequence[str]) -> dict[str, jax.Array]:
-  """The empirical Fisher's diagonal, mean over `batches` of the squared batch gradient, for
-  each parameter in `paths`: a cheap curvature estimate (one backward pass per batch)."""
-  grad = Jit(jax.grad(loss_fn), "fisher_gradient")
-  total = None
-  for batch in batches:
-    flat = traverse_util.flatten_dict(grad(params, batch), sep="/")
-    squares = {p: jnp.square(flat[p]) for p in paths}
-    total = squares if total is None else {p: total[p] + squares[p] for p in paths}
-  return {p: v / len(batches) for p, v in total.items()}
+def qbert_sensitivity(eigenvalues: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Q-BERT's layer sensitivity: |mean| + standard deviation (over batches) of the top
+  eigenvalue, so a layer whose curvature is large on some batches counts as sensitive."""
+  return {name: float(abs(np.mean(v)) + np.std(v)) for name, v in eigenvalues.items()}
+
+
+def _group_sums(x: jax.Array, groups: int) -> jax.Array:
+  """`[..., out] -> [groups]`: the sum over each sub-group of output columns."""
+  view = quant.group_view(x, groups)
+  return jnp.sum(view, axis=tuple(i for i in range(view.ndim) if i != view.ndim - 2))
+
+
+def hutchinson_traces(loss_fn: LossFn, params: Any, batches: Sequence[Any], plan: Plan, *,
+                      samples: int, seed: int = 0, chunk: int = 4) -> dict[str, np.ndarray]:
+  """Hutchinson estimates of the trace of each sub-group's Hessian block, `{path: [n, G]}` with
+  one row per Rademacher vector (`samples` per batch, n = samples * len(batches)).
+
+  A row is `v_g . (H v)_g` for one Rademacher v over every planned matrix at once: its mean is
+  the trace of the block of sub-group g, since E[v_i v_j] = 0 for i != j. A matrix's trace is
+  the sum over its sub-groups. `chunk` vectors go through one call.
+  """
+  flat = _flat(params)
+  linearize, products = _linearized_gradient(loss_fn)
+  key = jax.random.key(seed)
+  rows: dict[str, list[np.ndarray]] = {p: [] for p in plan}
+  for b, batch in enumerate(batches):
+    hvp = linearize(params, batch)
+    for start in range(0, samples, chunk):
+      vectors = [{p: jax.random.rademacher(_key(key, b, start + i, p, flat), flat[p].shape,
+                                           jnp.float32) for p in plan}
+                 for i in range(min(chunk, samples - start))]
+      hv = _flat(products(hvp, _stacked_tangents(flat, vectors)))
+      for i, v in enumerate(vectors):
+        for path, matrix in plan.items():
+          rows[path].append(np.asarray(_group_sums(v[path] * hv[path][i], matrix.groups),
+                                       np.float64))
+  traces = {p: np.stack(r) for p, r in rows.items()}
+  total = sum(float(t.sum(-1).mean()) for t in traces.values())
+  logging.info("hutchinson: %d vectors on %d batches, total trace of the planned blocks %.4g",
+               samples * len(batches), len(batches), total)
+  return traces
+
+
+def average_traces(traces: Mapping[str, np.ndarray], plan: Plan, *,
+                   per_group: bool = False) -> dict[str, np.ndarray]:
+  """HAWQ's sensitivity: the mean Hutchinson trace (`hutchinson_traces`) divided by the number
+  of weights, per matrix `[1]` (HAWQ-V3) or per sub-group `[G]` (`per_group`, noisier)."""
+  out = {}
+  for path, matrix in plan.items():
+    trace = np.asarray(traces[path], np.float64).mean(0)
+    out[path] = (trace / matrix.group_size if per_group
+                 else np.array([trace.sum() / (matrix.group_size * matrix.groups)]))
+  return out
 
 
 def quantization_errors(params: Any, plan: Plan, qparams: Mapping[str, Any],
@@ -93,21 +182,39 @@ def quantization_errors(params: Any, plan: Plan, qparams: Mapping[str, Any],
   for path, matrix in plan.items():
     w = jnp.asarray(flat[path], jnp.float32)
     f = 1.0 if weights is None else jnp.asarray(weights[path], jnp.float32)
-    per_choice = []
-    for k in range(len(matrix.bit_choices)):
-      diff = quant.quantize_choice(w, matrix, qparams[path], k) - w
-      per_choice.append(jnp.sum(quant.group_view(f * jnp.square(diff), matrix.groups),
-                                axis=tuple(i for i in range(diff.ndim + 1) if i != diff.ndim - 1)))
+    per_choice = [_group_sums(f * jnp.square(quant.quantize_choice(w, matrix, qparams[path], k)
+                                             - w), matrix.groups)
+                  for k in range(len(matrix.bit_choices))]
     errors[path] = np.asarray(jnp.stack(per_choice, axis=-1), np.float64)
   return errors
 
 
-def hessian_policy(eigenvalues: Mapping[str, float], errors: Mapping[str, np.ndarray], plan: Plan,
-                   band: SizeBand, *, fixed_bits: int = 0,
-                   max_pruned_fraction: float | None = None,
-                   activation_bits: int = quant.FULL_PRECISION) -> Policy:
-  """The bits in `band` with the least total |lambda_W| * ||Q_b(W_g) - W_g||^2."""
-  scores = {p: -abs(eigenvalues[p]) * errors[p] for p in plan}
+def fisher_diagonal(loss_fn: LossFn, params: Any, batches: Sequence[Any],
+                    paths: Sequence[str]) -> dict[str, jax.Array]:
+  """The empirical Fisher's diagonal, mean over `batches` of the squared batch gradient, for
+  each parameter in `paths`: a cheap curvature estimate (one backward pass per batch)."""
+  grad = Jit(jax.grad(loss_fn), "fisher_gradient")
+  total = None
+  for batch in batches:
+    flat = _flat(grad(params, batch))
+    squares = {p: jnp.square(flat[p]) for p in paths}
+    total = squares if total is None else {p: total[p] + squares[p] for p in paths}
+  return {p: v / len(batches) for p, v in total.items()}
+
+
+def sensitivity_policy(sensitivity: Mapping[str, Any], errors: Mapping[str, np.ndarray],
+                       plan: Plan, band: SizeBand, *, fixed_bits: int = 0,
+                       max_pruned_fraction: float | None = None,
+                       activation_bits: int = quant.FULL_PRECISION) -> Policy:
+  """The bits in `band` with the least total `sensitivity[path] * ||Q_b(W_g) - W_g||^2`.
+
+  `sensitivity[path]` is a scalar or one value per sub-group `[G]`; a negative one (noise of
+  an estimate at a near-flat matrix) counts as 0.
+  """
+  scores = {}
+  for path in plan:
+    weight = np.maximum(np.asarray(sensitivity[path], np.float64).reshape(-1, 1), 0.0)
+    scores[path] = -weight * errors[path]
   choice = exact_choices(scores, plan, band, fixed_bits=fixed_bits,
                          max_pruned_fraction=max_pruned_fraction)
   return policy_from_choices(choice, plan, activation_bits=activation_bits)
