@@ -94,6 +94,7 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.search.max_pruned_fraction = 0.5  # At most this share of a matrix's groups pruned.
   config.search.size_weight = 5.0  # lambda of the size loss lambda * log(C / V)^2.
   config.search.num_epochs = 2.0  # Over the weight split.
+  config.search.train_subset = 0  # >0: the search sees this many training examples (seeded).
   config.search.num_train_steps = -1  # >0 overrides num_epochs.
   config.search.batch_size = 32
   config.search.search_fraction = 0.2  # Share of the training data held out for the logits.

@@ -123,6 +123,10 @@ def test_uniform_qbert_and_hawq_pipelines(tmp_path, tiny_model_dir, glue_dir):
   assert uniform["avg_bits"] == pytest.approx(stored / weights) and uniform["avg_bits"] > 3.0
   assert uniform["method"] == "uniform3"
   assert [r["method"] for r in uniform["rows"]] == ["full precision", "uniform 3-bit"]
+  # The final model's dev predictions are kept for paired bootstraps: they give its accuracy.
+  with np.load(tmp_path / "uniform3" / "retrain" / "dev_predictions.npz") as f:
+    assert len(f["labels"]) == 277  # RTE dev
+    assert np.mean(f["predictions"] == f["labels"]) == pytest.approx(uniform["dev"], abs=1e-9)
 
   # The Hessian baselines: their policies at or under the target (in the knapsack's window),
   # Q-BERT without pruning or 1-bit groups, HAWQ over the full search space.

@@ -8,6 +8,7 @@ JSON file that a resumed run reads instead of redoing the stage.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import time
 from pathlib import Path
@@ -344,11 +345,24 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
                                                        s.params["qparams"], frozen[1])),
         config=config, mesh=ctx.mesh,
         eval_every=config.train.eval_every_steps or steps_per_epoch, learning_rate=schedule)
+    save_dev_predictions(ctx, stage, eval_step, (state.params["params"], state.params["qparams"],
+                                                 frozen[1]))
     return {"dev": ctx.dev_value(dev_metrics), "dev_metrics": dev_metrics,
             **quant.size_report(jax.device_get(params), policy), "steps": total_steps,
             "wall_time_s": time.time() - start}
 
   return cached_json(stage / "result.json", run)
+
+
+def save_dev_predictions(ctx: TaskContext, stage: Path, eval_step: Callable,
+                         variables: Any) -> Path:
+  """The final model's dev predictions and the labels, in dev order (`dev_predictions.npz`):
+  what paired comparisons between runs bootstrap over."""
+  dev_set = ctx.eval_sets[ctx.dev_split]
+  predictions, _ = loop.predict(eval_step, variables, dev_set, ctx.config, ctx.mesh)
+  buffer = io.BytesIO()
+  np.savez(buffer, predictions=np.asarray(predictions), labels=np.asarray(dev_set.labels))
+  return files.write_atomic(stage / "dev_predictions.npz", buffer.getvalue())
 
 
 def stage_weights(stage: Path, params: Any, qparams: Any) -> dict[str, Any]:

@@ -149,7 +149,9 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
   config, sc = ctx.config, ctx.config.search
   plan = spec.plan(teacher)
   fixed = search.fixed_bits(teacher, plan)
-  weight_set, search_set = common.split_for_search(ctx.train_set, sc.search_fraction, config.seed)
+  weight_set, search_set = common.split_for_search(
+      loop.take_subset(ctx.train_set, sc.train_subset, config.seed + 1), sc.search_fraction,
+      config.seed)
   steps_per_epoch = data.num_train_batches(len(weight_set), sc.batch_size)
   total_steps = (int(sc.num_train_steps) if sc.num_train_steps > 0
                  else max(1, math.ceil(sc.num_epochs * steps_per_epoch)))

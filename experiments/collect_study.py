@@ -1,0 +1,269 @@
+r"""The study's tables and plots from the runs of `experiments/run_study.sh`.
+
+  python experiments/collect_study.py [--root=workdirs/study] [--bootstrap=2000]
+
+Reads `<root>/<task>/<run>_seed<s>/results.json` and each run's final dev predictions
+(`retrain/dev_predictions.npz`) and writes results/study.{md,csv}, the Pareto plot of each task
+(dev metric against size, mean and standard deviation over seeds: study_pareto_<task>.png) and
+the bit-width map of the best mixed-precision policy per task at 16x
+(study_bit_map_<task>.png). For each task and size column: every method's mean and standard
+deviation over seeds, its exact size, and its paired difference to the column's uniform model
+(same seeds): the mean over seeds, with a 95% percentile interval of a bootstrap that resamples
+seeds and dev examples together. Then whether the study's aims are met, as far as run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from mpqbert import data
+from mpqbert.methods.report import pareto_figure
+
+_ROOT = flags.DEFINE_string("root", "workdirs/study", "Root of the study's runs.")
+_OUT = flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "study"),
+                           "Output path without extension.")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples per paired interval.")
+
+# Column -> (bits of its uniform row, how that row's size relates to the column's target).
+COLUMNS = {8: (4, "equal"), 12: (3, "larger"), 16: (2, "equal"), 24: (2, "larger")}
+METHODS = ("automp", "hawq", "qbert")
+TASKS = ("sst2", "mrpc", "stsb", "cola")
+NOT_RUN = {("qbert", 16): "= uniform 2-bit ({2,3,4,8}, no pruning: the only policy at this size)",
+           ("qbert", 24): "cannot reach 24x (2 bits at least)"}
+
+
+def _command(task: str, column: int, method: str, seed: int) -> str:
+  return (f"CELLS={task}:{column} SEEDS={seed} METHODS={method} "
+          "bash experiments/run_study.sh")
+
+
+def load_runs(task_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
+  """`{run name: {seed: results.json plus "workdir"}}` of a task's finished runs."""
+  runs: dict[str, dict[int, dict[str, Any]]] = {}
+  for run in sorted(task_dir.glob("*_seed*")):
+    if (run / "results.json").is_file():
+      name, seed = run.name.rsplit("_seed", 1)
+      summary = json.loads((run / "results.json").read_text())
+      runs.setdefault(name, {})[int(seed)] = {**summary, "workdir": run}
+  return runs
+
+
+def _predictions(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+  path = Path(run["workdir"]) / "retrain" / "dev_predictions.npz"
+  if not path.is_file():
+    return None
+  with np.load(path) as f:
+    return f["predictions"], f["labels"]
+
+
+def paired_bootstrap(task: str, metric: str, method: dict[int, dict], uniform: dict[int, dict],
+                     resamples: int, seed: int = 0) -> dict[str, Any] | None:
+  """Mean over common seeds of metric(method) - metric(uniform), and a 95% percentile interval
+  from resampling the seeds and the dev examples (the same examples for both models)."""
+  seeds = sorted(set(method) & set(uniform))
+  pairs = [(_predictions(method[s]), _predictions(uniform[s])) for s in seeds]
+  if not seeds or any(a is None or b is None for a, b in pairs):
+    return None
+  labels = pairs[0][0][1]
+  score = lambda p, idx: data.glue_metrics(task, p[idx], labels[idx])[metric]
+  every = np.arange(len(labels))
+  diffs = [score(a[0], every) - score(b[0], every) for a, b in pairs]
+  rng = np.random.default_rng(seed)
+  samples = []
+  for _ in range(resamples):
+    chosen = rng.integers(0, len(seeds), len(seeds))
+    idx = rng.integers(0, len(labels), len(labels))
+    samples.append(np.mean([score(pairs[c][0][0], idx) - score(pairs[c][1][0], idx)
+                            for c in chosen]))
+  low, high = np.percentile(samples, [2.5, 97.5])
+  return {"seeds": seeds, "per_seed": diffs, "mean": float(np.mean(diffs)), "low": float(low),
+          "high": float(high)}
+
+
+def _stats(by_seed: dict[int, dict]) -> dict[str, Any]:
+  devs = [r["dev"] for r in by_seed.values()]
+  return {"n": len(devs), "mean": statistics.mean(devs),
+          "std": statistics.stdev(devs) if len(devs) > 1 else float("nan"),
+          "size_mb": max(r["size_mb"] for r in by_seed.values()),
+          "compression": min(r["compression"] for r in by_seed.values()),
+          "commits": sorted({r.get("git_commit", "?")[:10] for r in by_seed.values()})}
+
+
+def _cell(stats: dict[str, Any] | None, scale: float) -> str:
+  if stats is None:
+    return "| not run yet | | | |"
+  std = "" if stats["n"] < 2 else f" ± {scale * stats['std']:.2f}"
+  return (f"| {scale * stats['mean']:.2f}{std} | {stats['n']} | {stats['size_mb']:.4f} | "
+          f"{stats['compression']:.2f}x |")
+
+
+def main(argv):
+  del argv
+  root, out = Path(_ROOT.value), Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  csv_rows, plot_rows = [], []
+  lines = ["# The study: every method against uniform quantization at equal size", "",
+           "Made by `bash experiments/run_study.sh` (the protocol is in its header) and "
+           "`python experiments/collect_study.py`. Dev metric x 100, mean ± standard deviation "
+           "over seeds (n); size: the largest over seeds of the encoder matrices with their "
+           "scales (MB), compression: the smallest. Δ uniform: the paired difference to the "
+           "column's uniform model on the same seeds, mean [95% bootstrap interval over seeds "
+           "and dev examples]. The 12x and 24x columns have no uniform model of their size: "
+           "their uniform row is the nearest larger one (3-bit, 2-bit), which favours it.", ""]
+  aims: dict[str, Any] = {}
+  for task in TASKS:
+    task_dir = root / task
+    if not task_dir.is_dir():
+      continue
+    runs = load_runs(task_dir)
+    if not runs:
+      continue
+    first = next(iter(next(iter(runs.values())).values()))
+    metric = first["metric"]
+    full_precision = first["rows"][0]["dev"]
+    lines += [f"## {task} ({metric}); full precision {100 * full_precision:.2f}", ""]
+    plot_rows.append({"task": task, "run": "full precision", "size_mb": first["rows"][0]["size_mb"],
+                      "dev": full_precision, "metric": metric})
+    aims[task] = {"full_precision": full_precision}
+    for column, (bits, relation) in COLUMNS.items():
+      uniform = runs.get(f"uniform{bits}", {})
+      present = {m: runs[f"{m}{column}"] for m in METHODS if f"{m}{column}" in runs}
+      if not present:
+        continue
+      lines += [f"### {column}x", "",
+                "| method | dev | n | size MB | compression | Δ uniform | commits |",
+                "|---|---:|---:|---:|---:|---:|---|"]
+      label = f"uniform {bits}-bit" + ("" if relation == "equal" else " (larger)")
+      ustats = _stats(uniform) if uniform else None
+      lines.append(f"| {label} {_cell(ustats, 100)} | "
+                   f"{', '.join(ustats['commits']) if ustats else ''} |")
+      # Only a uniform model of the column's size competes in the aims.
+      means = {"uniform": ustats["mean"] if ustats else None} if relation == "equal" else {}
+      for method in METHODS:
+        if (method, column) in NOT_RUN:
+          lines.append(f"| {method} | {NOT_RUN[(method, column)]} | | | | | |")
+          continue
+        if method not in present:
+          lines.append(f"| {method} | not run yet | | | | | |")
+          means[method] = None  # The aims stay open until it has run.
+          continue
+        stats = _stats(present[method])
+        means[method] = stats["mean"]
+        paired = paired_bootstrap(task, metric, present[method], uniform, _BOOTSTRAP.value)
+        delta = ("" if paired is None else
+                 f"{100 * paired['mean']:+.2f} [{100 * paired['low']:+.2f}, "
+                 f"{100 * paired['high']:+.2f}] (n={len(paired['seeds'])})")
+        lines.append(f"| {method} {_cell(stats, 100)} {delta} | "
+                     f"{', '.join(stats['commits'])} |")
+        plot_rows.append({"task": task, "run": f"{method}{column}", "size_mb": stats["size_mb"],
+                          "dev": stats["mean"], "dev_std": stats["std"] if stats["n"] > 1
+                          else 0.0, "metric": metric})
+        for seed, run in sorted(present[method].items()):
+          csv_rows.append(_csv_row(task, column, method, seed, run))
+      for seed, run in sorted(uniform.items()):
+        csv_rows.append(_csv_row(task, column, "uniform", seed, run))
+      aims[task][column] = means
+      lines.append("")
+    for bits in sorted({b for b, _ in COLUMNS.values()}):
+      if f"uniform{bits}" in runs:
+        stats = _stats(runs[f"uniform{bits}"])
+        plot_rows.append({"task": task, "run": f"uniform{bits}", "size_mb": stats["size_mb"],
+                          "dev": stats["mean"], "dev_std": stats["std"] if stats["n"] > 1
+                          else 0.0, "metric": metric})
+    if len(plot_rows) > 1:
+      png = out.parent / f"study_pareto_{task}.png"
+      pareto_figure(plot_rows, task, title=f"{task}: size vs dev {metric} (mean ± std over "
+                                           "seeds)").savefig(png, dpi=120)
+      lines += [f"Pareto plot: `{png.name}`.", ""]
+    best = _best_bit_map(runs, task, out.parent)
+    if best:
+      lines += [f"Bit-width map of the best mixed-precision policy at 16x: `{best}`.", ""]
+  lines += _aims(aims)
+  out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+  # Rows dedupe: the uniform 2-bit runs serve both the 16x and the 24x column.
+  unique = {(r["task"], r["run"], r["seed"]): r for r in csv_rows}
+  if unique:
+    with out.with_suffix(".csv").open("w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(next(iter(unique.values()))))
+      writer.writeheader()
+      writer.writerows(unique.values())
+  print("\n".join(lines))
+
+
+def _csv_row(task: str, column: int, method: str, seed: int, run: dict) -> dict[str, Any]:
+  name = Path(run["workdir"]).name.rsplit("_seed", 1)[0]
+  return {"task": task, "run": name, "seed": seed, "metric": run["metric"], "dev": run["dev"],
+          "size_mb": run["size_mb"], "compression": run["compression"],
+          "avg_bits": run["avg_bits"], "pruned_groups": run.get("policy", {}).get("pruned_groups"),
+          "steps": run.get("steps"), "wall_time_s": round(run.get("wall_time_s", 0.0)),
+          "commit": run.get("git_commit"), "command": _command(task, column, method, seed),
+          "workdir": str(run["workdir"])}
+
+
+def _best_bit_map(runs: dict, task: str, folder: Path) -> str | None:
+  """Copies the bit map of the best seed of the best mixed method at 16x; returns its name."""
+  candidates = [(statistics.mean(r["dev"] for r in runs[f"{m}16"].values()), m)
+                for m in METHODS if f"{m}16" in runs]
+  if not candidates:
+    return None
+  method = max(candidates)[1]
+  best = max(runs[f"{method}16"].values(), key=lambda r: r["dev"])
+  source = Path(best["workdir"]) / "bit_map.png"
+  if not source.is_file():
+    return None
+  target = folder / f"study_bit_map_{task}.png"
+  target.write_bytes(source.read_bytes())
+  return f"{target.name} ({method} 16x, {Path(best['workdir']).name})"
+
+
+def _verdict(values: list[bool | None]) -> str:
+  if any(v is None for v in values):
+    return "open (not all runs finished)"
+  return "met" if all(values) else "not met"
+
+
+def _aims(aims: dict[str, Any]) -> list[str]:
+  """The issue's aims, each met / not met / open, computed from the means above."""
+  def wins(task, column):  # AutoMPQ >= every other method in the column (means), or None.
+    means = aims.get(task, {}).get(column)
+    if not means or means.get("automp") is None:
+      return None
+    others = [v for k, v in means.items() if k != "automp"]
+    if any(v is None for v in others) or not others:
+      return None
+    return means["automp"] >= max(others)
+
+  def within(task, column, points):
+    means = aims.get(task, {}).get(column)
+    if not means or means.get("automp") is None:
+      return None
+    return 100 * (aims[task]["full_precision"] - means["automp"]) <= points
+
+  at16 = {t: wins(t, 16) for t in TASKS}
+  decided = [v for v in at16.values() if v is not None]
+  count = sum(decided)
+  verdict16 = ("met" if count >= 3 else "not met" if count + (4 - len(decided)) < 3
+               else "open (not all runs finished)")
+  return ["## Aims", "",
+          f"- AutoMPQ >= every other method at equal size at 16x on at least 3 of 4 tasks: "
+          f"**{verdict16}** ({', '.join(f'{t}: {_yes(v)}' for t, v in at16.items())}).",
+          f"- ... and on SST-2 at 12x: **{_verdict([wins('sst2', 12)])}**.",
+          f"- AutoMPQ at 8x within 0.5 point of full precision on SST-2: "
+          f"**{_verdict([within('sst2', 8, 0.5)])}**.",
+          f"- AutoMPQ at 16x within 1.5 points of full precision on SST-2: "
+          f"**{_verdict([within('sst2', 16, 1.5)])}**.", ""]
+
+
+def _yes(value: bool | None) -> str:
+  return "open" if value is None else "yes" if value else "no"
+
+
+if __name__ == "__main__":
+  app.run(main)
