@@ -8,6 +8,22 @@ Ablations: --config.sensimix.abwr_weight=0, --config.sensimix.prioritized_traini
 --config.sensimix.split=auto; variants: --config.quant.binary_scale=True (XNOR-Net scale),
 --config.quant.ffn_input_bits=8, --config.quant.binary_input_clip=1 (hard-tanh STE on the
 binarized inputs). All keys and defaults: `mpqbert/defaults.py`.
+
+Faithful to the authors' code (snudm-starlab/SensiMix) where it makes a design choice, ours
+where theirs has a bug; every difference is a switch:
+- Design choices, theirs by default: start from the pretrained checkpoint, not a fine-tuned
+  teacher (`sensimix.init=pretrained`; `teacher` starts from the teacher's weights); 6 epochs at
+  lr 2.5e-5, batch 16, no distillation (`config.train`); the FFN inputs of the future 1-bit
+  layers already binarized during prioritized training and the ILF stages before their turn
+  (`sensimix.binarize_inputs_early=True`); ABWR on classification tasks only
+  (`sensimix.abwr_on_regression=False`).
+- Bugs, ours by default: their binarized FFN input also replaces the FFN block's residual, an
+  in-place `input.data` overwrite that the paper's architecture does not have
+  (`sensimix.binary_input_residual=False`); in their final stage no task gradient reaches the
+  1-bit weights (the `.data` writes detach them; only ABWR moves them), although the paper trains
+  them with the straight-through estimator (`sensimix.freeze_binary_signs=False`); their weight
+  gradient clip is one-sided, zero only where w > 1, because the line meant for w < -1 repeats
+  the w > 1 one (`sensimix.one_sided_weight_clip=False`: ours passes it where |w| <= 1).
 """
 
 from mpqbert import defaults

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from conftest import TINY_BERT
 from mpqbert import export, kernels, models, quant
@@ -274,6 +275,82 @@ def test_packed_model_agrees_with_the_fake_quantized_model(tmp_path, binary_scal
   assert kinds["bert/encoder/layer/1/output/dense/kernel"] >= {"b1/words"}
   assert kinds["bert/encoder/layer/0/output/dense/kernel"] == {"b8/words", "b8/scale", "b8/zero"}
   assert loaded.params["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.int8
+
+
+# ---------------------------------------------------------------- the authors' code, as options
+
+
+def _tiny_forward(apply_fn, spec, params, ids, **extra):
+  qapply = quant.transform(apply_fn, spec)
+  policy = sm.fixed_policy(spec, params, other_bits=32)
+  return qapply(params, quant.init_qparams(spec, params), policy, ids,
+                attention_mask=jnp.ones_like(ids), token_type_ids=jnp.zeros_like(ids),
+                deterministic=True, **extra)
+
+
+def _numpy_ffn_block(attended, layer, *, binarize_residual):
+  """LayerNorm(W2 sign(gelu(W1 sign(a) + b1)) + b2 + r) in float64, r = sign(a) or a."""
+  sign = lambda x: np.where(x >= 0, 1.0, -1.0)
+  f64 = lambda x: np.asarray(x, np.float64)
+  a = f64(attended)
+  h = sign(a) @ f64(layer["intermediate"]["dense"]["kernel"]) + f64(
+      layer["intermediate"]["dense"]["bias"])
+  h = 0.5 * h * (1 + scipy.special.erf(h / np.sqrt(2)))
+  y = sign(h) @ f64(layer["output"]["dense"]["kernel"]) + f64(layer["output"]["dense"]["bias"])
+  y = y + (sign(a) if binarize_residual else a)
+  mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+  norm = layer["output"]["LayerNorm"]
+  return (y - mean) / np.sqrt(var + 1e-12) * f64(norm["scale"]) + f64(norm["bias"])
+
+
+@pytest.mark.parametrize("binarize_residual", [False, True])
+def test_early_sign_inputs_and_the_binarized_residual_match_numpy(binarize_residual):
+  """Layer 1's FFN keeps float weights (PT) but takes sign inputs; with the authors' residual
+  bug the block adds sign(a) instead of its input a."""
+  config = models.BertConfig(**TINY_BERT)
+  model = models.build_model(config, 2)
+  params = models.init_params(model, seed=3)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1000, 5000, (4, 8)), jnp.int32)
+  apply_fn = sm.authors_code_apply(model.apply, sign_input_layers=[1],
+                                   sign_residual_layers=[1] if binarize_residual else [])
+  spec = sm.sensimix_spec([0], [])  # Layer 1's FFN unplanned: float weights.
+  _, state = _tiny_forward(apply_fn, spec, params, ids, capture_intermediates=True,
+                           mutable=["intermediates"])
+  layer1 = state["intermediates"]["bert"]["encoder"]["layer"]["1"]
+  attended, out = layer1["attention"]["__call__"][0], layer1["__call__"][0]
+  expected = _numpy_ffn_block(attended, params["bert"]["encoder"]["layer"]["1"],
+                              binarize_residual=binarize_residual)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_frozen_signs_get_no_task_gradient_and_the_one_sided_clip_passes_below_minus_one():
+  config = models.BertConfig(**TINY_BERT)
+  model = models.build_model(config, 2)
+  params = models.init_params(model, seed=5)
+  kernel = "bert/encoder/layer/1/intermediate/dense/kernel"
+  grid = jnp.tile(jnp.array([-1.5, -0.5, 0.5, 1.5], jnp.float32), 32 * 64 // 4).reshape(32, 64)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: grid if jax.tree_util.keystr(p).replace("']['", "/").strip("[']") == kernel
+      else v, params)
+  ids = jnp.asarray(np.random.default_rng(1).integers(1000, 5000, (4, 8)), jnp.int32)
+  spec = sm.sensimix_spec([0], [1])
+  weights = jnp.asarray(np.random.default_rng(2).normal(size=(4, 2)), jnp.float32)
+
+  def grad_of(apply_fn):
+    loss = lambda p: jnp.sum(_tiny_forward(apply_fn, spec, p, ids) * weights)
+    g = jax.grad(loss)(params)
+    return np.asarray(g["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]["kernel"]), \
+        float(loss(params))
+
+  two, loss_two = grad_of(model.apply)
+  one, loss_one = grad_of(sm.authors_code_apply(model.apply, one_sided_kernels=[kernel]))
+  frozen, loss_frozen = grad_of(sm.authors_code_apply(model.apply, frozen_kernels=[kernel]))
+  assert loss_one == loss_two == loss_frozen  # Same forward: only gradients differ.
+  w = np.asarray(grid)
+  assert np.all(two[w > 1] == 0) and np.all(two[w < -1] == 0)  # |w| <= 1 only
+  assert np.all(one[w > 1] == 0) and np.any(one[w < -1] != 0)  # w <= 1
+  np.testing.assert_array_equal(one[np.abs(w) <= 1], two[np.abs(w) <= 1])
+  assert np.any(two != 0) and np.all(frozen == 0)
 
 
 # ------------------------------------------------------------------------------- pipeline

@@ -311,12 +311,14 @@ def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer,
 def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy: quant.Policy,
                     params: Any, qparams: Any, teacher_params: Any, *,
                     num_steps: int | None = None,
-                    regularizer: Regularizer | None = None) -> dict[str, Any]:
+                    regularizer: Regularizer | None = None,
+                    apply_fn: Callable | None = None) -> dict[str, Any]:
   """Quantization-aware fine-tuning under a fixed `policy` from `params` (the teacher's weights).
 
   Trains weights and quantizer scales for `config.train`'s budget (or `num_steps`), checkpointed
   in `stage`; returns (and caches in `stage/result.json`) the dev metrics and sizes of the final
-  model, whose weights `stage_weights` reads back.
+  model, whose weights `stage_weights` reads back. `apply_fn` (default: the model's) is the
+  float forward the quantizer wraps, e.g. with a method's own interceptors.
   """
   policy.check_matches(spec.plan(params))  # Outside jit: its bits are values here.
 
@@ -325,7 +327,7 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
     config = ctx.config
     stage.mkdir(parents=True, exist_ok=True)
     policy.save(stage / "policy.json")
-    qapply = quant.transform(ctx.model.apply, spec)
+    qapply = quant.transform(apply_fn or ctx.model.apply, spec)
     steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
     total_steps = num_steps or loop.num_train_steps(config.train, steps_per_epoch)
     optimizer, schedule = optim.make_optimizer(config.train, total_steps,

@@ -15,6 +15,7 @@ as much as each other); each starts from the previous stage's weights.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -23,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import linen as nn
+from flax import traverse_util
 
 from mpqbert import data, export, quant
 from mpqbert.methods import common
@@ -108,6 +111,57 @@ def split_budget(total_steps: int, num_stages: int, final_shares: int = 1) -> li
   for i in range(total_steps - sum(steps)):
     steps[i] += 1
   return steps
+
+
+def authors_code_apply(apply_fn: Callable, *, sign_input_layers: Sequence[int] = (),
+                       sign_residual_layers: Sequence[int] = (),
+                       frozen_kernels: Sequence[str] = (),
+                       one_sided_kernels: Sequence[str] = ()) -> Callable:
+  """`apply_fn` (a BERT's `Module.apply`) with behaviours of the authors' code
+  (snudm-starlab/SensiMix) that the quantizer does not give, each off when empty:
+
+  sign_input_layers: these layers' FFN matrices take sign(x) inputs while their weights are still
+    float (the authors binarize the inputs of the future 1-bit FFNs from prioritized training on).
+  sign_residual_layers: the FFN block's residual is sign(x), the binarized input, instead of x
+    (their in-place `input.data` overwrite).
+  frozen_kernels: no task gradient reaches these kernels (their final stage: only ABWR, which is
+    computed outside, moves them).
+  one_sided_kernels: sign(w)'s straight-through gradient passes wherever w <= 1 (their clip, a
+    duplicated line, zeroes it only above +1) instead of |w| <= 1. `w` enters the quantizer as
+    `max(w, -1)` with an identity gradient: same sign, and the two-sided rule then passes below -1.
+  """
+  ffn_inputs = re.compile(_layers(sign_input_layers, _FFN)) if sign_input_layers else None
+  residuals = (re.compile(rf"encoder/layer/({'|'.join(map(str, sign_residual_layers))})/output$")
+               if sign_residual_layers else None)
+  frozen, one_sided = set(frozen_kernels), set(one_sided_kernels)
+
+  def interceptor(next_fun, args, kwargs, context):
+    path = "/".join(context.module.path)
+    if (ffn_inputs is not None and context.method_name == "quantize_operands"
+        and ffn_inputs.search(path + "/kernel")):
+      x, kernel = args
+      return next_fun(quant.sign_ste(x, math.inf), kernel)
+    if residuals is not None and context.method_name == "__call__" and residuals.search(path):
+      hidden, residual, *rest = args
+      return next_fun(hidden, quant.sign_ste(residual, math.inf), *rest, **kwargs)
+    return next_fun(*args, **kwargs)
+
+  def weights(params: Any) -> Any:
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for path in frozen & set(flat):
+      flat[path] = jax.lax.stop_gradient(flat[path])
+    for path in one_sided & set(flat):
+      w = flat[path]
+      flat[path] = w + jax.lax.stop_gradient(jnp.maximum(w, -1.0) - w)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+  def apply(variables, *args, **kwargs):
+    if frozen or one_sided:
+      variables = {**variables, "params": weights(variables["params"])}
+    with nn.intercept_methods(interceptor):
+      return apply_fn(variables, *args, **kwargs)
+
+  return apply
 
 
 def abwr(params: Any, paths: Sequence[str]) -> jax.Array:
@@ -223,6 +277,30 @@ def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSp
           "half_dtype": jnp.dtype(export.half_dtype()).name, **check}
 
 
+def ffn_kernels(params: Any, layers: Sequence[int]) -> list[str]:
+  """The paths of both FFN kernels of `layers`."""
+  pattern = re.compile(_layers(layers, _FFN))
+  return sorted(p for p in quant.flatten_params(params) if layers and pattern.search(p))
+
+
+def _stage_apply(ctx: common.TaskContext, params: Any, binary: Sequence[int],
+                 binary_now: Sequence[int], *, final: bool) -> Callable:
+  """The model's forward in one stage, with the authors' code's behaviours the config asks for
+  (`authors_code_apply`)."""
+  sc, qc = ctx.config.sensimix, ctx.config.quant
+  later = [l for l in binary if l not in binary_now]
+  sign_inputs = later if sc.binarize_inputs_early and qc.ffn_input_bits == 1 else []
+  sign_now = list(binary_now) if qc.ffn_input_bits == 1 else []
+  if sc.one_sided_weight_clip and qc.binary_scale:
+    raise ValueError("sensimix.one_sided_weight_clip reproduces the unscaled sign quantizer's "
+                     "gradient; it cannot be combined with quant.binary_scale.")
+  return authors_code_apply(
+      ctx.model.apply, sign_input_layers=sign_inputs,
+      sign_residual_layers=sign_now + sign_inputs if sc.binary_input_residual else (),
+      frozen_kernels=ffn_kernels(params, binary_now) if sc.freeze_binary_signs and final else (),
+      one_sided_kernels=ffn_kernels(params, binary_now) if sc.one_sided_weight_clip else ())
+
+
 def run(config, workdir) -> dict[str, Any]:
   """SensiMix from the teacher: split, PT and ILF stages with ABWR, eval, packed export."""
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
@@ -238,28 +316,36 @@ def run(config, workdir) -> dict[str, Any]:
                         sc.final_stage_shares)
   logging.info("sensimix: binary FFN layers %s; stages %s with %s steps", binary, stages, budget)
   # ABWR pulls every FFN the split binarizes toward |w| = 1 from the first stage on, so that
-  # binarizing it in its ILF stage changes its output little.
-  to_binarize = re.compile(_layers(binary, _FFN))
-  abwr_paths = sorted(p for p in quant.flatten_params(teacher) if binary and to_binarize.search(p))
+  # binarizing it in its ILF stage changes its output little (the authors: classification only).
   regularizer = None
-  if abwr_paths and sc.abwr_weight > 0:
-    regularizer = lambda w: sc.abwr_weight * abwr(w["params"], abwr_paths)
-  params, stage_log, result = teacher, [], {}
+  if ffn_kernels(teacher, binary) and sc.abwr_weight > 0 and (
+      sc.abwr_on_regression or not ctx.task.is_regression):
+    regularizer = lambda w: sc.abwr_weight * abwr(w["params"], ffn_kernels(teacher, binary))
+  if sc.init not in ("pretrained", "teacher"):
+    raise ValueError(f"sensimix.init={sc.init!r}; use 'pretrained' (the authors') or 'teacher'.")
+  params = ctx.pretrained_params if sc.init == "pretrained" else teacher
+  stage_log, result = [], {}
   for i, (binary_now, steps) in enumerate(zip(stages, budget)):
     spec = _spec(config, eight_bit, binary_now)
     policy = fixed_policy(spec, params, other_bits=config.quant.other_bits)
     qparams = quant.init_qparams(spec, params)
     stage = workdir / f"stage{i}"
     result = common.train_quantized(ctx, stage, spec, policy, params, qparams, teacher,
-                                    num_steps=steps, regularizer=regularizer)
+                                    num_steps=steps, regularizer=regularizer,
+                                    apply_fn=_stage_apply(ctx, params, binary, binary_now,
+                                                          final=i == len(stages) - 1))
     weights = common.stage_weights(stage, params, qparams)
     params, qparams = weights["params"], weights["qparams"]
     stage_log.append({"stage": i, "binary_layers": list(binary_now), "steps": steps,
                       "dev": result["dev"], "size_mb": result["size_mb"]})
     logging.info("sensimix stage %d (binary FFN layers %s): dev %s = %.4f, %.3f MB", i,
                  list(binary_now), ctx.task.main_metric, result["dev"], result["size_mb"])
-  packed = common.cached_json(workdir / "export.json", lambda: export_and_check(
-      ctx, workdir, spec, policy, params, qparams))
+  if sc.binary_input_residual:  # The packed kernels compute the model without it.
+    packed = {"skipped": "sensimix.binary_input_residual: packed inference keeps the float "
+                         "residual, so it would not match this model"}
+  else:
+    packed = common.cached_json(workdir / "export.json", lambda: export_and_check(
+        ctx, workdir, spec, policy, params, qparams))
   policy.save(workdir / "policy.json")
   plot_bit_map(policy, workdir / "bit_map.png",
                title=f"sensimix {ctx.task.name}: {result['size_mb']:.3f} MB, "

@@ -233,8 +233,8 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
       x, kernel = call_args
       path = "/".join((*context.module.path, "kernel"))
       matrix = plan.get(path)
-      if matrix is None:
-        return x, kernel
+      if matrix is None:  # Float; an interceptor inside `apply_fn` still sees the call.
+        return next_fun(x, kernel)
       kernel = quantize_weight(kernel, matrix, qparams[path], probs_of(path, matrix))
       input_bits = matrix.input_bits(act_bits)
       if input_bits == 1:
@@ -245,7 +245,7 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
           context.module.sow(_STATS, "act_absmax", jnp.max(jnp.abs(jax.lax.stop_gradient(x))))
         x = quantizers.quantize_activation(x, qparams[path]["act_scale"], input_bits,
                                            learned=learned_act)
-      return x, kernel
+      return next_fun(x, kernel)
 
     if isinstance(arch, Policy) and arch.other_bits == 16:
       params = _round_to_half(params, plan, arch.embedding_quantizer, emb_bits)
