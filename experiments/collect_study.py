@@ -31,15 +31,25 @@ _OUT = flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "study
                            "Output path without extension.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples per paired interval.")
 
-# Column -> (bits of its uniform row, how that row's size relates to the column's target).
-COLUMNS = {8: (4, "equal"), 12: (3, "larger"), 16: (2, "equal"), 24: (2, "larger")}
-METHODS = ("automp", "hawq", "qbert")
+MIXED = ("automp", "hawq", "qbert")
+SENSIMIX = ("sensimix", "sensimix_no_abwr", "sensimix_no_pt", "sensimix_no_ilf", "automp")
+# Column -> its uniform rows (bits, and how their size compares with the column's target; the
+# paired differences are to the first) and its methods.
+COLUMNS: dict[Any, tuple] = {8: (((4, "equal"),), MIXED), 12: (((3, "larger"),), MIXED),
+                             16: (((2, "equal"),), MIXED), 24: (((2, "larger"),), MIXED),
+                             "smx": (((4, "smaller"), (8, "larger")), SENSIMIX)}
 TASKS = ("sst2", "mrpc", "stsb", "cola")
 NOT_RUN = {("qbert", 16): "= uniform 2-bit ({2,3,4,8}, no pruning: the only policy at this size)",
            ("qbert", 24): "cannot reach 24x (2 bits at least)"}
 
 
-def _command(task: str, column: int, method: str, seed: int) -> str:
+def run_name(method: str, column: Any) -> str:
+  """The run directory's prefix: SensiMix runs have one size, the others one per column."""
+  return method if method.startswith("sensimix") else f"{method}{column}"
+
+
+def _command(task: str, column: Any, method: str, seed: int) -> str:
+  method = method.split("_")[0]  # The ablations are runs of the sensimix method.
   return (f"CELLS={task}:{column} SEEDS={seed} METHODS={method} "
           "bash experiments/run_study.sh")
 
@@ -132,21 +142,27 @@ def main(argv):
     plot_rows.append({"task": task, "run": "full precision", "size_mb": first["rows"][0]["size_mb"],
                       "dev": full_precision, "metric": metric})
     aims[task] = {"full_precision": full_precision}
-    for column, (bits, relation) in COLUMNS.items():
-      uniform = runs.get(f"uniform{bits}", {})
-      present = {m: runs[f"{m}{column}"] for m in METHODS if f"{m}{column}" in runs}
+    for column, (uniforms, methods) in COLUMNS.items():
+      present = {m: runs[run_name(m, column)] for m in methods if run_name(m, column) in runs}
       if not present:
         continue
-      lines += [f"### {column}x", "",
+      lines += [f"### {column}x" if column != "smx" else "### SensiMix 3+3's size", "",
                 "| method | dev | n | size MB | compression | Δ uniform | commits |",
                 "|---|---:|---:|---:|---:|---:|---|"]
-      label = f"uniform {bits}-bit" + ("" if relation == "equal" else " (larger)")
-      ustats = _stats(uniform) if uniform else None
-      lines.append(f"| {label} {_cell(ustats, 100)} | "
-                   f"{', '.join(ustats['commits']) if ustats else ''} |")
-      # Only a uniform model of the column's size competes in the aims.
-      means = {"uniform": ustats["mean"] if ustats else None} if relation == "equal" else {}
-      for method in METHODS:
+      means = {}
+      for bits, relation in uniforms:
+        ustats = _stats(runs[f"uniform{bits}"]) if f"uniform{bits}" in runs else None
+        label = f"uniform {bits}-bit" + ("" if relation == "equal" else f" ({relation})")
+        lines.append(f"| {label} {_cell(ustats, 100)} | "
+                     f"{', '.join(ustats['commits']) if ustats else ''} |")
+        if relation == "equal":  # Only a uniform model of the column's size competes.
+          means["uniform"] = ustats["mean"] if ustats else None
+        for seed, run in sorted(runs.get(f"uniform{bits}", {}).items()):
+          csv_rows.append(_csv_row(task, column, "uniform", seed, run))
+      reference = runs.get(f"uniform{uniforms[0][0]}", {})
+      for method in methods:
+        if method.startswith("sensimix_") and task != "sst2":
+          continue  # The Table 4 ablation runs on SST-2 only.
         if (method, column) in NOT_RUN:
           lines.append(f"| {method} | {NOT_RUN[(method, column)]} | | | | | |")
           continue
@@ -156,28 +172,26 @@ def main(argv):
           continue
         stats = _stats(present[method])
         means[method] = stats["mean"]
-        paired = paired_bootstrap(task, metric, present[method], uniform, _BOOTSTRAP.value)
+        paired = paired_bootstrap(task, metric, present[method], reference, _BOOTSTRAP.value)
         delta = ("" if paired is None else
                  f"{100 * paired['mean']:+.2f} [{100 * paired['low']:+.2f}, "
                  f"{100 * paired['high']:+.2f}] (n={len(paired['seeds'])})")
         lines.append(f"| {method} {_cell(stats, 100)} {delta} | "
                      f"{', '.join(stats['commits'])} |")
-        plot_rows.append({"task": task, "run": f"{method}{column}", "size_mb": stats["size_mb"],
-                          "dev": stats["mean"], "dev_std": stats["std"] if stats["n"] > 1
-                          else 0.0, "metric": metric})
+        plot_rows.append({"task": task, "run": run_name(method, column),
+                          "size_mb": stats["size_mb"], "dev": stats["mean"],
+                          "dev_std": stats["std"] if stats["n"] > 1 else 0.0, "metric": metric})
         for seed, run in sorted(present[method].items()):
           csv_rows.append(_csv_row(task, column, method, seed, run))
-      for seed, run in sorted(uniform.items()):
-        csv_rows.append(_csv_row(task, column, "uniform", seed, run))
       aims[task][column] = means
       lines.append("")
-    for bits in sorted({b for b, _ in COLUMNS.values()}):
+    for bits in sorted({b for uniforms, _ in COLUMNS.values() for b, _ in uniforms}):
       if f"uniform{bits}" in runs:
         stats = _stats(runs[f"uniform{bits}"])
         plot_rows.append({"task": task, "run": f"uniform{bits}", "size_mb": stats["size_mb"],
                           "dev": stats["mean"], "dev_std": stats["std"] if stats["n"] > 1
                           else 0.0, "metric": metric})
-    if len(plot_rows) > 1:
+    if sum(r["task"] == task for r in plot_rows) > 1:
       png = out.parent / f"study_pareto_{task}.png"
       pareto_figure(plot_rows, task, title=f"{task}: size vs dev {metric} (mean ± std over "
                                            "seeds)").savefig(png, dpi=120)
@@ -197,7 +211,7 @@ def main(argv):
   print("\n".join(lines))
 
 
-def _csv_row(task: str, column: int, method: str, seed: int, run: dict) -> dict[str, Any]:
+def _csv_row(task: str, column: Any, method: str, seed: int, run: dict) -> dict[str, Any]:
   name = Path(run["workdir"]).name.rsplit("_seed", 1)[0]
   return {"task": task, "run": name, "seed": seed, "metric": run["metric"], "dev": run["dev"],
           "size_mb": run["size_mb"], "compression": run["compression"],
@@ -210,7 +224,7 @@ def _csv_row(task: str, column: int, method: str, seed: int, run: dict) -> dict[
 def _best_bit_map(runs: dict, task: str, folder: Path) -> str | None:
   """Copies the bit map of the best seed of the best mixed method at 16x; returns its name."""
   candidates = [(statistics.mean(r["dev"] for r in runs[f"{m}16"].values()), m)
-                for m in METHODS if f"{m}16" in runs]
+                for m in MIXED if f"{m}16" in runs]
   if not candidates:
     return None
   method = max(candidates)[1]
@@ -240,11 +254,11 @@ def _aims(aims: dict[str, Any]) -> list[str]:
       return None
     return means["automp"] >= max(others)
 
-  def within(task, column, points):
+  def within(task, column, points, method="automp"):
     means = aims.get(task, {}).get(column)
-    if not means or means.get("automp") is None:
+    if not means or means.get(method) is None:
       return None
-    return 100 * (aims[task]["full_precision"] - means["automp"]) <= points
+    return 100 * (aims[task]["full_precision"] - means[method]) <= points
 
   at16 = {t: wins(t, 16) for t in TASKS}
   decided = [v for v in at16.values() if v is not None]
@@ -258,7 +272,9 @@ def _aims(aims: dict[str, Any]) -> list[str]:
           f"- AutoMPQ at 8x within 0.5 point of full precision on SST-2: "
           f"**{_verdict([within('sst2', 8, 0.5)])}**.",
           f"- AutoMPQ at 16x within 1.5 points of full precision on SST-2: "
-          f"**{_verdict([within('sst2', 16, 1.5)])}**.", ""]
+          f"**{_verdict([within('sst2', 16, 1.5)])}**.",
+          f"- SensiMix 3+3 within 1 point of full precision on SST-2: "
+          f"**{_verdict([within('sst2', 'smx', 1.0, method='sensimix')])}**.", ""]
 
 
 def _yes(value: bool | None) -> str:

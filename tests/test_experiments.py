@@ -83,6 +83,28 @@ def test_study_dry_run_marks_finished_runs_done_and_reuses_a_sensitivity(tmp_pat
   assert len(lines) == 4  # teacher, uniform (done), automp, hawq
 
 
+def test_study_sensimix_cell_runs_sensimix_first_and_the_ablation_on_sst2(tmp_path):
+  lines = _dry_run("run_study.sh", root=tmp_path, env={"CELLS": "sst2:smx mrpc:smx",
+                                                       "SEEDS": "0"})
+  runs = [w.split(f"{tmp_path}/")[1] for w in _workdirs(lines)]
+  assert runs == ["sst2/teacher", "sst2/uniform4_seed0", "sst2/uniform8_seed0",
+                  "sst2/sensimix_seed0", "sst2/sensimix_no_abwr_seed0",
+                  "sst2/sensimix_no_pt_seed0", "sst2/sensimix_no_ilf_seed0",
+                  "sst2/autompsmx_seed0", "mrpc/teacher",
+                  "mrpc/uniform4_seed0", "mrpc/uniform8_seed0", "mrpc/sensimix_seed0",
+                  "mrpc/autompsmx_seed0"]
+  sensimix = [l for l in lines if "configs/sensimix.py" in l]
+  assert all("--config.sensimix.init=teacher" in l and "--config.train.batch_size=32" in l
+             and "--config.train.num_train_steps=400" in l for l in sensimix)
+  # AutoMPQ's target is the size of SensiMix's seed-0 run, read once that has finished.
+  automp = next(l for l in lines if "sst2/autompsmx_seed0" in l)
+  assert "--config.search.target_size_mb=SIZE_OF_sst2_SENSIMIX_SEED0" in automp
+  (tmp_path / "sst2" / "sensimix_seed0").mkdir(parents=True)
+  (tmp_path / "sst2" / "sensimix_seed0" / "results.json").write_text('{"size_mb": 7.25}')
+  lines = _dry_run("run_study.sh", root=tmp_path, env={"CELLS": "sst2:smx", "SEEDS": "0"})
+  assert "--config.search.target_size_mb=7.25" in next(l for l in lines if "autompsmx" in l)
+
+
 def _fake_run(root, name, seed, predictions, labels, size_mb, dev=None):
   run = root / "sst2" / f"{name}_seed{seed}"
   (run / "retrain").mkdir(parents=True)
@@ -101,6 +123,7 @@ def test_collect_study_pairs_seeds_and_judges_the_aims(tmp_path):
   for seed, (wrong_uniform, wrong_automp) in enumerate(((40, 30), (50, 36))):
     _fake_run(tmp_path, "uniform2", seed, flips(wrong_uniform), labels, 2.53)
     _fake_run(tmp_path, "automp16", seed, flips(wrong_automp), labels, 2.52)
+  _fake_run(tmp_path, "sensimix", 0, flips(40), labels, 7.25)  # 80.0, 10 points below FP
   out = tmp_path / "results" / "study"
   done = subprocess.run([sys.executable, "experiments/collect_study.py", f"--root={tmp_path}",
                          f"--out={out}", "--bootstrap=300"], cwd=REPO_ROOT,
@@ -117,7 +140,11 @@ def test_collect_study_pairs_seeds_and_judges_the_aims(tmp_path):
   assert "hawq | not run yet" in md and "qbert | = uniform 2-bit" in md
   assert "16x within 1.5 points of full precision on SST-2: **not met**" in md  # 90 vs 83.5
   assert "(sst2: open, mrpc: open" in md  # HAWQ has not run: no verdict at 16x yet
+  assert "SensiMix 3+3 within 1 point of full precision on SST-2: **not met**" in md
+  assert "| sensimix | 80.00 | 1 | 7.2500 |" in md and "| sensimix_no_pt | not run yet |" in md
   with out.with_suffix(".csv").open() as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 4 and all(r["command"].startswith("CELLS=sst2:16 SEEDS=") for r in rows)
+  assert len(rows) == 5 and sum(r["command"].startswith("CELLS=sst2:16 SEEDS=") for r in rows) == 4
+  assert any(r["command"] == "CELLS=sst2:smx SEEDS=0 METHODS=sensimix bash experiments/run_study.sh"
+             for r in rows)
   assert (out.parent / "study_pareto_sst2.png").is_file()
