@@ -30,6 +30,7 @@ _ROOT = flags.DEFINE_string("root", "workdirs/study", "Root of the study's runs.
 _OUT = flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "study"),
                            "Output path without extension.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples per paired interval.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds a row needs before an aim is judged on it.")
 
 MIXED = ("automp", "hawq", "qbert")
 SENSIMIX = ("sensimix", "sensimix_no_abwr", "sensimix_no_pt", "sensimix_no_ilf", "automp")
@@ -106,6 +107,11 @@ def _stats(by_seed: dict[int, dict]) -> dict[str, Any]:
           "commits": sorted({r.get("git_commit", "?")[:10] for r in by_seed.values()})}
 
 
+def _complete(stats: dict[str, Any] | None) -> float | None:
+  """The mean over seeds once every seed has run (`--seeds`), else None: an aim stays open."""
+  return stats["mean"] if stats and stats["n"] >= _SEEDS.value else None
+
+
 def _cell(stats: dict[str, Any] | None, scale: float) -> str:
   if stats is None:
     return "| not run yet | | | |"
@@ -156,7 +162,7 @@ def main(argv):
         lines.append(f"| {label} {_cell(ustats, 100)} | "
                      f"{', '.join(ustats['commits']) if ustats else ''} |")
         if relation == "equal":  # Only a uniform model of the column's size competes.
-          means["uniform"] = ustats["mean"] if ustats else None
+          means["uniform"] = _complete(ustats)
         for seed, run in sorted(runs.get(f"uniform{bits}", {}).items()):
           csv_rows.append(_csv_row(task, column, "uniform", seed, run))
       reference = runs.get(f"uniform{uniforms[0][0]}", {})
@@ -168,10 +174,10 @@ def main(argv):
           continue
         if method not in present:
           lines.append(f"| {method} | not run yet | | | | | |")
-          means[method] = None  # The aims stay open until it has run.
+          means[method] = None
           continue
         stats = _stats(present[method])
-        means[method] = stats["mean"]
+        means[method] = _complete(stats)
         paired = paired_bootstrap(task, metric, present[method], reference, _BOOTSTRAP.value)
         delta = ("" if paired is None else
                  f"{100 * paired['mean']:+.2f} [{100 * paired['low']:+.2f}, "

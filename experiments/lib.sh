@@ -1,12 +1,9 @@
-# Shared by the run_*.sh experiment scripts (source it): teacher fine-tuning and resumable runs.
-#   teacher <task>                        full-precision teacher in workdirs/finetune_fp/<task>
-#                                         (the run_finetune_fp.sh row), unless it is there
-#   run_method <config> <workdir> <task> [--config.x=y ...]
-#                                         one `python -m mpqbert.main` run from that teacher on
-#                                         a 4000-example subset; skipped when results.json exists,
-#                                         resumed when killed; log in <workdir>.log
-# With DRY_RUN=1 (the scripts' --dry-run) both print the command they would run ("todo: ...") or "done: <workdir>", and run
-# nothing.
+# Shared by the run_*.sh experiment scripts (source it): resumable runs and teacher fine-tuning.
+#   launch <workdir> <command...>   the command, unless <workdir>/results.json exists
+#   teacher <task>                  full-precision teacher in workdirs/finetune_fp/<task>
+#                                   (the run_finetune_fp.sh row), unless it is there
+# With DRY_RUN=1 (the scripts' --dry-run) both print the command they would run ("todo: ...") or
+# "done: <workdir>", and run nothing.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-workdirs/jax_cache}
 GLUE_DIR=${GLUE_DIR:-${MPQBERT_GLUE_DIR:-../shared/data/glue}}
 DRY_RUN=${DRY_RUN:-0}
@@ -30,18 +27,4 @@ teacher() {
   launch "$dir" python -m mpqbert.main --config=configs/finetune.py --config.task="$task" \
     --config.data.glue_dir="$GLUE_DIR" --config.checkpoint.keep=1 "${budget[@]}" \
     --workdir="$dir"
-}
-
-run_method() {
-  local config=$1 workdir=$2 task=$3; shift 3
-  # Single-sentence tasks are short: 64 tokens at most; CoLA (12 tokens on average) pads to 32.
-  local seq=128 pad=64
-  [[ $task == sst2 || $task == cola ]] && seq=64
-  [[ $task == cola ]] && pad=32
-  launch "$workdir" python -m mpqbert.main --config="configs/$config.py" --workdir="$workdir" \
-    --config.task="$task" --config.data.glue_dir="$GLUE_DIR" \
-    --config.teacher.workdir="workdirs/finetune_fp/$task" \
-    --config.data.max_seq_length=$seq --config.data.pad_multiple=$pad \
-    --config.data.train_subset=4000 --config.checkpoint.every_steps=50 \
-    --config.checkpoint.keep=1 "$@"
 }
