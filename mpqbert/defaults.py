@@ -119,7 +119,7 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.hessian.num_batches = 10  # Q-BERT: eigenvalues per batch (|mean| + std); HAWQ: averaged.
   config.hessian.power_iterations = 20  # Q-BERT: at most this many products per batch and layer.
   config.hessian.tolerance = 1e-3  # Q-BERT: stop once every eigenvalue changes less than this.
-  config.hessian.trace_samples = 4  # HAWQ: Rademacher vectors per batch (Hutchinson).
+  config.hessian.trace_samples = 32  # HAWQ: Rademacher vectors per batch (Hutchinson).
   config.hessian.per_group_traces = False  # HAWQ: trace per sub-group instead of per matrix.
   config.hessian.sensitivity_from = config_dict.placeholder(str)  # Another run's sensitivity.json.
 
