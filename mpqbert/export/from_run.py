@@ -1,4 +1,4 @@
-"""Export a finished run (uniform, Hessian, AutoMPQ or SensiMix) to a packed checkpoint.
+"""Export a finished run (uniform, Q-BERT, HAWQ, AutoMPQ or SensiMix) to a packed checkpoint.
 
   python -m mpqbert.export --workdir=workdirs/compression/mrpc/automp16 --out=/tmp/automp16.npz
 
@@ -34,7 +34,7 @@ def final_stage(workdir: Path) -> Path:
   if stages and (stages[-1] / "checkpoints").is_dir():
     return stages[-1]
   raise FileNotFoundError(f"{workdir} has no retrain/ or stage<i>/ checkpoints; export a run of "
-                          "configs/uniform.py, hessian.py, automp.py or sensimix.py.")
+                          "configs/uniform.py, qbert.py, hawq.py, automp.py or sensimix.py.")
 
 
 def spec_from_policy(policy: quant.Policy) -> quant.QuantSpec:
