@@ -230,3 +230,27 @@ def test_data_parallel_over_four_devices_matches_one(tiny_model_dir, glue_dir):
   assert losses["devices"] == 4
   np.testing.assert_allclose(losses["four"], losses["one"], rtol=1e-5)
   assert len(set(losses["one"])) > 1  # Training moved; the comparison is not of constants.
+
+
+def test_metrics_log_drops_a_torn_last_line_and_refuses_a_damaged_file(tmp_path):
+  rows = [{"step": s, "split": "train", "loss": 1.0 / s} for s in (10, 20, 30)]
+  text = "".join(json.dumps(r) + "\n" for r in rows)
+  (tmp_path / "metrics.jsonl").write_text(text + '{"step": 40, "split": "tr')  # killed mid-write
+  log = results.MetricsLog(tmp_path, resume_step=20)
+  assert log.rows() == rows[:2]  # the torn line and the steps after the checkpoint are gone
+  log.write(30, "train", {"loss": 0.5})
+  assert [r["step"] for r in log.rows()] == [10, 20, 30]
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + '\n{"ste\n' + json.dumps(rows[1]))
+  with pytest.raises(ValueError, match="line 2 is not JSON"):
+    results.MetricsLog(tmp_path, resume_step=20)
+
+
+def test_an_unfinished_teacher_workdir_is_refused(tmp_path):
+  (tmp_path / "checkpoints").mkdir()  # a run that was killed before it finished
+  with pytest.raises(ValueError, match="no results.json: it is not a finished"):
+    common.check_finished_teacher(tmp_path, "sst2", "minilm")
+  (tmp_path / "results.json").write_text(json.dumps({"task": "mrpc", "model": "minilm"}))
+  with pytest.raises(ValueError, match="fine-tuned on task 'mrpc'"):
+    common.check_finished_teacher(tmp_path, "sst2", "minilm")
+  (tmp_path / "results.json").write_text(json.dumps({"task": "sst2", "model": "minilm"}))
+  common.check_finished_teacher(tmp_path, "sst2", "minilm")

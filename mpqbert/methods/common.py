@@ -119,6 +119,20 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       "checkpoint": config.checkpoint.to_dict()})
 
 
+def check_finished_teacher(source: Path, task: str, model: str) -> None:
+  """Refuses a `teacher.workdir` that is not a finished fine-tuning of `model` on `task`: an
+  unfinished one would silently serve its last checkpoint as the teacher."""
+  if not (source / "results.json").is_file():
+    raise ValueError(f"teacher.workdir={source} has no results.json: it is not a finished "
+                     "fine-tuning run (its last checkpoint would be taken for the teacher). "
+                     "Finish it by rerunning its command, or name a finished run.")
+  reported = json.loads((source / "results.json").read_text())
+  if reported.get("task") != task or reported.get("model") != model:
+    raise ValueError(f"teacher.workdir={source} was fine-tuned on task {reported.get('task')!r} "
+                     f"with model {reported.get('model')!r}, but this run is {task!r} with "
+                     f"{model!r}.")
+
+
 def get_teacher(ctx: TaskContext, workdir: Path) -> tuple[Any, Metrics | None]:
   """Full-precision fine-tuned params: from `teacher.workdir`, or fine-tuned in `workdir/teacher`.
 
@@ -129,12 +143,7 @@ def get_teacher(ctx: TaskContext, workdir: Path) -> tuple[Any, Metrics | None]:
   config = ctx.config
   if config.teacher.workdir:
     source = Path(config.teacher.workdir)
-    reported = json.loads((source / "results.json").read_text()) if (
-        source / "results.json").is_file() else {}
-    if reported and (reported.get("task") != ctx.task.name or reported.get("model") != config.model):
-      raise ValueError(f"teacher.workdir={source} was fine-tuned on task "
-                       f"{reported.get('task')!r} with model {reported.get('model')!r}, but this "
-                       f"run is {ctx.task.name!r} with {config.model!r}.")
+    check_finished_teacher(source, ctx.task.name, config.model)
     return restore_params(source, ctx.pretrained_params), None
   stage = workdir / "teacher"
   tconfig = teacher_config(config)

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 
 from mpqbert import files
 
@@ -46,9 +47,8 @@ class MetricsLog:
     self.path = Path(workdir) / "metrics.jsonl"
     self.writer = jax.process_index() == 0
     if self.path.exists() and self.writer:
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
-      files.write_atomic(self.path, "".join(line + "\n" for line in kept))
+      kept = [row for row in self.rows() if row["step"] <= resume_step]
+      files.write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     if not self.writer:
@@ -58,7 +58,21 @@ class MetricsLog:
       f.write(json.dumps(row) + "\n")
 
   def rows(self) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    """The logged rows. A last line cut short (a process killed while appending it) is dropped
+    with a warning; a malformed line before the last one is an error naming it."""
+    lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        if number < len(lines):
+          raise ValueError(f"{self.path} line {number} is not JSON ({e}); the file is damaged "
+                           "beyond a torn last line: remove that line or the run's workdir."
+                           ) from None
+        absl_logging.warning("%s: dropping its last line, cut short by a killed process: %r",
+                        self.path, line[:80])
+    return rows
 
 
 def write_results(workdir: str | Path, results: Mapping[str, Any]) -> Path:
