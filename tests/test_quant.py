@@ -573,3 +573,19 @@ def test_spec_errors_name_the_problem():
     quant.QuantSpec(rules=(quant.Rule(pattern="decoder"),)).plan(abstract_params(TINY))
   with pytest.raises(ValueError, match="activation_bits=9"):
     quant.QuantSpec(rules=(), activation_bits=9)
+
+
+def test_a_step_size_trained_below_zero_still_quantizes_and_its_gradient_can_lift_it():
+  w = jnp.array([[0.3], [-0.7], [1.2], [-0.05]], jnp.float32)  # one sub-group of 4 weights
+  negative = jnp.array([-0.05], jnp.float32)  # an LSQ update overshot 0
+  out = quant.quantize_symmetric(w, negative, 4, lsq_grad=False)
+  # At the floor s = 1e-12 every weight clips to the grid's end: codes 7, -8, 7, -8 (by hand).
+  np.testing.assert_allclose(np.asarray(out)[:, 0], np.array([7, -8, 7, -8]) * 1e-12, rtol=1e-5)
+  # d sum(Q(w)) / ds = sum of the clipped codes = -2: gradient descent on this loss raises s.
+  grad = jax.grad(lambda s: jnp.sum(quant.quantize_symmetric(w, s, 4, lsq_grad=False)))(negative)
+  np.testing.assert_allclose(np.asarray(grad), [-2.0])
+  # An activation scale trained below 0 still quantizes; only the initial 0 passes x through.
+  x = jnp.array([0.3, -1.0], jnp.float32)
+  assert float(jnp.max(jnp.abs(quant.quantize_activation(x, jnp.float32(-0.5), 8)))) < 1e-9
+  np.testing.assert_array_equal(np.asarray(quant.quantize_activation(x, jnp.float32(0.0), 8)),
+                                np.asarray(x))

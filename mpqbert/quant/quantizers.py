@@ -99,10 +99,22 @@ def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = Tr
   wg = group_view(w, groups)
   if lsq_grad:
     scale = scale_grad(scale, 1.0 / math.sqrt(wg.size // groups * _lsq_code_max(bits)))
+  scale = positive_step(scale)
   if bits == 1:
     return _scaled_sign(wg, _per_group(scale)).reshape(w.shape)
   q_neg, q_pos = symmetric_levels(bits)
   return _lsq(wg, _per_group(scale), q_neg, q_pos).reshape(w.shape)
+
+
+@jax.custom_vjp
+def positive_step(scale: Array) -> Array:
+  """`max(scale, MIN_SCALE)` with the gradient of the identity: a learned step size that an
+  update pushed to or below 0 still quantizes (never a division by <= 0), and its gradient can
+  bring it back (`max`'s own gradient would be 0 there, and the step stuck)."""
+  return jnp.maximum(scale, MIN_SCALE)
+
+
+positive_step.defvjp(lambda scale: (positive_step(scale), None), lambda _, g: (g,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -220,9 +232,10 @@ def quantize_activation(x: Array, scale: Array, bits: int = 8, *, learned: bool 
   """Per-tensor symmetric b-bit quantization of a Dense input.
 
   `scale` is a scalar step size: learned (LSQ gradient) or, with `learned=False`, a tracked
-  statistic (max|x| / q_pos, moving average) that gets no gradient. A scale <= 0 means "not
-  calibrated yet" and passes `x` through unchanged, so the first calibration pass sees real
-  activations.
+  statistic (max|x| / q_pos, moving average) that gets no gradient. A scale of exactly 0 (its
+  initial value) means "not calibrated yet" and passes `x` through unchanged, so the first
+  calibration pass sees real activations; a learned scale trained to below 0 still quantizes,
+  at `positive_step`'s floor.
   """
   scale = jnp.asarray(scale, jnp.float32)
   if not learned:
@@ -230,7 +243,7 @@ def quantize_activation(x: Array, scale: Array, bits: int = 8, *, learned: bool 
   # A branch, not an elementwise select: the select and its gradient were two extra passes over
   # every activation. The grid is computed in float32 and returned in x's dtype (bfloat16 runs).
   return jax.lax.cond(
-      scale > 0,
+      scale != 0,
       lambda x, s: quantize_symmetric(x, s.reshape(1), bits, lsq_grad=learned).astype(x.dtype),
       lambda x, s: x, x, scale)
 
