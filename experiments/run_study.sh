@@ -21,10 +21,9 @@
 # Budget: teachers fine-tuned on the full training set (SST-2 1 epoch at 64 tokens, CoLA 3 epochs
 # at 64, MRPC and STS-B 3 epochs at 128). Every quantized model: 400 QAT steps of 32 examples of
 # the full training set with distillation. AutoMPQ's search: 2 epochs over at most 4000 training
-# examples (200 steps). Q-BERT and HAWQ measure the teacher's Hessian on 10 batches of 16 (HAWQ: 32
-# Rademacher vectors each; with 4, 14 of the 36 matrix traces were within 1 standard error
-# of 0), once
-# per task (their seed-0 run): later seeds and columns reuse that sensitivity.json
+# examples (200 steps). Q-BERT and HAWQ measure the teacher's Hessian on 10 batches of 16 (HAWQ:
+# 32 Rademacher vectors each; with 4, 14 of the 36 matrix traces were within 1 standard error of
+# 0), once per task (their seed-0 run): later seeds and columns reuse that sensitivity.json
 # (hessian.sensitivity_from), so their seeds vary the retrain only.
 # The seed sets the data order, dropout, Gumbel noise, the search split and the quantizer start.
 #
