@@ -187,3 +187,12 @@ def test_layer_blocks_group_the_six_matrices_of_each_layer(encoder_params):
 
 def _plan_of(params):
   return quant.bert_encoder_spec(groups=4).plan(params)
+
+
+def test_no_product_or_no_vector_is_a_clear_error():
+  params, hessian = _params(np.random.default_rng(0)), jnp.eye(DIM)
+  with pytest.raises(ValueError, match="hessian.power_iterations"):
+    search.block_top_eigenvalues(_quadratic_loss, params, [hessian], BLOCKS, iterations=0)
+  with pytest.raises(ValueError, match="hessian.trace_samples"):
+    search.hutchinson_traces(_quadratic_loss, params, [hessian], _plan(
+        {"layer/0/a/kernel": 1, "layer/0/b/kernel": 1, "layer/1/a/kernel": 1}), samples=0)

@@ -92,6 +92,10 @@ def block_top_eigenvalues(loss_fn: LossFn, params: Any, batches: Sequence[Any],
   or once every block's Rayleigh quotient changes by at most `tolerance` relative to its
   previous value (as PyHessian does).
   """
+  if iterations < 1 or not batches:
+    raise ValueError(f"power iteration needs at least 1 product on at least 1 batch, got "
+                     f"{iterations} on {len(batches)}; raise hessian.power_iterations / "
+                     "hessian.num_batches.")
   flat = _flat(params)
   names = list(blocks)
   linearize, products = _linearized_gradient(loss_fn)
@@ -139,6 +143,10 @@ def hutchinson_traces(loss_fn: LossFn, params: Any, batches: Sequence[Any], plan
   the trace of the block of sub-group g, since E[v_i v_j] = 0 for i != j. A matrix's trace is
   the sum over its sub-groups. `chunk` vectors go through one call.
   """
+  if samples < 1 or not batches:
+    raise ValueError(f"Hutchinson's estimator needs at least 1 vector on at least 1 batch, got "
+                     f"{samples} on {len(batches)}; raise hessian.trace_samples / "
+                     "hessian.num_batches.")
   flat = _flat(params)
   linearize, products = _linearized_gradient(loss_fn)
   key = jax.random.key(seed)
