@@ -1,18 +1,21 @@
 r"""Packed models against the full-precision one: bytes on disk and inference latency.
 
-  FP      model.apply on float32 parameters (one jitted forward, eval mode).
+  FP      model.apply on float32 parameters (one jitted forward, eval mode), with float32 and
+          with bfloat16 matmuls (float32 accumulation).
   packed  `PackedModel.apply`: one `kernels.packed_matmul` per bit-width block of each matrix in
           `export.half_dtype()` activations (float16 on GPU), XNOR-popcount matmuls for 1-bit FFNs
           with binarized inputs; on CPU the kernels' pure-jnp reference ("auto" backend).
 
-The packed models are the uniform 4-bit and SensiMix 3+3 exports of the embedded MiniLM (the time
-of a forward does not depend on the values) and any exported runs given with --packed
+The packed models are the uniform 8/4/2-bit and SensiMix (3+3 on 6 layers) exports of the
+embedded MiniLM, or of a random BERT-base-shaped model with --model=bert_base_random (the time of
+a forward does not depend on the values) and any exported runs given with --packed
 (repeatable, e.g. an AutoMPQ run exported with `python -m mpqbert.export`). For each batch size, timed
 rounds alternate between the models; ratios of median times are reported.
 
   python experiments/bench_packed_inference.py --batch_sizes=1,32 --seq_len=128
+  python experiments/bench_packed_inference.py --model=bert_base_random --batch_sizes=1,8,32  # GPU
 
-Writes experiments/results/packed_inference_<backend>.{json,md}. About 3 min on a 2-core CPU.
+Writes experiments/results/packed_inference_<backend>[_bert_base_random].{json,md}. About 3 min on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ from mpqbert.methods import sensimix
 from mpqbert.train import results
 
 
+_MODEL = flags.DEFINE_enum("model", "minilm", ["minilm", "bert_base_random"],
+                          "minilm: the embedded MiniLM-L6-H384 checkpoint; bert_base_random: a "
+                          "randomly initialised BERT-base-shaped model (no files needed: for "
+                          "accelerator hosts without the embedded package).")
+_LAYERS = flags.DEFINE_integer("num_layers", 12, "Encoder layers of --model=bert_base_random.")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Examples per forward.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
 _PACKED = flags.DEFINE_multi_string("packed", [], "Exported MiniLM runs (packed .npz files) to "
@@ -46,14 +54,32 @@ _OUT = flags.DEFINE_string("out", None, "Output path without extension (default:
 
 
 def _default_packed(params, config: models.BertConfig) -> dict[str, export.PackedModel]:
-  """Uniform 4-bit (symmetric, 12 sub-groups) and SensiMix 3+3 exports of `params`."""
-  spec = quant.bert_encoder_spec(groups=12, bit_choices=(4,))
-  uniform = export.export_packed(params, quant.uniform_policy(spec.plan(params), 4),
-                                 quant.init_qparams(spec, params), config=config, num_labels=2)
-  mixed = sensimix.sensimix_spec([0, 1, 2], [3, 4, 5])
-  sensi = export.export_packed(params, sensimix.fixed_policy(mixed, params, other_bits=16),
-                               config=config, num_labels=2)
-  return {"uniform 4-bit": uniform, "SensiMix 3+3": sensi}
+  """Uniform 8/4/2-bit (symmetric, 12 sub-groups) and SensiMix exports of `params`: 8-bit FFNs in
+  the first half of the layers, 1-bit FFNs with binarized inputs in the second (3+3 on 6 layers)."""
+  out = {}
+  for bits in (8, 4, 2):
+    spec = quant.bert_encoder_spec(groups=12, bit_choices=(bits,))
+    out[f"uniform {bits}-bit"] = export.export_packed(
+        params, quant.uniform_policy(spec.plan(params), bits), quant.init_qparams(spec, params),
+        config=config, num_labels=2)
+  layers = config.num_hidden_layers
+  half = layers // 2
+  mixed = sensimix.sensimix_spec(list(range(half)), list(range(half, layers)))
+  out[f"SensiMix {half}+{layers - half}"] = export.export_packed(
+      params, sensimix.fixed_policy(mixed, params, other_bits=16), config=config, num_labels=2)
+  return out
+
+
+def _float_model(num_labels: int):
+  """(config, {dtype name: model}, float32 params) of --model."""
+  if _MODEL.value == "minilm":
+    model, params = models.load_pretrained("minilm", num_labels=num_labels)
+    config = model.config
+  else:
+    config = models.BertConfig(num_hidden_layers=_LAYERS.value)
+    params = models.init_params(models.build_model(config, num_labels))
+  return config, {name: models.build_model(config, num_labels, dtype=dtype)
+                  for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}, params
 
 
 def _file_bytes(packed: export.PackedModel) -> int:
@@ -72,31 +98,33 @@ def _times(fn, *args) -> list[float]:
 
 def main(argv):
   del argv
-  model, params = models.load_pretrained("minilm", num_labels=2)
-  packed = _default_packed(params, model.config)
+  config, float_models, params = _float_model(num_labels=2)
+  packed = _default_packed(params, config)
   for path in _PACKED.value:
     packed[Path(path).stem] = export.load_packed(path)
-    if packed[Path(path).stem].config != model.config:
-      raise ValueError(f"{path} is not a MiniLM export; this benchmark compares MiniLM models.")
+    if packed[Path(path).stem].config != config:
+      raise ValueError(f"{path} was exported from another model than --model={_MODEL.value}; "
+                       "pass exports of the same architecture.")
   fp_bytes = sum(int(np.asarray(v).nbytes) for v in jax.tree.leaves(params))
-  fp = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, attention_mask=mask,
-                                                deterministic=True))
-  served = {name: jax.jit(lambda p, ids, mask: p.apply(ids, attention_mask=mask,
-                                                       deterministic=True))
-            for name in packed}
+  served = {f"full precision ({name})": (jax.jit(
+      lambda p, ids, mask, m=model: m.apply({"params": p}, ids, attention_mask=mask,
+                                            deterministic=True)), params)
+            for name, model in float_models.items()}
+  served.update({name: (jax.jit(lambda p, ids, mask: p.apply(ids, attention_mask=mask,
+                                                             deterministic=True)), p)
+                 for name, p in packed.items()})
+  reference = "full precision (float32)"
   rng = np.random.default_rng(0)
   rows = []
   for batch in [int(b) for b in _BATCHES.value]:
     ids = jnp.asarray(rng.integers(1000, 30000, (batch, _SEQ_LEN.value)), jnp.int32)
     mask = jnp.ones_like(ids)
-    jax.block_until_ready([fp(params, ids, mask)] +
-                          [served[n](p, ids, mask) for n, p in packed.items()])  # compile
-    times = {"full precision": [], **{n: [] for n in packed}}
+    jax.block_until_ready([fn(p, ids, mask) for fn, p in served.values()])  # compile
+    times = {name: [] for name in served}
     for _ in range(_ROUNDS.value):
-      times["full precision"] += _times(fp, params, ids, mask)
-      for name, p in packed.items():
-        times[name] += _times(served[name], p, ids, mask)
-    fp_s = statistics.median(times["full precision"])
+      for name, (fn, p) in served.items():
+        times[name] += _times(fn, p, ids, mask)
+    fp_s = statistics.median(times[reference])
     for name, ts in times.items():
       median = statistics.median(ts)
       rows.append({"batch_size": batch, "model": name, "median_ms": median * 1e3,
@@ -104,21 +132,24 @@ def main(argv):
     print(f"batch {batch}: " + ", ".join(f"{r['model']} {r['median_ms']:.1f} ms"
                                          for r in rows if r["batch_size"] == batch), flush=True)
   fp_matrix_bytes = quant.size_report(params)["size_mb"] * 2**20
-  sizes = {"full precision": {"file_bytes": fp_bytes, "matrix_bytes": fp_matrix_bytes}}
+  sizes = {name: {"file_bytes": fp_bytes, "matrix_bytes": fp_matrix_bytes}
+           for name in served if name.startswith("full precision")}
   for name, p in packed.items():
     sizes[name] = {"file_bytes": _file_bytes(p),
                    "matrix_bytes": export.packed_nbytes(p, part="matrices")}
   backend, device = jax.default_backend(), jax.devices()[0].device_kind
-  report = {"rows": rows, "sizes": sizes, "seq_len": _SEQ_LEN.value, "backend": backend,
+  report = {"model": _MODEL.value, "config": config.to_dict(), "rows": rows, "sizes": sizes, "seq_len": _SEQ_LEN.value, "backend": backend,
             "device": device, "machine": f"{platform.machine()}, {jax.device_count()} device(s)",
             "half_dtype": jnp.dtype(export.half_dtype()).name, "jax": jax.__version__,
             "rounds": _ROUNDS.value, "repeats": _REPEATS.value,
             "git_commit": results.git_commit(), "command": " ".join(["python"] + sys.argv)}
-  out = Path(_OUT.value or Path(__file__).parent / "results" / f"packed_inference_{backend}")
+  stem = f"packed_inference_{backend}" + ("" if _MODEL.value == "minilm" else f"_{_MODEL.value}")
+  out = Path(_OUT.value or Path(__file__).parent / "results" / stem)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-  lines = [f"Packed inference against full precision: one jitted forward, sequences of "
-           f"{_SEQ_LEN.value} tokens, on {device} ({backend}; packed GEMMs in "
+  lines = [f"Packed inference against full precision ({_MODEL.value}, "
+           f"{config.num_hidden_layers} layers x {config.hidden_size}): one jitted forward, "
+           f"sequences of {_SEQ_LEN.value} tokens, on {device} ({backend}; packed GEMMs in "
            f"{report['half_dtype']}).", "",
            "| model | encoder matrices (MB) | file on disk (MB) | x smaller | " +
            " | ".join(f"batch {b} (ms) | ratio" for b in _BATCHES.value) + " |",
@@ -131,9 +162,10 @@ def main(argv):
     lines.append(f"| {name} | {size['matrix_bytes'] / 2**20:.2f} | "
                  f"{size['file_bytes'] / 2**20:.2f} | "
                  f"{fp_bytes / size['file_bytes']:.1f} | " + " | ".join(cells) + " |")
-  lines += ["", f"Ratio: median time over the full-precision model's in the same run "
+  lines += ["", f"Ratio: median time over the float32 model's in the same run "
             f"({_ROUNDS.value} alternating rounds of {_REPEATS.value} forwards). Full precision "
-            "is the float32 parameter bytes; the other files hold the embeddings at their policy's "
+            "is the float32 parameter bytes (its bfloat16 row computes every matmul in bfloat16 "
+            "with float32 accumulation from the same float32 parameters); the other files hold the embeddings at their policy's "
             "bits (float32 for uniform and AutoMPQ, 8-bit for SensiMix). jax " + jax.__version__ + "; commit "
             f"{report['git_commit'][:10]}. Command: `{report['command']}`."]
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")

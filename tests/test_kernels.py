@@ -9,6 +9,8 @@ the input dtype across its cases instead of taking the full cross product.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,10 @@ import pytest
 from mpqbert import kernels
 from mpqbert.kernels import binary, compat, packing
 
+# The backend of the correctness matrix: Pallas's interpreter on CPU (CI); on a GPU or TPU host,
+# MPQBERT_KERNEL_BACKEND=triton / mosaic_tpu runs the same matrix compiled
+# (experiments/accelerator_check.sh).
+KERNEL_BACKEND = os.environ.get("MPQBERT_KERNEL_BACKEND", "interpret")
 BITS = (1, 2, 3, 4, 8)
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Max abs error / max abs reference, by activation dtype (half outputs are rounded to half too).
@@ -233,7 +239,7 @@ def test_packed_matmul_matches_float64(bits: int, signed: bool, m: int, k: int, 
   rng, codes, w, scales, _ = packed_case([bits, signed, m, k, n], k, n, bits, signed)
   x, x64 = activations(rng, (m, k), dtype)
   y = kernels.packed_matmul(x, w, jnp.asarray(scales), bits=bits, signed=signed,
-                            backend="interpret")
+                            backend=KERNEL_BACKEND)
   assert y.shape == (m, n) and y.dtype == dtype
   assert rel_err(y, np_matmul(x64, codes, scales)) < TOL[dtype]
 
@@ -255,12 +261,12 @@ def test_packed_matmul_other_backends(bits: int, signed: bool, m: int, k: int, n
 
 
 @pytest.mark.parametrize("bits,signed,k,group_size,zero_points,dtype,backend", [
-    (4, True, 512, 64, False, jnp.bfloat16, "interpret"),
-    (4, False, 512, 32, True, jnp.float32, "interpret"),
-    (8, True, 256, 16, True, jnp.float16, "interpret"),
+    (4, True, 512, 64, False, jnp.bfloat16, KERNEL_BACKEND),
+    (4, False, 512, 32, True, jnp.float32, KERNEL_BACKEND),
+    (8, True, 256, 16, True, jnp.float16, KERNEL_BACKEND),
     # K_w=40: 10 planes hold 400 > K=392 codes, so the last plane ends in padding past the last
     # group (and the default 4 K splits pad its 5 K tiles of 8 word rows to 8 tiles).
-    (3, False, 392, 8, True, jnp.float32, "interpret"),
+    (3, False, 392, 8, True, jnp.float32, KERNEL_BACKEND),
     (4, False, 512, 64, True, jnp.float32, "tpu_interpret"),
     (2, True, 512, 32, True, jnp.float32, "reference"),
 ])
@@ -294,7 +300,7 @@ def test_packed_matmul_per_channel_zero_points(bits: int, signed: bool, m: int, 
                                              zero_points=True)
   x, x64 = activations(rng, (m, k), dtype)
   y = kernels.packed_matmul(x, w, jnp.asarray(scales), bits=bits, signed=signed,
-                            zero_points=jnp.asarray(zeros), backend="interpret")
+                            zero_points=jnp.asarray(zeros), backend=KERNEL_BACKEND)
   assert y.shape == (m, n) and y.dtype == dtype
   assert rel_err(y, np_matmul(x64, codes, scales, zeros)) < TOL[dtype]
 
@@ -312,7 +318,7 @@ def test_dequantize_matches_codes(bits: int, signed: bool, k: int, group_size: i
                              rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["interpret", "reference"])
+@pytest.mark.parametrize("backend", [KERNEL_BACKEND, "reference"])
 def test_packed_matmul_leading_batch_dims(backend: str):
   k, n, bits = 200, 72, 4
   rng, codes, w, scales, _ = packed_case([k, n, 3], k, n, bits, True)
@@ -338,7 +344,7 @@ def test_packed_matmul_out_dtype(x_dtype, out_dtype, tol: float):
   rng, codes, w, scales, _ = packed_case([k, n, 4], k, n, bits, False)
   x, x64 = activations(rng, (m, k), x_dtype)
   y = kernels.packed_matmul(x, w, jnp.asarray(scales), bits=bits, signed=False,
-                            out_dtype=out_dtype, backend="interpret")
+                            out_dtype=out_dtype, backend=KERNEL_BACKEND)
   assert y.dtype == out_dtype and y.shape == (m, n)
   assert rel_err(y, np_matmul(x64, codes, scales)) < tol
 
@@ -354,7 +360,7 @@ def test_packed_matmul_small_explicit_tiles_and_k_splits(group_size: int | None)
   x, x64 = activations(rng, (m, k), jnp.float32)
   y = kernels.packed_matmul(x, w, jnp.asarray(scales), bits=bits, signed=False,
                             zero_points=jnp.asarray(zeros), group_size=group_size,
-                            backend="interpret", block_m=8, block_n=16, block_k_words=8,
+                            backend=KERNEL_BACKEND, block_m=8, block_n=16, block_k_words=8,
                             k_splits=3)
   assert rel_err(y, np_matmul(x64, codes, scales, zeros, group_size)) < 1e-3
 
@@ -500,7 +506,7 @@ def test_xnor_matmul_exact(m: int, k: int, n: int):
   want = np.where(x >= 0, 1, -1).astype(np.int64) @ np.where(wt >= 0, 1, -1).astype(np.int64)
   xw, ww = _pack_signs_jit(jnp.asarray(x)), _pack_signs_jit(jnp.asarray(wt), axis=0)
   assert xw.shape == (m, -(-k // 32)) and ww.shape == (-(-k // 32), n)
-  backends = ("interpret", "reference") + (("triton",) if jax.default_backend() == "gpu" else ())
+  backends = (KERNEL_BACKEND, "reference") + (("triton",) if jax.default_backend() == "gpu" else ())
   for got in (binary.xnor_matmul(xw, ww, k, backend=b) for b in backends):
     assert got.dtype == jnp.int32 and got.shape == (m, n)
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -517,7 +523,7 @@ def test_xnor_matmul_scale_and_bias():
   xw, ww = _pack_signs_jit(jnp.asarray(x)), _pack_signs_jit(jnp.asarray(wt), axis=0)
   sj, bj = jnp.asarray(scale), jnp.asarray(bias)
   want = dots * scale.astype(np.float64) + bias.astype(np.float64)
-  for backend in ("interpret", "reference"):
+  for backend in (KERNEL_BACKEND, "reference"):
     got = binary.xnor_matmul(xw, ww, k, scale=sj, bias=bj, backend=backend)
     assert got.dtype == jnp.float32 and got.shape == (m, n)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
