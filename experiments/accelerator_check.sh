@@ -26,6 +26,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # The benches import mpqbert from here.
 export PYTHONUNBUFFERED=1
 DEVICE=$($PY -c 'import jax; print(jax.devices()[0].device_kind)' 2>/dev/null | tail -1)
 BACKEND=$($PY -c 'import jax; print(jax.default_backend())' 2>/dev/null | tail -1)
@@ -64,9 +65,10 @@ step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, logs 
 # Tests in 8 processes that share the GPU: no process takes most of its memory up front.
 XLA_PYTHON_CLIENT_PREALLOCATE=false MPQBERT_KERNEL_BACKEND=$KERNEL \
   step tests "${TESTS_LIMIT_S:-150}" $PY -m pytest -q -p no:cacheprovider -n 8 \
-  tests/test_kernels.py tests/test_export.py
+  ${TESTS:-tests/test_kernels.py tests/test_export.py}
 step kernel_bench "${BENCH_LIMIT_S:-300}" $PY experiments/kernel_bench.py \
-  --shapes=4096x4096,768x768,768x3072,3072x768 --budget_s="${BENCH_BUDGET_S:-200}" --out="$DIR"
+  --shapes=4096x4096,768x768,768x3072,3072x768 --methods="${BENCH_METHODS:-bf16,packed8,packed4,packed2,xnor,xnor+pack}" \
+  --budget_s="${BENCH_BUDGET_S:-200}" --out="$DIR"
 step packed_inference "${INFERENCE_LIMIT_S:-180}" $PY experiments/bench_packed_inference.py \
   --model=bert_base_random --batch_sizes=1,8,32 --seq_len=128 --rounds=3 --repeats=3 \
   --out="$DIR/packed_inference_${BACKEND}_bert_base_random"

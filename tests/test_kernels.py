@@ -577,3 +577,11 @@ def test_kernels_lower_for_gpu_and_tpu_on_any_host(platform: str, backend: str):
   jax.jit(lambda a, b: kernels.xnor_matmul(a, b, k, backend=backend)).trace(
       jax.ShapeDtypeStruct((m, words), jnp.uint32),
       jax.ShapeDtypeStruct((words, n), jnp.uint32)).lower(lowering_platforms=(platform,))
+
+
+def test_popcount32_counts_set_bits():
+  """The kernels' shift-and-mask popcount against Python's bit count, edge words included."""
+  v = np.random.default_rng(11).integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
+  v[:4] = [0, 0xFFFFFFFF, 0x80000001, 0x55555555]
+  want = np.array([bin(int(a)).count("1") for a in v])
+  np.testing.assert_array_equal(np.asarray(binary.popcount32(jnp.asarray(v))), want)

@@ -76,12 +76,25 @@ def xnor_matmul_reference(x_words: Array, w_words: Array, length: int, *,
   return _epilogue(counts, scale, bias)
 
 
+def popcount32(v: Array) -> Array:
+  """Set bits of each uint32 by shifts, masks and one multiply (SWAR).
+
+  The kernel's popcount: Pallas's Triton lowering (JAX 0.11) cannot lower `lax.population_count`
+  (`math.ctpop` is left illegal), and these integer ops lower everywhere. The reference keeps
+  `lax.population_count`, so the tests compare two independent counts.
+  """
+  v = v - ((v >> 1) & jnp.uint32(0x55555555))
+  v = (v & jnp.uint32(0x33333333)) + ((v >> 2) & jnp.uint32(0x33333333))
+  v = (v + (v >> 4)) & jnp.uint32(0x0F0F0F0F)
+  return ((v * jnp.uint32(0x01010101)) >> 24).astype(jnp.int32)
+
+
 def _xnor_kernel(x_ref, w_ref, o_ref, *, length: int, words: int):
   """One output tile: for each word, XOR a column of x words with a row of w words."""
   def body(c, acc):
     x_col = x_ref[:, pl.ds(c, 1)]  # [block_m, 1]
     w_row = w_ref[pl.ds(c, 1), :]  # [1, block_n]
-    return acc + jax.lax.population_count(x_col ^ w_row).astype(jnp.int32)
+    return acc + popcount32(x_col ^ w_row)
 
   ones = jax.lax.fori_loop(0, words, body, jnp.zeros(o_ref.shape, jnp.int32))
   o_ref[...] = length - 2 * ones
