@@ -14,10 +14,12 @@
 #    -> RESULTS_DIR/packed_inference_<backend>_bert_base_random.{md,json}.
 #
 # Each step has its own time limit, so one failure costs only its step; the summary at the end says
-# which passed. ~6-8 min on one H100/H200 (mostly Triton compilation). Needs the repository and
+# which passed. At most ~10 min (limits 150 + 200 + 240 s); on one H200 the tests took 80-90 s and
+# the packed-inference bench more than 140 s (mostly compilation). Needs the repository and
 # JAX with CUDA, flax, optax, chex, orbax, absl-py, pytest (+ pytest-xdist); nothing is downloaded
 # and no model files or data are read. ml-collections (imported by the export tests) may come as
-# wheels in .whl/ (see experiments/README.md), installed here into /tmp/site.
+# wheels in .whl/, installed here into /tmp/site; make them on a machine with a package index:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
 # RESULTS_DIR defaults to experiments/results/accelerator_<device>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,10 +68,10 @@ step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, logs 
 XLA_PYTHON_CLIENT_PREALLOCATE=false MPQBERT_KERNEL_BACKEND=$KERNEL \
   step tests "${TESTS_LIMIT_S:-150}" $PY -m pytest -q -p no:cacheprovider -n 8 \
   ${TESTS:-tests/test_kernels.py tests/test_export.py}
-step kernel_bench "${BENCH_LIMIT_S:-300}" $PY experiments/kernel_bench.py \
+step kernel_bench "${BENCH_LIMIT_S:-200}" $PY experiments/kernel_bench.py \
   --shapes=4096x4096,768x768,768x3072,3072x768 --methods="${BENCH_METHODS:-bf16,packed8,packed4,packed2,xnor,xnor+pack}" \
-  --budget_s="${BENCH_BUDGET_S:-200}" --out="$DIR"
-step packed_inference "${INFERENCE_LIMIT_S:-180}" $PY experiments/bench_packed_inference.py \
+  --budget_s="${BENCH_BUDGET_S:-150}" --out="$DIR"
+step packed_inference "${INFERENCE_LIMIT_S:-240}" $PY experiments/bench_packed_inference.py \
   --model=bert_base_random --batch_sizes=1,8,32 --seq_len=128 --rounds=3 --repeats=3 \
   --out="$DIR/packed_inference_${BACKEND}_bert_base_random"
 
