@@ -9,13 +9,14 @@ r"""Packed models against the full-precision one: bytes on disk and inference la
 The packed models are the uniform 8/4/2-bit and SensiMix (3+3 on 6 layers) exports of the
 embedded MiniLM, or of a random BERT-base-shaped model with --model=bert_base_random (the time of
 a forward does not depend on the values) and any exported runs given with --packed
-(repeatable, e.g. an AutoMPQ run exported with `python -m mpqbert.export`). For each batch size, timed
-rounds alternate between the models; ratios of median times are reported.
+(repeatable, e.g. an AutoMPQ run exported with `python -m mpqbert.export`). For each batch size,
+timed rounds alternate between the models; ratios of median times are reported.
 
   python experiments/bench_packed_inference.py --batch_sizes=1,32 --seq_len=128
   python experiments/bench_packed_inference.py --model=bert_base_random --batch_sizes=1,8,32  # GPU
 
-Writes experiments/results/packed_inference_<backend>[_bert_base_random].{json,md}. About 3 min on a 2-core CPU.
+Writes experiments/results/packed_inference_<backend>[_bert_base_random].{json,md}. About 3 min
+on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def main(argv):
     sizes[name] = {"file_bytes": _file_bytes(p),
                    "matrix_bytes": export.packed_nbytes(p, part="matrices")}
   backend, device = jax.default_backend(), jax.devices()[0].device_kind
-  report = {"model": _MODEL.value, "config": config.to_dict(), "rows": rows, "sizes": sizes, "seq_len": _SEQ_LEN.value, "backend": backend,
+  report = {"model": _MODEL.value, "config": config.to_dict(), "rows": rows, "sizes": sizes,
+            "seq_len": _SEQ_LEN.value, "backend": backend,
             "device": device, "machine": f"{platform.machine()}, {jax.device_count()} device(s)",
             "half_dtype": jnp.dtype(export.half_dtype()).name, "jax": jax.__version__,
             "rounds": _ROUNDS.value, "repeats": _REPEATS.value,
@@ -165,9 +167,10 @@ def main(argv):
   lines += ["", f"Ratio: median time over the float32 model's in the same run "
             f"({_ROUNDS.value} alternating rounds of {_REPEATS.value} forwards). Full precision "
             "is the float32 parameter bytes (its bfloat16 row computes every matmul in bfloat16 "
-            "with float32 accumulation from the same float32 parameters); the other files hold the embeddings at their policy's "
-            "bits (float32 for uniform and AutoMPQ, 8-bit for SensiMix). jax " + jax.__version__ + "; commit "
-            f"{report['git_commit'][:10]}. Command: `{report['command']}`."]
+            "with float32 accumulation from the same float32 parameters); the other files hold "
+            "the embeddings at their policy's bits (float32 for uniform and AutoMPQ, 8-bit for "
+            f"SensiMix). jax {jax.__version__}; commit {report['git_commit'][:10]}. "
+            f"Command: `{report['command']}`."]
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 

@@ -31,7 +31,7 @@ import optax
 from absl import app, flags
 
 from mpqbert import data, models, quant
-from mpqbert.train import compiled, optim, results, steps
+from mpqbert.train import compiled, losses, optim, results, steps
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Examples per step.")
@@ -77,7 +77,7 @@ def search_step(model, params, spec: quant.QuantSpec, batch) -> tuple[Callable, 
                     attention_mask=batch["attention_mask"],
                     token_type_ids=batch["token_type_ids"], key=gumbel_key, tau=1.0,
                     deterministic=False, rngs={"dropout": dropout_key})
-    return steps.weighted_mean(steps.per_example_loss(logits, batch["labels"], False),
+    return losses.weighted_mean(losses.per_example_loss(logits, batch["labels"], False),
                                batch["weights"])
 
   def step(state, batch):

@@ -151,21 +151,6 @@ def load_task(name: str, workdir_root: str, glue_dir: Path) -> TaskRun:
                  reported_dev=float(reported["dev"]))
 
 
-def make_quant_eval_step(qapply: Callable, is_regression: bool) -> Callable:
-  """`steps.make_eval_step` with the quantized forward; `params` is (params, qparams, policy)."""
-
-  def eval_step(variables: tuple[Any, Any, quant.Policy], batch: steps.Batch) -> dict:
-    params, qparams, policy = variables
-    logits = qapply(params, qparams, policy, batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    token_type_ids=batch["token_type_ids"], deterministic=True)
-    losses = steps.per_example_loss(logits, batch["labels"], is_regression)
-    predictions = logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1)
-    return {"predictions": predictions, "loss_sum": jnp.sum(losses * batch["weights"])}
-
-  return jax.jit(eval_step)
-
-
 def make_calibration_step(qapply: Callable) -> Callable:
   """One moving-max|x| update of the activation scales on a batch."""
 
@@ -248,8 +233,8 @@ def run_task(run: TaskRun, bits_list: list[int], groups_list: list[int], num_cal
              mesh, progress: tqdm) -> list[dict[str, Any]]:
   """FP, majority-class and every (setting, bits, groups) row of one task."""
   t0 = time.time()
-  fp_metrics = evaluate(steps.make_eval_step(run.model, run.task.is_regression), run.params, run,
-                        mesh)
+  fp_metrics = evaluate(steps.make_eval_step(steps.model_logits(run.model), run.task.is_regression),
+                        run.params, run, mesh)
   fp_dev = fp_metrics[run.task.main_metric]
   rows = [make_row(run, fp_metrics, setting="fp", bits=FP_BITS, groups="-", scale_init="-",
                    activation_bits=FP_BITS, size=quant.size_report(run.params), fp_dev=fp_dev,
@@ -269,7 +254,9 @@ def run_task(run: TaskRun, bits_list: list[int], groups_list: list[int], num_cal
                                    activation_mode="moving")
     plan = spec.plan(run.params)
     qapply = quant.transform(run.model.apply, spec)
-    eval_step = make_quant_eval_step(qapply, run.task.is_regression)
+    eval_step = steps.make_eval_step(
+        lambda variables, batch: steps.apply_to_batch(qapply, variables, batch, deterministic=True),
+        run.task.is_regression, "quant_eval_step")
     calibration_step = make_calibration_step(qapply)
     qparams_by_init: dict[str, Any] = {}
     for setting in SETTINGS:

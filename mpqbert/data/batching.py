@@ -69,6 +69,13 @@ class TokenizedDataset:
     """Number of tokens of each example (int64 [N])."""
     return np.asarray([len(x) for x in self.input_ids], dtype=np.int64)
 
+  def select(self, indices: np.ndarray | slice) -> "TokenizedDataset":
+    """The examples at `indices` (an index array or a slice), in that order."""
+    keep = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices)
+    return TokenizedDataset(input_ids=[self.input_ids[i] for i in keep],
+                            token_type_ids=[self.token_type_ids[i] for i in keep],
+                            labels=self.labels[keep])
+
 
 def tokenize(
     examples: Examples, tokenizer: Any, max_seq_length: int = 128

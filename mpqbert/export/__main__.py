@@ -1,5 +1,5 @@
 r"""`python -m mpqbert.export --workdir=RUN --out=FILE [--check_dev]`: a finished run to a packed
-checkpoint (see `mpqbert.export.from_run`). Prints the file's bytes against the run's size_mb."""
+checkpoint (see `mpqbert.methods.export_run`). Prints the file's bytes against the run's size_mb."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 from absl import app, flags, logging
 
-from mpqbert.export.from_run import export_run
+from mpqbert.methods.export_run import export_run
 from mpqbert.train.results import quiet_library_info_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's --workdir.", required=True)

@@ -21,11 +21,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from mpqbert import data, export, files, models, quant
-from mpqbert.models.bert import BertLayer
+from mpqbert import data, files, models, quant
 from mpqbert.train import checkpoint, loop, optim, results, sharding
 from mpqbert.train.compiled import Jit
-from mpqbert.train.steps import TrainState, make_eval_step, per_example_loss, weighted_mean
+from mpqbert.train.losses import capture_layers, distillation_loss, layer_outputs, task_loss
+from mpqbert.train.steps import TrainState, apply_to_batch, make_eval_step, model_logits
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, dict[str, float]]
@@ -86,14 +86,7 @@ def split_for_search(dataset: data.TokenizedDataset, fraction: float, seed: int
   if cut == 0 or cut == len(dataset):
     raise ValueError(f"{len(dataset)} training examples are too few to split with "
                      f"search_fraction={fraction}.")
-
-  def subset(indices):
-    indices = np.sort(indices)
-    return data.TokenizedDataset(input_ids=[dataset.input_ids[i] for i in indices],
-                                 token_type_ids=[dataset.token_type_ids[i] for i in indices],
-                                 labels=dataset.labels[indices])
-
-  return subset(order[:cut]), subset(order[cut:])
+  return dataset.select(np.sort(order[:cut])), dataset.select(np.sort(order[cut:]))
 
 
 # ----------------------------------------------------------------------------------- teacher
@@ -172,21 +165,10 @@ def make_spec(config: ml_collections.ConfigDict, num_heads: int,
                                  activation_mode="learned")
 
 
-def _forward(apply_fn, variables, batch: Batch, **kwargs):
-  return apply_fn(*variables, batch["input_ids"], attention_mask=batch["attention_mask"],
-                  token_type_ids=batch["token_type_ids"], **kwargs)
-
-
-def make_quant_eval_step(qapply: Callable, is_regression: bool) -> Callable:
-  """Like `make_eval_step`; its variables are `(params, qparams, arch)` (a Policy or logits)."""
-
-  def eval_step(variables, batch: Batch) -> dict:
-    logits = _forward(qapply, variables, batch, deterministic=True)
-    losses = per_example_loss(logits, batch["labels"], is_regression)
-    predictions = logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1)
-    return {"predictions": predictions, "loss_sum": jnp.sum(losses * batch["weights"])}
-
-  return Jit(eval_step, "quant_eval_step")
+def quantized_logits(qapply: Callable) -> Callable:
+  """`logits_fn(variables, batch)` of a quantized apply in eval mode; `variables` is
+  `(params, qparams, arch)` with `arch` a Policy or logits."""
+  return lambda variables, batch: apply_to_batch(qapply, variables, batch, deterministic=True)
 
 
 def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qparams: Any,
@@ -200,8 +182,8 @@ def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qpara
     return qparams  # No input has a step size (float or sign inputs only).
 
   def update(params, qparams, arch, batch):
-    return _forward(qapply, (params, qparams, arch), batch, deterministic=True,
-                    update_act_stats=True)[1]
+    return apply_to_batch(qapply, (params, qparams, arch), batch, deterministic=True,
+                          update_act_stats=True)[1]
 
   update = Jit(update, "calibrate_step")
   params, qparams, arch = sharding.replicate((params, qparams, arch), ctx.mesh)
@@ -212,39 +194,8 @@ def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qpara
   return qparams
 
 
-def _is_layer(module, method_name: str) -> bool:
-  return isinstance(module, BertLayer) and method_name == "__call__"
-
-
-def layer_outputs(intermediates: Mapping[str, Any]) -> list[jax.Array]:
-  """The captured output of every `BertLayer`, in layer order."""
-  flat = quant.flatten_params(intermediates["intermediates"])
-  found = sorted((int(path.split("/")[-2]), value[0]) for path, value in flat.items()
-                 if path.endswith("/__call__"))
-  return [value for _, value in found]
-
-
-def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hidden,
-                      batch: Batch, *, is_regression: bool, temperature: float) -> tuple:
-  """(logit loss, hidden-state loss) of a student against its full-precision teacher.
-
-  Logits: soft cross-entropy at `temperature` (times T^2), or squared error for regression.
-  Hidden states: mean squared error of every layer's output over real tokens, averaged.
-  """
-  if is_regression:
-    logit_loss = jnp.square(student_logits[:, 0] - teacher_logits[:, 0])
-  else:
-    soft = jax.nn.softmax(teacher_logits / temperature)
-    logit_loss = -jnp.sum(soft * jax.nn.log_softmax(student_logits / temperature), -1)
-    logit_loss = logit_loss * temperature**2
-  logit_loss = weighted_mean(logit_loss, batch["weights"])
-  mask = batch["attention_mask"].astype(jnp.float32) * batch["weights"][:, None]
-  per_layer = [jnp.sum(jnp.mean(jnp.square(s - t), -1) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-               for s, t in zip(student_hidden, teacher_hidden)]
-  return logit_loss, sum(per_layer) / max(1, len(per_layer))
-
-
-Regularizer = Callable[[Any], jax.Array]  # weights {"params", "qparams"} -> scalar added to the loss
+# weights {"params", "qparams"} -> a scalar added to the loss.
+Regularizer = Callable[[Any], jax.Array]
 
 
 def distills(train_config: ml_collections.ConfigDict) -> bool:
@@ -268,22 +219,21 @@ def make_student_loss(ctx: TaskContext, qapply: Callable) -> Callable:
     kwargs = dict(deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key, tau=tau,
                   hard=hard)
     if distill:
-      kwargs["capture_intermediates"] = _is_layer
-    out = _forward(qapply, (weights["params"], weights["qparams"], arch), batch, **kwargs)
+      kwargs["capture_intermediates"] = capture_layers
+    out = apply_to_batch(qapply, (weights["params"], weights["qparams"], arch), batch, **kwargs)
     logits = out[0] if distill else out
-    task_loss = weighted_mean(per_example_loss(logits, batch["labels"], is_regression),
-                              batch["weights"])
+    labels_loss = task_loss(logits, batch, is_regression)
     if not distill:
-      return task_loss, {"task_loss": task_loss}
-    t_logits, t_state = _forward(ctx.model.apply, ({"params": teacher_params},), batch,
-                                 deterministic=True, capture_intermediates=_is_layer)
+      return labels_loss, {"task_loss": labels_loss}
+    t_logits, t_state = apply_to_batch(ctx.model.apply, ({"params": teacher_params},), batch,
+                                       deterministic=True, capture_intermediates=capture_layers)
     t_logits, t_hidden = jax.lax.stop_gradient((t_logits, layer_outputs(t_state)))
     kd_logits, kd_hidden = distillation_loss(logits, t_logits, layer_outputs(out[1]), t_hidden,
                                              batch, is_regression=is_regression,
                                              temperature=train.distill_temperature)
-    total = ((1 - train.distill_alpha) * task_loss + train.distill_alpha * kd_logits
+    total = ((1 - train.distill_alpha) * labels_loss + train.distill_alpha * kd_logits
              + train.distill_hidden_weight * kd_hidden)
-    return total, {"task_loss": task_loss, "kd_logits": kd_logits, "kd_hidden": kd_hidden}
+    return total, {"task_loss": labels_loss, "kd_logits": kd_logits, "kd_hidden": kd_hidden}
 
   return loss
 
@@ -344,7 +294,8 @@ def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy
     calibrated = calibrate_activations(ctx, qapply, params, qparams, policy)
     state = sharding.replicate(
         TrainState.create({"params": params, "qparams": calibrated}, optimizer), ctx.mesh)
-    eval_step = make_quant_eval_step(qapply, ctx.task.is_regression)
+    eval_step = make_eval_step(quantized_logits(qapply), ctx.task.is_regression,
+                               "quant_eval_step")
     qat_step = make_qat_step(ctx, qapply, optimizer, regularizer)
     frozen = sharding.replicate((teacher_params if distills(config.train) else None, policy),
                                 ctx.mesh)
@@ -387,7 +338,8 @@ def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path,
   `metrics`, when given, are those already measured on them (a teacher fine-tuned here)."""
   def run():
     if metrics is None:
-      measured = ctx.evaluate(make_eval_step(ctx.model, ctx.task.is_regression), params)
+      measured = ctx.evaluate(make_eval_step(model_logits(ctx.model), ctx.task.is_regression),
+                              params)
     else:
       measured = metrics
     return {"dev": ctx.dev_value(measured), "dev_metrics": measured,
@@ -437,38 +389,3 @@ def write_summary(ctx: TaskContext, workdir: Path, *, method: str, result: Mappi
   results.write_results(workdir, summary)
   logging.info("table:\n%s", format_table(rows, ctx.task.main_metric))
   return summary
-
-
-def predict_packed(ctx: TaskContext, packed: export.PackedModel,
-                   dataset: data.TokenizedDataset) -> np.ndarray:
-  """Dev predictions of a packed model (`export.packed_apply`, the kernels of this backend)."""
-  is_regression = ctx.task.is_regression
-
-  def eval_step(packed, batch):
-    logits = export.packed_apply(ctx.model, packed, batch["input_ids"],
-                                 attention_mask=batch["attention_mask"],
-                                 token_type_ids=batch["token_type_ids"], deterministic=True)
-    losses = per_example_loss(logits, batch["labels"], is_regression)
-    return {"predictions": logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1),
-            "loss_sum": jnp.sum(losses * batch["weights"])}
-
-  return loop.predict(Jit(eval_step, "packed_eval_step"), packed, dataset, ctx.config,
-                      ctx.mesh)[0]
-
-
-def packed_agreement(ctx: TaskContext, packed: export.PackedModel, spec: quant.QuantSpec,
-                     params: Any, qparams: Any) -> dict[str, Any]:
-  """Dev predictions of the packed model against the fake-quantized model it was exported from:
-  the share of equal labels (regression: |difference| <= 0.05) and the packed model's metrics."""
-  dev = ctx.eval_sets[ctx.dev_split]
-  eval_step = make_quant_eval_step(quant.transform(ctx.model.apply, spec), ctx.task.is_regression)
-  fake = np.asarray(loop.predict(eval_step, (params, qparams, packed.policy), dev, ctx.config,
-                                 ctx.mesh)[0])
-  start = time.time()
-  served = np.asarray(predict_packed(ctx, packed, dev))
-  out = {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
-         "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels)}
-  if ctx.task.is_regression:
-    diff = np.abs(fake.astype(np.float64) - served.astype(np.float64))
-    return {**out, "agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
-  return {**out, "agreement": float(np.mean(fake == served))}

@@ -27,7 +27,8 @@ from mpqbert import data, quant, search
 from mpqbert.methods import common
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop, optim, sharding
-from mpqbert.train.steps import per_example_loss, weighted_mean
+from mpqbert.train.losses import task_loss
+from mpqbert.train.steps import make_eval_step, model_logits
 
 
 _LAYER = re.compile(r"^(.*/layer/\d+)/")
@@ -86,13 +87,8 @@ def _training_batches(ctx, count: int, seed_offset: int, batch_size: int | None 
 
 def _label_loss(ctx):
   """The teacher's mean task loss on a batch, deterministic (for curvature estimates)."""
-  def loss_fn(params, batch):
-    logits = ctx.model.apply({"params": params}, batch["input_ids"],
-                             attention_mask=batch["attention_mask"],
-                             token_type_ids=batch["token_type_ids"], deterministic=True)
-    return weighted_mean(per_example_loss(logits, batch["labels"], ctx.task.is_regression),
-                         batch["weights"])
-  return loss_fn
+  logits_fn = model_logits(ctx.model)
+  return lambda params, batch: task_loss(logits_fn(params, batch), batch, ctx.task.is_regression)
 
 
 # ------------------------------------------------------------------------------------- automp
@@ -180,7 +176,8 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
       arch_start_step=arch_start, second_order=sc.second_order, inner_lr=sc.weight_lr,
       seed=config.seed)
   teacher_arg = sharding.replicate(teacher if distill else None, ctx.mesh)
-  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
+  eval_step = make_eval_step(common.quantized_logits(qapply), ctx.task.is_regression,
+                             "quant_eval_step")
 
   def evaluate(state):  # Report only: the argmax policy on the search's own weights.
     argmax = quant.policy_from_logits(jax.device_get(state.arch), plan,

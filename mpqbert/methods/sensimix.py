@@ -28,9 +28,10 @@ from flax import linen as nn
 from flax import traverse_util
 
 from mpqbert import data, export, quant
-from mpqbert.methods import common
+from mpqbert.methods import common, export_run
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop
+from mpqbert.train.steps import make_eval_step
 
 _ATTENTION = r"attention/(self/(query|key|value)|output/dense)/kernel$"
 _FFN = r"(intermediate|output)/dense/kernel$"
@@ -205,7 +206,8 @@ def _mean_loss(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any,
   policy = fixed_policy(spec, params, other_bits=quant.FULL_PRECISION)
   qparams = common.calibrate_activations(ctx, qapply, params, quant.init_qparams(spec, params),
                                          policy)
-  eval_step = common.make_quant_eval_step(qapply, ctx.task.is_regression)
+  eval_step = make_eval_step(common.quantized_logits(qapply), ctx.task.is_regression,
+                             "quant_eval_step")
   return loop.evaluate(eval_step, (params, qparams, policy), dataset, ctx.task, ctx.config,
                        ctx.mesh)["loss"]
 
@@ -237,9 +239,7 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
     target = size_mb(fixed)  # Equal size to the fixed split.
   _, search_set = common.split_for_search(ctx.train_set, sc.search_fraction, config.seed)
   keep = min(len(search_set), sc.sensitivity_batches * config.train.eval_batch_size)
-  search_set = data.TokenizedDataset(input_ids=search_set.input_ids[:keep],
-                                     token_type_ids=search_set.token_type_ids[:keep],
-                                     labels=search_set.labels[:keep])
+  search_set = search_set.select(slice(keep))
   # Against the teacher with 8-bit attention and float FFNs: only the one FFN changes.
   base_loss = _mean_loss(ctx, _spec(config, [], [], embedding_bits=quant.FULL_PRECISION),
                          teacher, search_set)
@@ -264,7 +264,7 @@ def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSp
   packed = export.export_packed(params, policy, qparams, config=ctx.model.config,
                                 num_labels=ctx.task.num_labels)
   path = export.save_packed(packed, workdir / "packed.npz")
-  check = common.packed_agreement(ctx, packed, spec, params, qparams)
+  check = export_run.packed_agreement(ctx, packed, spec, params, qparams)
   size = quant.size_report(params, policy)
   logging.info("sensimix: packed model %s, %d bytes (%.0f expected), agreement with the "
                "fake-quantized model %.4f, dev %s", path, path.stat().st_size,

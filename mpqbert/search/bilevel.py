@@ -24,7 +24,8 @@ import optax
 from mpqbert.quant import Plan, sample_probs
 from mpqbert.search.size import expected_size_mb, size_loss
 from mpqbert.train.compiled import Jit
-from mpqbert.train.steps import per_example_loss, weighted_mean
+from mpqbert.train.losses import task_loss
+from mpqbert.train.steps import apply_to_batch
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -86,12 +87,10 @@ def label_loss(qapply: Callable, is_regression: bool) -> LossFn:
 
   def loss_fn(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params):
     del teacher_params
-    logits = qapply(weights["params"], weights["qparams"], arch, batch["input_ids"],
-                    attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-                    deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key, tau=tau,
-                    hard=hard)
-    loss = weighted_mean(per_example_loss(logits, batch["labels"], is_regression),
-                         batch["weights"])
+    logits = apply_to_batch(qapply, (weights["params"], weights["qparams"], arch), batch,
+                            deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key,
+                            tau=tau, hard=hard)
+    loss = task_loss(logits, batch, is_regression)
     return loss, {"task_loss": loss}
 
   return loss_fn

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from mpqbert import data, models, quant
 from mpqbert.train import checkpoint, optim, results, sharding
-from mpqbert.train.steps import TrainState, make_eval_step, make_train_step
+from mpqbert.train.steps import TrainState, make_eval_step, make_train_step, model_logits
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -31,10 +31,7 @@ def take_subset(dataset: data.TokenizedDataset, size: int, seed: int) -> data.To
   """The first `size` examples of a seeded permutation (`size <= 0` keeps everything)."""
   if size <= 0 or size >= len(dataset):
     return dataset
-  keep = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:size])
-  return data.TokenizedDataset(input_ids=[dataset.input_ids[i] for i in keep],
-                               token_type_ids=[dataset.token_type_ids[i] for i in keep],
-                               labels=dataset.labels[keep])
+  return dataset.select(np.sort(np.random.default_rng(seed).permutation(len(dataset))[:size]))
 
 
 def load_glue(config, tokenizer) -> tuple[data.GlueTask, data.TokenizedDataset,
@@ -217,7 +214,7 @@ def train_full_precision(config, workdir: Path, model, params: Any, task: data.G
   optimizer, schedule = optim.make_optimizer(config.train, total_steps)
   state = sharding.replicate(TrainState.create(params, optimizer), mesh)
   train_step = make_train_step(model, optimizer, task.is_regression, dropout_seed=config.seed)
-  eval_step = make_eval_step(model, task.is_regression)
+  eval_step = make_eval_step(model_logits(model), task.is_regression)
   logging.info("finetune task=%s train=%d examples, %d steps/epoch, %d steps, %d devices",
                task.name, len(train_set), steps_per_epoch, total_steps, mesh.size)
   state, dev_metrics = train_loop(

@@ -1,28 +1,34 @@
-"""Export a finished run (uniform, Q-BERT, HAWQ, AutoMPQ or SensiMix) to a packed checkpoint.
+"""A finished run (uniform, Q-BERT, HAWQ, AutoMPQ or SensiMix) to a packed checkpoint, and the
+packed model's dev predictions against the fake-quantized model it came from.
 
   python -m mpqbert.export --workdir=workdirs/compression/mrpc/automp16 --out=/tmp/automp16.npz
 
 reads the run's `config.json`, `policy.json` and the newest checkpoint of its final stage
 (`retrain/`, or SensiMix's last `stage<i>/`), writes the packed file and `<out>.json` with its
 sizes against the run's `size_mb`, and (with `check_dev`) the packed model's dev predictions
-against the fake-quantized model's.
+against the fake-quantized model's. It lives with the pipelines, above `mpqbert.export` (the
+format and the kernels' inference), which imports nothing of the runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
-from mpqbert import data, quant
-from mpqbert.export import packed as packed_lib
+from mpqbert import data, export, quant
+from mpqbert.methods import common
 from mpqbert.models.config import BertConfig
 from mpqbert.models.pretrained import resolve_model_dir
-from mpqbert.train import checkpoint
+from mpqbert.train import checkpoint, loop
+from mpqbert.train.steps import apply_to_batch, make_eval_step
 
 
 def final_stage(workdir: Path) -> Path:
@@ -63,20 +69,49 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
   params, qparams = saved["params"], saved["qparams"]
   bert_config = BertConfig.from_json_file(resolve_model_dir(config.model) / "config.json")
   num_labels = data.get_task(config.task).num_labels
-  packed = packed_lib.export_packed(params, policy, qparams, config=bert_config,
+  packed = export.export_packed(params, policy, qparams, config=bert_config,
                                     num_labels=num_labels)
-  path = packed_lib.save_packed(packed, out)
+  path = export.save_packed(packed, out)
   size = quant.size_report(params, policy)
   report = {"workdir": str(workdir), "stage": stage.name, "file": str(path),
             "file_bytes": path.stat().st_size,
-            "matrix_bytes": packed_lib.packed_nbytes(packed, part="matrices"),
+            "matrix_bytes": export.packed_nbytes(packed, part="matrices"),
             "size_mb_bytes": size["size_mb"] * 2**20,
-            "all_bytes": packed_lib.packed_nbytes(packed),
+            "all_bytes": export.packed_nbytes(packed),
             "size_mb_total_bytes": size["size_mb_total"] * 2**20}
   report["matrix_bytes_over_size_mb"] = report["matrix_bytes"] / report["size_mb_bytes"]
   if check_dev:
-    from mpqbert.methods import common  # pylint: disable=g-import-not-at-top (imports export)
-    report.update(common.packed_agreement(common.make_context(config), jax.device_get(packed),
-                                          spec_from_policy(policy), params, qparams))
+    report.update(packed_agreement(common.make_context(config), jax.device_get(packed),
+                                   spec_from_policy(policy), params, qparams))
   Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n")
   return report
+
+
+def predict_packed(ctx: common.TaskContext, packed: export.PackedModel,
+                   dataset: data.TokenizedDataset) -> np.ndarray:
+  """Dev predictions of a packed model (`export.packed_apply`, the kernels of this backend)."""
+  def logits_fn(packed, batch):
+    return apply_to_batch(functools.partial(export.packed_apply, ctx.model), (packed,), batch,
+                          deterministic=True)
+
+  eval_step = make_eval_step(logits_fn, ctx.task.is_regression, "packed_eval_step")
+  return loop.predict(eval_step, packed, dataset, ctx.config, ctx.mesh)[0]
+
+
+def packed_agreement(ctx: common.TaskContext, packed: export.PackedModel, spec: quant.QuantSpec,
+                     params: Any, qparams: Any) -> dict[str, Any]:
+  """Dev predictions of the packed model against the fake-quantized model it was exported from:
+  the share of equal labels (regression: |difference| <= 0.05) and the packed model's metrics."""
+  dev = ctx.eval_sets[ctx.dev_split]
+  eval_step = make_eval_step(common.quantized_logits(quant.transform(ctx.model.apply, spec)),
+                             ctx.task.is_regression, "quant_eval_step")
+  fake = np.asarray(loop.predict(eval_step, (params, qparams, packed.policy), dev, ctx.config,
+                                 ctx.mesh)[0])
+  start = time.time()
+  served = np.asarray(predict_packed(ctx, packed, dev))
+  out = {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
+         "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels)}
+  if ctx.task.is_regression:
+    diff = np.abs(fake.astype(np.float64) - served.astype(np.float64))
+    return {**out, "agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
+  return {**out, "agreement": float(np.mean(fake == served))}
