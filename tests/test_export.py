@@ -3,6 +3,7 @@ fake-quantized model."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -171,3 +172,36 @@ def test_export_rejects_widths_the_kernels_do_not_pack():
                          quant.init_qparams(spec, params))
   with pytest.raises(FileNotFoundError, match="no packed model"):
     export.load_packed("/nonexistent/packed.npz")
+
+
+def test_matrices_a_policy_leaves_out_stay_float32_in_training_size_and_export():
+  """A half-precision policy (other_bits 16) that quantizes only the FFN input matrices: the
+  attention matrices it leaves out are float32 in the export, as the fake-quantized model keeps
+  them and as `size_mb` counts them; biases and LayerNorms are float16. Bytes counted by hand."""
+  config = models.BertConfig(**TINY_BERT)
+  model = models.build_model(config, 2)
+  params = models.init_params(model, seed=3)
+  spec = quant.QuantSpec(rules=(quant.Rule(pattern=r"intermediate/dense/kernel$", groups=4,
+                                           bit_choices=(4,)),), activation_bits=32)
+  plan = spec.plan(params)
+  policy = dataclasses.replace(quant.uniform_policy(plan, 4), other_bits=16).validate()
+  packed = export.export_packed(params, policy, quant.init_qparams(spec, params), config=config,
+                                num_labels=2)
+  flat = quant.flatten_params(params)
+  kept = quant.flatten_params(packed.params)
+  query = "bert/encoder/layer/0/attention/self/query/kernel"
+  assert kept[query].dtype == jnp.float32
+  np.testing.assert_array_equal(kept[query], flat[query])
+  assert kept["bert/encoder/layer/0/attention/self/query/bias"].dtype == jnp.float16
+  # By hand: 4-bit FFN input matrices [H, I] in ceil(H / 8) words per column + 4 scales, and every
+  # other encoder matrix at 4 bytes per weight.
+  h, i, layers = TINY_BERT["hidden_size"], TINY_BERT["intermediate_size"], 2
+  ffn_in = (-(-h // 8) * i * 4 + 4 * 4) * layers
+  float_matrices = (4 * h * h + i * h) * 4 * layers
+  assert export.packed_nbytes(packed, part="matrices") == ffn_in + float_matrices
+  assert quant.size_report(params, policy)["size_mb"] * 2**20 == ffn_in + float_matrices
+  fake = quant.transform(model.apply, spec)
+  ids = jnp.asarray(np.random.default_rng(4).integers(1000, 5000, (4, 10)), jnp.int32)
+  want = fake(params, quant.init_qparams(spec, params), policy, ids, deterministic=True)
+  np.testing.assert_allclose(np.asarray(packed.apply(ids, deterministic=True)), np.asarray(want),
+                             rtol=1e-4, atol=1e-5)

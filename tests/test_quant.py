@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -38,6 +39,15 @@ def ref_index(w: np.ndarray, groups: int, bits: int) -> np.ndarray:
   lo, hi = wg.min(axis=axes, keepdims=True), wg.max(axis=axes, keepdims=True)
   q = (2**bits - 1) / np.maximum(hi - lo, 1e-300)
   return (np.round(q * (wg - lo)) / q + lo).reshape(w.shape)
+
+
+def ref_index_range(w: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+  """Index quantization with a given range per group: round(q (clip(w) - lo)) / q + lo, float64."""
+  groups = lo.shape[-1]
+  wg = w.astype(np.float64).reshape(*w.shape[:-1], groups, -1)
+  lo, hi = lo.astype(np.float64)[:, None], hi.astype(np.float64)[:, None]
+  q = (2**bits - 1) / (hi - lo)
+  return (np.round(q * (np.clip(wg, lo, hi) - lo)) / q + lo).reshape(w.shape)
 
 
 def near_ties(v: np.ndarray) -> np.ndarray:
@@ -141,6 +151,32 @@ def test_b_bit_quantizer_has_at_most_2_to_the_b_values_per_group(w_and_groups, b
     assert len(values) <= 2**bits
 
 
+def central_difference(f: Callable[[np.ndarray], float], x: np.ndarray,
+                       h: float = 1e-6) -> np.ndarray:
+  """The float64 central finite difference of a scalar function f at every entry of x."""
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  for index in np.ndindex(x.shape):
+    step = np.zeros_like(x)
+    step[index] = h
+    grad[index] = (f(x + step) - f(x - step)) / (2 * h)
+  return grad
+
+
+def lsq_surrogate(w: np.ndarray, cotangent: np.ndarray, s: np.ndarray, frozen: np.ndarray,
+                  bits: int) -> float:
+  """sum(c * Q(w; s)) with round(v) replaced by v + (round(v0) - v0), v0 = w / frozen: the
+  function whose gradient the straight-through estimator is at s = frozen (clip kept exact)."""
+  q_neg, q_pos = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
+  per_group = w.shape[-1] // s.shape[-1]
+  w64 = w.astype(np.float64)
+  step, step0 = (np.repeat(np.asarray(v, np.float64), per_group) for v in (s, frozen))
+  v0 = w64 / step0
+  inside = (v0 >= -q_neg) & (v0 <= q_pos)
+  residual = np.where(inside, np.round(v0) - v0, 0.0)
+  return float(np.sum(cotangent * step * (np.clip(w64 / step, -q_neg, q_pos) + residual)))
+
+
 def test_lsq_scale_gradient_matches_float64_finite_difference():
   """d/ds of sum(c * Q(w; s)) under the straight-through surrogate, times LSQ's 1/sqrt(n q_pos)."""
   rng = np.random.default_rng(0)
@@ -150,24 +186,8 @@ def test_lsq_scale_gradient_matches_float64_finite_difference():
   scale = np.asarray([0.3, 0.45, 0.6], np.float32)  # some |w| / s beyond the grid: clipped terms
   grad = jax.grad(lambda s: jnp.sum(quant.quantize_symmetric(jnp.asarray(w), s, bits)
                                     * jnp.asarray(cotangent, jnp.float32)))(jnp.asarray(scale))
-
-  q_neg, q_pos = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
-  w64, per_group = w.astype(np.float64), w.shape[-1] // groups
-
-  def surrogate(s: np.ndarray) -> float:
-    """The STE's surrogate at s: round's residual frozen at `scale`, clip kept exact."""
-    step = np.repeat(s, per_group)
-    frozen = np.repeat(scale.astype(np.float64), per_group)
-    v0 = w64 / frozen
-    inside = (v0 >= -q_neg) & (v0 <= q_pos)
-    residual = np.where(inside, np.round(v0) - v0, 0.0)
-    return float(np.sum(cotangent * step * (np.clip(w64 / step, -q_neg, q_pos) + residual)))
-
-  want = np.zeros(groups)
-  for g in range(groups):
-    h = np.zeros(groups)
-    h[g] = 1e-6
-    want[g] = (surrogate(scale + h) - surrogate(scale - h)) / 2e-6
+  q_pos = 2.0 ** (bits - 1) - 1
+  want = central_difference(lambda s: lsq_surrogate(w, cotangent, s, scale, bits), scale)
   want /= np.sqrt(w.size / groups * q_pos)
   np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
   assert np.all(np.abs(want) > 1e-3)  # a real check, not 0 == 0
@@ -319,13 +339,55 @@ def test_index_matches_aqbert_formula_and_half_step_error(w_and_groups, bits):
   assert np.all(np.isclose(got, want, rtol=0, atol=tol) | near_ties(codes))
 
 
-def test_index_learned_range_gets_gradient_and_clips():
-  w = jnp.array([[-1.0, -0.5, 0.0, 0.5, 1.0]])
-  lo, hi = jnp.array([-0.6]), jnp.array([0.6])
-  out = quant.quantize_index(w, lo, hi, 2)
-  assert float(out.min()) == pytest.approx(-0.6) and float(out.max()) == pytest.approx(0.6)
-  g_lo, g_hi = jax.grad(lambda a, b: jnp.sum(quant.quantize_index(w, a, b, 2)), (0, 1))(lo, hi)
-  assert float(g_lo[0]) != 0.0 and float(g_hi[0]) != 0.0
+def index_surrogate(w: np.ndarray, cotangent: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                    frozen: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int) -> float:
+  """sum(c * Q_index(w; lo, hi)) with round(u) replaced by u + (round(u0) - u0), u0 the codes at
+  the point `frozen` = (w0, lo0, hi0): the straight-through surrogate (float64; clip kept exact).
+  At (w, lo, hi) = frozen it is the quantizer's value."""
+
+  def codes(w, lo, hi):
+    groups = lo.shape[-1]
+    wg = np.asarray(w, np.float64).reshape(*w.shape[:-1], groups, -1)
+    lo, hi = np.asarray(lo, np.float64)[:, None], np.asarray(hi, np.float64)[:, None]
+    q = (2.0**bits - 1) / (hi - lo)
+    return q, q * (np.clip(wg, lo, hi) - lo), lo
+
+  _, u0, _ = codes(*frozen)
+  q, u, lo_g = codes(w, lo, hi)
+  return float(np.sum(cotangent.reshape(u.shape) * ((u + np.round(u0) - u0) / q + lo_g)))
+
+
+def test_index_learned_range_and_weight_gradients_match_float64_finite_difference():
+  """Gradients of a learned (lo, hi) and of w against a float64 central difference of the STE's
+  surrogate; the forward value (clipped to [lo, hi]) against the float64 quantizer."""
+  rng = np.random.default_rng(5)
+  groups, bits = 2, 3
+  w = rng.normal(size=(4, 8)).astype(np.float32)
+  lo, hi = np.asarray([-0.8, -0.5], np.float32), np.asarray([0.7, 1.1], np.float32)
+  lo_w, hi_w = (np.repeat(v, w.shape[-1] // groups) for v in (lo, hi))
+  u0 = (2.0**bits - 1) / (hi_w - lo_w) * (np.clip(w, lo_w, hi_w) - lo_w)
+  # The data is generic: no weight on a clip boundary or a rounding tie, some clipped each side.
+  assert np.min(np.abs(w - lo_w)) > 1e-3 and np.min(np.abs(w - hi_w)) > 1e-3
+  assert not np.any(near_ties(u0)) and np.any(w < lo_w) and np.any(w > hi_w)
+  cotangent = rng.normal(size=w.shape)
+  loss = lambda v, a, b: jnp.sum(quant.quantize_index(v, a, b, bits)
+                                 * jnp.asarray(cotangent, jnp.float32))
+  got = jax.grad(loss, (0, 1, 2))(jnp.asarray(w), jnp.asarray(lo), jnp.asarray(hi))
+
+  surrogate = lambda v, a, b: index_surrogate(v, cotangent, a, b, (w, lo, hi), bits)
+  out = np.asarray(quant.quantize_index(jnp.asarray(w), jnp.asarray(lo), jnp.asarray(hi), bits))
+  np.testing.assert_allclose(out, ref_index_range(w, lo, hi, bits), atol=1e-6)
+  assert np.all((out >= lo_w - 1e-6) & (out <= hi_w + 1e-6))  # clipped to the learned range
+  np.testing.assert_allclose(np.sum(out * cotangent), surrogate(w, lo, hi), rtol=1e-5)
+  want = (central_difference(lambda v: surrogate(v, lo, hi), w),
+          central_difference(lambda a: surrogate(w, a, hi), lo),
+          central_difference(lambda b: surrogate(w, lo, b), hi))
+  for name, g, ref in zip(("w", "lo", "hi"), got, want):
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-5, err_msg=name)
+  # Identity inside [lo, hi], 0 outside, for w; clipped weights feed the range ends.
+  np.testing.assert_allclose(want[0], np.where((w >= lo_w) & (w <= hi_w), cotangent, 0.0),
+                             atol=1e-6)
+  assert np.all(np.abs(want[1]) > 1e-2) and np.all(np.abs(want[2]) > 1e-2)
 
 
 def test_xnor_scale_is_group_mean_abs():
@@ -349,15 +411,29 @@ def test_group_view_rejects_uneven_split():
 
 
 def test_activation_quantizer_learned_and_moving():
+  """Values against float64; the learned scale's gradient against a float64 central difference
+  of the straight-through surrogate times LSQ's 1/sqrt(n q_pos) (n: every element, one group);
+  a tracked (moving) scale gets none."""
   x = jnp.linspace(-2.0, 2.0, 17)
   scale = quant.absmax_scale(x, 8)
   np.testing.assert_allclose(scale, 2.0 / 127)
   out = np.asarray(quant.quantize_activation(x, scale, 8))
   np.testing.assert_allclose(out, ref_symmetric(np.asarray(x)[None], np.asarray([scale]), 8)[0],
                              atol=1e-6)
-  learned = jax.grad(lambda s: jnp.sum(quant.quantize_activation(x, s, 4) * x))(scale)
-  moving = jax.grad(lambda s: jnp.sum(quant.quantize_activation(x, s, 4, learned=False) * x))(scale)
-  assert float(learned) != 0.0 and float(moving) == 0.0
+  rng = np.random.default_rng(6)
+  acts = rng.normal(size=(3, 2, 8)).astype(np.float32)  # [batch, tokens, features]
+  cotangent = rng.normal(size=acts.shape)
+  bits, step = 4, np.float32(0.3)  # some |x| / s beyond the 4-bit grid [-8, 7]: clipped terms
+  loss = lambda s, learned: jnp.sum(quant.quantize_activation(jnp.asarray(acts), s, bits,
+                                                              learned=learned)
+                                    * jnp.asarray(cotangent, jnp.float32))
+  learned = jax.grad(loss)(jnp.float32(step), True)
+  flat = lambda s: lsq_surrogate(acts.reshape(1, -1), cotangent.reshape(1, -1), s,
+                                 np.asarray([step]), bits)
+  want = central_difference(flat, np.asarray([step]))[0] / np.sqrt(acts.size * (2**(bits - 1) - 1))
+  assert float(learned) == pytest.approx(want, rel=1e-4, abs=1e-6) and abs(want) > 1e-2
+  moving = jax.grad(loss)(jnp.float32(step), False)
+  assert float(moving) == 0.0
   # Not calibrated yet (scale 0): pass-through.
   np.testing.assert_array_equal(quant.quantize_activation(x, 0.0, 8), x)
 
@@ -411,31 +487,70 @@ def test_mixture_gradient_to_probs_is_the_quantized_weight():
   np.testing.assert_allclose(grad, want, rtol=1e-6)
 
 
-def test_hard_gumbel_frequencies_match_softmax():
+def ref_softmax(z: np.ndarray) -> np.ndarray:
+  """softmax over the last axis in float64."""
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_hard_gumbel_frequencies_match_softmax_at_any_temperature(tau: float):
+  """argmax((l + G) / tau) = argmax(l + G) is distributed as softmax(l) for every tau > 0 (the
+  Gumbel-max trick); scaling the logits but not the noise (or the reverse) would not be."""
   logits = jnp.array([[1.0, 0.0, -1.0, 0.5], [-2.0, 2.0, 0.0, 0.0]])
   n = 20000
   keys = jax.random.split(jax.random.key(0), n)
-  samples = jax.vmap(lambda k: quant.gumbel_softmax(logits, k, tau=1.0, hard=True))(keys)
+  samples = jax.vmap(lambda k: quant.gumbel_softmax(logits, k, tau=tau, hard=True))(keys)
   samples = np.asarray(samples)
   assert set(np.unique(samples)) <= {0.0, 1.0} and np.all(samples.sum(-1) == 1)
   freq = samples.mean(0)
-  p = np.exp(np.asarray(logits, np.float64))
-  p /= p.sum(-1, keepdims=True)
+  p = ref_softmax(logits)
   sigma = np.sqrt(p * (1 - p) / n)
   assert np.all(np.abs(freq - p) < 5 * sigma + 1e-9), (freq, p)
 
 
-def test_gumbel_soft_sample_and_straight_through_gradient():
-  logits = jnp.array([[0.2, -0.1, 0.4]])
-  key = jax.random.key(3)
-  soft = quant.gumbel_softmax(logits, key, tau=0.5)
-  np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
-  weights = jnp.array([1.0, 2.0, 3.0])
-  g_soft = jax.grad(lambda l: jnp.sum(quant.gumbel_softmax(l, key, 0.5) * weights))(logits)
-  g_hard = jax.grad(lambda l: jnp.sum(quant.gumbel_softmax(l, key, 0.5, True) * weights))(logits)
-  np.testing.assert_allclose(g_hard, g_soft, rtol=1e-6)
-  np.testing.assert_array_equal(quant.gumbel_softmax(logits, None, 1.0),
-                                jax.nn.softmax(logits, axis=-1))
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_gumbel_soft_sample_and_gradients_match_float64_from_the_same_noise(tau: float):
+  """The soft sample is softmax((l + G) / tau) in float64 NumPy, with G the key's Gumbel noise;
+  its gradient is the softmax Jacobian / tau (by hand), and the hard sample is the one-hot
+  argmax with that same gradient (straight-through)."""
+  logits = jnp.array([[0.2, -0.1, 0.4], [1.5, -0.7, 0.0]])
+  weights = np.array([1.0, -2.0, 3.0])
+  for seed in range(4):
+    key = jax.random.key(seed)
+    noise = np.asarray(jax.random.gumbel(key, logits.shape, logits.dtype), np.float64)
+    p = ref_softmax((np.asarray(logits, np.float64) + noise) / tau)
+    soft = np.asarray(quant.gumbel_softmax(logits, key, tau))
+    np.testing.assert_allclose(soft, p, rtol=1e-5, atol=1e-7)
+    hard = np.asarray(quant.gumbel_softmax(logits, key, tau, True))
+    np.testing.assert_array_equal(hard, np.eye(3)[np.argmax(p, -1)])
+    # d/dl_j sum_k w_k p_k = p_j (w_j - sum_k w_k p_k) / tau
+    want = p * (weights - (p * weights).sum(-1, keepdims=True)) / tau
+    for hard_flag in (False, True):
+      got = jax.grad(lambda l: jnp.sum(quant.gumbel_softmax(l, key, tau, hard_flag)
+                                       * jnp.asarray(weights, jnp.float32)))(logits)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(quant.gumbel_softmax(logits, None, tau),
+                             ref_softmax(np.asarray(logits) / tau), rtol=1e-6)
+
+
+def test_gumbel_soft_sample_mean_matches_numpy_monte_carlo_at_tau_one_half():
+  """E[softmax((l + G) / tau)] at tau = 0.5 from JAX's sampler against a Monte-Carlo estimate
+  from NumPy's Gumbel noise, within 5 standard errors; the test checks that it can tell: the
+  means with tau ignored or applied as l * tau are many standard errors away."""
+  logits = np.array([1.0, 0.0, -1.0, 0.5])
+  tau, n = 0.5, 50000
+  keys = jax.random.split(jax.random.key(1), n)
+  ours = np.asarray(jax.vmap(lambda k: quant.gumbel_softmax(jnp.asarray(logits, jnp.float32),
+                                                            k, tau))(keys), np.float64)
+  noise = np.random.default_rng(0).gumbel(size=(n, logits.size))
+  reference = ref_softmax((logits + noise) / tau)
+  se = np.sqrt(ours.var(0) / n + reference.var(0) / n)
+  assert np.all(np.abs(ours.mean(0) - reference.mean(0)) < 5 * se), (ours.mean(0),
+                                                                     reference.mean(0), se)
+  for wrong in (ref_softmax(logits + noise), ref_softmax(logits * tau + noise)):
+    assert np.max(np.abs(wrong.mean(0) - reference.mean(0)) / se) > 10
 
 
 def test_expected_bits_is_exact_for_one_hot_and_linear_in_probs():

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO_ROOT, load_config, tiny_run_flags
 from mpqbert import files, models
 from mpqbert.methods import common
-from mpqbert.train import checkpoint, optim, results, steps
+from mpqbert.train import checkpoint, losses, optim, results, steps
 from mpqbert.train.loop import finetune
 
 
@@ -68,11 +68,11 @@ def test_losses_match_float64_reference_and_ignore_padding_rows():
   weights = np.array([1, 1, 1, 1, 0, 0], np.float32)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   expected_ce = -log_probs[np.arange(6), labels][:4].mean()
-  ce = steps.weighted_mean(steps.per_example_loss(jnp.asarray(logits, jnp.float32), labels, False),
+  ce = losses.weighted_mean(losses.per_example_loss(jnp.asarray(logits, jnp.float32), labels, False),
                            weights)
   np.testing.assert_allclose(ce, expected_ce, rtol=1e-5)
   targets = rng.uniform(0, 5, 6)
-  mse = steps.weighted_mean(steps.per_example_loss(jnp.asarray(logits[:, :1], jnp.float32),
+  mse = losses.weighted_mean(losses.per_example_loss(jnp.asarray(logits[:, :1], jnp.float32),
                                                    targets, True), weights)
   np.testing.assert_allclose(mse, ((logits[:4, 0] - targets[:4])**2).mean(), rtol=1e-5)
 
@@ -203,7 +203,11 @@ optimizer, _ = optim.make_optimizer(optim_config := __import__("ml_collections")
     learning_rate=1e-4, warmup_ratio=0.0, weight_decay=0.01, adam_b1=0.9, adam_b2=0.999,
     adam_eps=1e-6, max_grad_norm=1.0)), 10)
 
-def losses(devices):
+def leaves(state):
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+def run(devices):
   mesh = sharding.make_mesh(devices)
   fresh = jax.tree.map(np.array, params)  # The train step donates its state: copy per run.
   state = sharding.replicate(steps.TrainState.create(fresh, optimizer), mesh)
@@ -212,24 +216,55 @@ def losses(devices):
   for batch in itertools.islice(data.train_batches_from(dataset, 16, seed=0, max_seq_length=64), 4):
     state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
     out.append(float(metrics["loss"]))
-  return out
+  return out, leaves(state)
 
-print(json.dumps({"devices": len(jax.devices()), "four": losses(jax.devices()),
-                  "one": losses(jax.devices()[:1])}))
+initial = leaves(steps.TrainState.create(params, optimizer))
+(four, four_state), (one, one_state) = run(jax.devices()), run(jax.devices()[:1])
+np.savez(sys.argv[3], **{f"{run}{i}": state[name] for run, state in
+                         (("initial", initial), ("four", four_state), ("one", one_state))
+                         for i, name in enumerate(sorted(initial))})
+print(json.dumps({"devices": len(jax.devices()), "four": four, "one": one,
+                  "names": sorted(initial)}))
 """
 
 
-def test_data_parallel_over_four_devices_matches_one(tiny_model_dir, glue_dir):
+def test_data_parallel_over_four_devices_matches_one(tmp_path, tiny_model_dir, glue_dir):
+  """4 AdamW steps with the batch split over 4 (host) devices and on 1 give the same losses and,
+  leaf by leaf, the same train state: parameter updates and AdamW's moments (mu and nu sum each
+  leaf's clipped gradients, so a gradient one leaf got wrong on the mesh shows in that leaf)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  arrays = tmp_path / "states.npz"
   result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT, str(tiny_model_dir),
-                           str(glue_dir)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+                           str(glue_dir), str(arrays)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  losses = json.loads(result.stdout.strip().splitlines()[-1])
-  assert losses["devices"] == 4
-  np.testing.assert_allclose(losses["four"], losses["one"], rtol=1e-5)
-  assert len(set(losses["one"])) > 1  # Training moved; the comparison is not of constants.
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 4
+  np.testing.assert_allclose(out["four"], out["one"], rtol=1e-5)
+  assert len(set(out["one"])) > 1  # Training moved; the comparison is not of constants.
+
+  names = out["names"]
+  kind = lambda name: ("params" if name.startswith(".params[") else "mu" if ".mu[" in name
+                       else "nu" if ".nu[" in name else "other")
+  with np.load(arrays) as saved:
+    state = {run: {n: saved[f"{run}{i}"].astype(np.float64) for i, n in enumerate(names)}
+             for run in ("initial", "four", "one")}
+  counts = {k: sum(kind(n) == k for n in names) for k in ("params", "mu", "nu")}
+  assert counts["params"] == counts["mu"] == counts["nu"] > 10, names
+  # Float32 rounding of a stored value is relative to the size of that kind of quantity, not
+  # to the leaf's own (a key bias's gradient is exactly 0 in theory, ~1e-15 as computed).
+  scale = {k: max(np.max(np.abs(state["one"][n]), initial=0.0) for n in names if kind(n) == k)
+           for k in ("params", "mu", "nu", "other")}
+  moved = 0.0
+  for name in names:
+    four, one = (state[run][name] - state["initial"][name] for run in ("four", "one"))
+    assert four.shape == one.shape, name
+    np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-7 * scale[kind(name)],
+                               err_msg=name)
+    if kind(name) == "params":
+      moved = max(moved, float(np.max(np.abs(one), initial=0.0)))
+  assert moved > 1e3 * 1e-7 * scale["params"]  # the updates dwarf the tolerance
 
 
 def test_metrics_log_drops_a_torn_last_line_and_refuses_a_damaged_file(tmp_path):

@@ -184,6 +184,9 @@ def export_packed(params: Any, policy: Policy, qparams: Mapping[str, Any] | None
       codes = _index_codes(w.reshape(1, -1), lo, hi, _TABLE_BITS) - 2**(_TABLE_BITS - 1)
       kept[path] = codes.astype(jnp.int8).reshape(w.shape)
       tables[path] = {"lo": lo, "hi": hi}
+    elif quant.ENCODER_MATRIX.search(path):
+      # An encoder matrix the policy leaves out: float32, as training and `size_mb` keep it.
+      kept[path] = jnp.asarray(np.asarray(value, np.float32))
     else:
       kept[path] = jnp.asarray(np.asarray(value, other))
   return PackedModel(params=traverse_util.unflatten_dict(kept, sep="/"), matrices=matrices,
@@ -191,13 +194,18 @@ def export_packed(params: Any, policy: Policy, qparams: Mapping[str, Any] | None
 
 
 def packed_nbytes(packed: PackedModel, *, part: str = "all") -> int:
-  """Bytes of the packed arrays: `part` "matrices" (the encoder matrices, what `size_mb`
-  counts), "other" (the rest, `size_mb_other`) or "all"; input step sizes are not counted."""
+  """Bytes of the packed arrays: `part` "matrices" (the encoder matrices, packed or left out of
+  the policy at float32: what `size_mb` counts), "other" (the rest, `size_mb_other`) or "all";
+  input step sizes are not counted."""
   def nbytes(leaves):
     return sum(int(np.asarray(v).nbytes) for v in leaves)
 
-  matrices = nbytes(v for e in packed.matrices.values() for k, v in e.items() if k != "act_scale")
-  other = nbytes(jax.tree.leaves(packed.params) + jax.tree.leaves(packed.tables))
+  kept = quant.flatten_params(packed.params)
+  left_out = [v for path, v in kept.items() if quant.ENCODER_MATRIX.search(path)]
+  matrices = nbytes([v for e in packed.matrices.values() for k, v in e.items()
+                     if k != "act_scale"] + left_out)
+  other = nbytes([v for path, v in kept.items() if not quant.ENCODER_MATRIX.search(path)] +
+                 jax.tree.leaves(packed.tables))
   return {"matrices": matrices, "other": other, "all": matrices + other}[part]
 
 
