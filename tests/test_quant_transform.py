@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpqbert import models, quant
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_BERT
 from tests.test_quant import ref_symmetric
 
 CONFIG = models.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
@@ -287,3 +287,33 @@ def test_data_parallel_sharding_matches_one_device():
   grads_four, grads_one = np.asarray(out["four"][1]), np.asarray(out["one"][1])
   np.testing.assert_allclose(grads_four, grads_one, rtol=1e-3, atol=1e-4 * grads_one.max())
   assert grads_one.max() > 1e-2
+
+
+def test_activation_calibration_ignores_padded_positions():
+  """Calibrating on a batch padded to 16 tokens gives the step sizes of the same batch unpadded
+  (8 tokens), whatever the padded positions hold; counting them would change the step sizes."""
+  config = models.BertConfig(**TINY_BERT)
+  model = models.build_model(config, 2)
+  params = models.init_params(model, seed=5)
+  spec = quant.bert_encoder_spec(groups=1, bit_choices=(8,), activation_bits=8,
+                                 activation_mode="moving")
+  policy = quant.uniform_policy(spec.plan(params), 8, activation_bits=8)
+  qapply = quant.transform(model.apply, spec)
+  rng = np.random.default_rng(6)
+  short = jnp.asarray(rng.integers(1000, 5000, (3, 8)), jnp.int32)
+  junk = jnp.asarray(rng.integers(20000, 30000, (3, 8)), jnp.int32)  # Ids the pads happen to hold.
+  padded = jnp.concatenate([short, junk], axis=1)
+  mask = jnp.concatenate([jnp.ones((3, 8), jnp.int32), jnp.zeros((3, 8), jnp.int32)], axis=1)
+
+  def calibrated(ids, attention_mask):
+    _, qparams = qapply(params, quant.init_qparams(spec, params), policy, ids,
+                        attention_mask=attention_mask, deterministic=True, update_act_stats=True)
+    return {p: float(e["act_scale"]) for p, e in qparams.items()}
+
+  want = calibrated(short, jnp.ones_like(short))
+  got = calibrated(padded, mask)
+  for path in want:
+    np.testing.assert_allclose(got[path], want[path], rtol=1e-5, err_msg=path)
+  # The padded positions do reach the matrices: counted, they move some step size.
+  with_pads = calibrated(padded, jnp.ones_like(padded))
+  assert any(abs(with_pads[p] - want[p]) > 1e-3 * want[p] for p in want)

@@ -203,14 +203,24 @@ def _collect_stats(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Array
   return out
 
 
+def _real_token_absmax(x: Array, token_mask: Array | None) -> Array:
+  """max|x| over the positions the mask keeps: inputs `[B, T, K]` of the encoder's matrices with an
+  attention mask `[B, T]`; any other shape (or no mask) counts every position."""
+  x = jnp.abs(jax.lax.stop_gradient(x))
+  if token_mask is not None and x.ndim == 3 and x.shape[:2] == token_mask.shape:
+    x = jnp.where(token_mask[..., None] > 0, x, 0.0)
+  return jnp.max(x)
+
+
 def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., Any]:
   """Wraps a Flax `Module.apply` so that the kernels `spec` selects run quantized.
 
   Returns `qapply(params, qparams, arch, *args, key=None, tau=1.0, hard=False,
   update_act_stats=False, **kwargs)`, which calls `apply_fn({"params": params}, *args, **kwargs)`.
   With `update_act_stats=True` it returns `(outputs, new_qparams)`, whose activation scales moved
-  toward this batch's max|x| (momentum `spec.activation_momentum`): run it on a few batches to
-  calibrate before training or evaluation. Pure: works under jit, grad, vmap and sharding.
+  toward this batch's max|x| over real tokens (`attention_mask`; momentum
+  `spec.activation_momentum`): run it on a few batches to calibrate before training or
+  evaluation. Pure: works under jit, grad, vmap and sharding.
   """
 
   def qapply(params: Any, qparams: QParams, arch: Arch, *args, key: jax.Array | None = None,
@@ -221,6 +231,7 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
     settings = arch if isinstance(arch, Policy) else spec
     act_bits, emb_bits = settings.activation_bits, settings.embedding_bits
     learned_act = spec.activation_mode == "learned"
+    token_mask = kwargs.get("attention_mask")  # Calibration ignores padded positions.
 
     def probs_of(path: str, matrix: MatrixSpec) -> Array:
       if isinstance(arch, Policy):
@@ -242,7 +253,7 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
                                      else spec.binary_input_clip)
       elif input_bits < FULL_PRECISION:
         if update_act_stats:
-          context.module.sow(_STATS, "act_absmax", jnp.max(jnp.abs(jax.lax.stop_gradient(x))))
+          context.module.sow(_STATS, "act_absmax", _real_token_absmax(x, token_mask))
         x = quantizers.quantize_activation(x, qparams[path]["act_scale"], input_bits,
                                            learned=learned_act)
       return next_fun(x, kernel)
