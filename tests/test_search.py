@@ -222,9 +222,9 @@ def test_search_prunes_the_sub_groups_the_task_does_not_need():
                          activation_bits=32)
   plan = spec.plan(params)
   (path, matrix), = plan.items()
-  fixed = search.fixed_bits(params, plan)
+  fixed = search.float_matrix_bits(params, plan)
   group_bits = lambda b: matrix.group_size * b + (32 if b else 0)
-  band = search.SizeBand((fixed + len(useful) * group_bits(8)) / search.BITS_PER_MB, 0.002)
+  band = search.SizeBand((fixed + len(useful) * group_bits(8)) / quant.BITS_PER_MB, 0.002)
 
   rng = np.random.default_rng(0)
   ids = rng.integers(1, config.vocab_size, (64, 8))
@@ -356,7 +356,7 @@ def test_architecture_gradient_matches_float64_finite_difference(second_order: b
   state = search.SearchState.create(f32({"w": w}), f32({"b": b}), f32({"m": a}),
                                     weight_optimizer, arch_optimizer)
   step = search.make_search_step(
-      _small_problem_loss, plan={}, target_mb=1.0, fixed_bits=search.BITS_PER_MB,
+      _small_problem_loss, plan={}, target_mb=1.0, fixed_bits=quant.BITS_PER_MB,
       size_weight=0.0, weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer,
       tau_fn=lambda s: jnp.float32(TAU), arch_start_step=0, entropy_weight=ENTROPY_WEIGHT,
       second_order=second_order, inner_lr=inner_lr)

@@ -116,7 +116,8 @@ def initial_logits(ctx: common.TaskContext, spec: quant.QuantSpec, band: search.
                                   _training_batches(ctx, sc.prior_batches, seed_offset=3),
                                   list(plan))
   costs = search.quantization_errors(teacher, plan, qparams, fisher)
-  logits = search.prior_logits(costs, plan, band, fixed_bits=search.fixed_bits(teacher, plan),
+  logits = search.prior_logits(costs, plan, band,
+                               fixed_bits=search.float_matrix_bits(teacher, plan),
                                strength=sc.prior_strength)
   return {p: jax.numpy.asarray(v) for p, v in logits.items()}
 
@@ -129,7 +130,7 @@ def arch_summary(arch: Any, plan: quant.Plan, band: search.SizeBand, fixed: int,
   probs = {p: jax.nn.softmax(v) for p, v in arch.items()}
   derived = search.derive_policy(arch, plan, band, fixed_bits=fixed,
                                  max_pruned_fraction=max_pruned_fraction)
-  size_of = lambda policy: (fixed + sum(policy.matrix_bits(p) for p in plan)) / search.BITS_PER_MB
+  size_of = lambda policy: (fixed + sum(policy.matrix_bits(p) for p in plan)) / quant.BITS_PER_MB
   return {"entropy": float(search.arch_entropy(arch)),
           "mean_top_prob": float(search.mean_top_probability(arch)),
           "expected_size_mb": float(search.expected_size_mb(probs, plan, fixed)),
@@ -144,7 +145,7 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
   quantizer parameters (`arch_logits.npz`, `qparams.npz`)."""
   config, sc = ctx.config, ctx.config.search
   plan = spec.plan(teacher)
-  fixed = search.fixed_bits(teacher, plan)
+  fixed = search.float_matrix_bits(teacher, plan)
   weight_set, search_set = common.split_for_search(
       loop.take_subset(ctx.train_set, sc.train_subset, config.seed + 1), sc.search_fraction,
       config.seed)
@@ -253,7 +254,7 @@ def automp(config, workdir) -> dict[str, Any]:
 
   search_info = common.cached_json(stage / "search.json", searched)
   arch = load_arch(stage)
-  fixed = search.fixed_bits(teacher, plan)
+  fixed = search.float_matrix_bits(teacher, plan)
   policy = search.derive_policy(arch, plan, band, fixed_bits=fixed,
                                 max_pruned_fraction=config.search.max_pruned_fraction,
                                 activation_bits=config.quant.activation_bits)
@@ -322,7 +323,7 @@ def _assign(ctx, workdir: Path, method: str, spec, plan, band, teacher, sensitiv
   qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
   policy = search.sensitivity_policy(sensitivity, search.quantization_errors(teacher, plan,
                                                                              qparams),
-                                     plan, band, fixed_bits=search.fixed_bits(teacher, plan),
+                                     plan, band, fixed_bits=search.float_matrix_bits(teacher, plan),
                                      max_pruned_fraction=ctx.config.search.max_pruned_fraction,
                                      activation_bits=ctx.config.quant.activation_bits)
   rows = [common.row("full precision", full_precision)]

@@ -5,7 +5,8 @@ single injection point (`QuantizableDense.quantize_operands`).
 """
 
 from mpqbert.quant.mixture import expected_bits, gumbel_softmax, mix, one_hot_bits
-from mpqbert.quant.policy import Policy, policy_from_logits, size_report, uniform_policy
+from mpqbert.quant.policy import (BITS_PER_MB, Policy, policy_from_logits, size_report,
+                                  uniform_policy)
 from mpqbert.quant.quantizers import (QUANTIZER_BITS, SCALES_PER_GROUP, absmax_scale,
                                       binarize_sign, binarize_xnor, group_view,
                                       init_symmetric_scale, minmax_range, prune,
@@ -20,7 +21,7 @@ from mpqbert.quant.transform import (init_arch, init_qparams, matrix_key, quanti
                                      transform)
 
 __all__ = [
-    "BERT_MATRIX_KINDS", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION",
+    "BERT_MATRIX_KINDS", "BITS_PER_MB", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION",
     "INDEX_EMBEDDING_TABLE", "MatrixSpec",
     "Plan", "Policy", "QUANTIZER_BITS", "QuantSpec", "Rule", "SCALES_PER_GROUP", "absmax_scale",
     "bert_encoder_spec", "binarize_sign", "binarize_xnor", "expected_bits", "flatten_params",

@@ -35,7 +35,7 @@ from mpqbert.quant.spec import (EMBEDDING_QUANTIZERS, EMBEDDING_TABLE, ENCODER_M
 OTHER_BITS = (16, FULL_PRECISION)  # Storage of the unquantized parameters: half or float32.
 
 _FORMAT = "mpqbert-policy/1"
-_MB = 8 * 2**20  # bits per MiB
+BITS_PER_MB = 8 * 2**20  # Bits per MB (MiB) in every size this project reports.
 
 
 @jax.tree_util.register_dataclass
@@ -223,8 +223,8 @@ def size_report(params: Any, policy: Policy | None = None) -> dict[str, float]:
   if matrix_count == 0:
     raise ValueError("params have no encoder weight matrices (ENCODER_MATRIX); is this a BERT?")
   ratio = lambda fp32_count, bits: fp32_count * FULL_PRECISION / bits if bits else math.inf
-  return {"size_mb": matrix_bits / _MB, "size_mb_other": other_bits / _MB,
+  return {"size_mb": matrix_bits / BITS_PER_MB, "size_mb_other": other_bits / BITS_PER_MB,
           "compression": ratio(matrix_count, matrix_bits),
           "avg_bits": matrix_weight_bits / matrix_count,
-          "size_mb_total": (matrix_bits + other_bits) / _MB,
+          "size_mb_total": (matrix_bits + other_bits) / BITS_PER_MB,
           "compression_total": ratio(total_count, matrix_bits + other_bits)}

@@ -4,19 +4,19 @@ and the sensitivities of the Hessian baselines (Q-BERT, HAWQ-V3)."""
 from mpqbert.search import knapsack
 from mpqbert.search.bilevel import (SearchState, arch_entropy, argmax_probs, label_loss,
                                     make_search_step, mean_top_probability, temperature)
-from mpqbert.search.derive import (derive_policy, exact_choices, group_bits, log_probabilities,
+from mpqbert.search.derive import (derive_policy, exact_choices, log_probabilities,
                                    policy_from_choices)
 from mpqbert.search.hessian import (average_traces, block_top_eigenvalues, fisher_diagonal,
                                     hutchinson_traces, qbert_sensitivity, quantization_errors,
                                     sensitivity_policy)
 from mpqbert.search.prior import prior_logits
-from mpqbert.search.size import (BITS_PER_MB, SizeBand, expected_size_mb, fixed_bits, make_band,
+from mpqbert.search.size import (SizeBand, expected_size_mb, float_matrix_bits, make_band,
                                  size_loss, size_range_mb, uniform_size_mb)
 
 __all__ = [
-    "BITS_PER_MB", "SearchState", "SizeBand", "arch_entropy", "argmax_probs", "average_traces",
+    "SearchState", "SizeBand", "arch_entropy", "argmax_probs", "average_traces",
     "block_top_eigenvalues", "derive_policy", "exact_choices", "expected_size_mb",
-    "fisher_diagonal", "fixed_bits", "group_bits", "hutchinson_traces", "knapsack", "label_loss",
+    "fisher_diagonal", "float_matrix_bits", "hutchinson_traces", "knapsack", "label_loss",
     "log_probabilities", "make_band", "make_search_step", "mean_top_probability",
     "policy_from_choices", "prior_logits", "qbert_sensitivity", "quantization_errors",
     "sensitivity_policy", "size_loss", "size_range_mb", "temperature", "uniform_size_mb",

@@ -14,12 +14,8 @@ import numpy as np
 
 from mpqbert.quant import FULL_PRECISION, Plan, Policy
 from mpqbert.search import knapsack
-from mpqbert.search.size import BITS_PER_MB, SizeBand
-
-
-def group_bits(matrix) -> np.ndarray:
-  """Storage bits of one sub-group for each bit choice `[K]` (`MatrixSpec.choice_bits`)."""
-  return np.asarray(matrix.choice_bits, np.int64)
+from mpqbert.quant import BITS_PER_MB
+from mpqbert.search.size import SizeBand, choice_bits_per_group
 
 
 def exact_choices(scores: Mapping[str, np.ndarray], plan: Plan, band: SizeBand, *,
@@ -33,7 +29,7 @@ def exact_choices(scores: Mapping[str, np.ndarray], plan: Plan, band: SizeBand, 
   reach (a tolerance smaller than the smallest move, or limits that forbid it).
   """
   paths = list(plan)
-  sizes = np.concatenate([np.tile(group_bits(plan[p]), (plan[p].groups, 1)) for p in paths])
+  sizes = choice_bits_per_group(plan, paths)
   values = np.concatenate([np.asarray(scores[p], np.float64) for p in paths])
   limits, start = [], 0
   for p in paths:

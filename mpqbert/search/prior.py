@@ -16,8 +16,8 @@ from typing import Mapping
 import numpy as np
 
 from mpqbert.quant import Plan
-from mpqbert.search.derive import group_bits
-from mpqbert.search.size import BITS_PER_MB, SizeBand
+from mpqbert.quant import BITS_PER_MB
+from mpqbert.search.size import SizeBand, choice_bits_per_group
 
 
 def _multiplier(costs: np.ndarray, bits: np.ndarray, budget: float) -> float:
@@ -42,7 +42,7 @@ def prior_logits(costs: Mapping[str, np.ndarray], plan: Plan, band: SizeBand, *,
   if strength <= 0:
     raise ValueError(f"search.prior_strength={strength} must be positive.")
   paths = list(plan)
-  bits = np.concatenate([np.tile(group_bits(plan[p]), (plan[p].groups, 1)) for p in paths])
+  bits = choice_bits_per_group(plan, paths)
   cost = np.concatenate([np.asarray(costs[p], np.float64) for p in paths])
   bits = bits.astype(np.float64)
   mu = _multiplier(cost, bits, band.target_mb * BITS_PER_MB - fixed_bits)

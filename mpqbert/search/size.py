@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpqbert.quant import (ENCODER_MATRIX, FULL_PRECISION, Plan, expected_bits, flatten_params,
-                           size_report)
+from mpqbert.quant import (BITS_PER_MB, ENCODER_MATRIX, FULL_PRECISION, Plan, expected_bits,
+                           flatten_params, size_report)
 
 Array = jax.Array
-BITS_PER_MB = 8 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +46,22 @@ class SizeBand:
     return f"[{self.lower:.4f}, {self.upper:.4f}] MB (target {self.target_mb:.4f} MB)"
 
 
-def fixed_bits(params: Any, plan: Plan) -> int:
+def float_matrix_bits(params: Any, plan: Plan) -> int:
   """Bits of the encoder matrices the plan leaves at full precision (a constant of the search)."""
   return sum(FULL_PRECISION * int(np.size(v)) for p, v in flatten_params(params).items()
              if ENCODER_MATRIX.search(p) and p not in plan)
 
 
+def choice_bits_per_group(plan: Plan, paths: list[str]) -> np.ndarray:
+  """`[sub-groups, K]`: the storage bits of every sub-group of `paths` (in order) at each of its
+  matrix's bit choices (`MatrixSpec.choice_bits`)."""
+  return np.concatenate([np.tile(np.asarray(plan[p].choice_bits, np.int64), (plan[p].groups, 1))
+                         for p in paths])
+
+
 def size_range_mb(params: Any, plan: Plan) -> tuple[float, float]:
   """The smallest and largest `size_mb` any policy over `plan` can have."""
-  low = high = fixed_bits(params, plan)
+  low = high = float_matrix_bits(params, plan)
   for matrix in plan.values():
     low += matrix.groups * min(matrix.choice_bits)
     high += matrix.groups * max(matrix.choice_bits)
@@ -64,7 +70,8 @@ def size_range_mb(params: Any, plan: Plan) -> tuple[float, float]:
 
 def uniform_size_mb(params: Any, plan: Plan, bits: int) -> float:
   """`size_mb` of the policy with every sub-group of `plan` at `bits` (scales included)."""
-  total = fixed_bits(params, plan) + sum(m.groups * m.storage_bits(bits) for m in plan.values())
+  total = float_matrix_bits(params, plan) + sum(m.groups * m.storage_bits(bits)
+                                                for m in plan.values())
   return total / BITS_PER_MB
 
 
@@ -109,7 +116,7 @@ def make_band(params: Any, plan: Plan, *, target_size_mb: float | None = None,
 def expected_size_mb(probs: Mapping[str, Array], plan: Plan, fixed: int = 0) -> Array:
   """E[size_mb] under per-sub-group bit-choice probabilities `[G, K]` (differentiable).
 
-  With one-hot probabilities it is the policy's exact `size_mb` (`fixed` = `fixed_bits`).
+  With one-hot probabilities it is the policy's exact `size_mb` (`fixed` = `float_matrix_bits`).
   """
   total = jnp.asarray(float(fixed))
   for path, matrix in plan.items():
