@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpqbert import models, quant
+from mpqbert import kernels, models, quant
 
 # Derandomized so CI runs the same examples every time; raise max_examples locally to search more
 # (400 examples per property passed when this was written).
@@ -704,3 +704,45 @@ def test_a_step_size_trained_below_zero_still_quantizes_and_its_gradient_can_lif
   assert float(jnp.max(jnp.abs(quant.quantize_activation(x, jnp.float32(-0.5), 8)))) < 1e-9
   np.testing.assert_array_equal(np.asarray(quant.quantize_activation(x, jnp.float32(0.0), 8)),
                                 np.asarray(x))
+
+
+@pytest.mark.parametrize("quantizer,bits,learn_range", [
+    ("symmetric", 1, False), ("symmetric", 3, False), ("symmetric", 8, False),
+    ("index", 2, False), ("index", 4, True), ("sign", 1, False), ("xnor", 1, False)])
+def test_training_dequantizes_the_grid_the_export_packs(quantizer: str, bits: int,
+                                                        learn_range: bool):
+  """The weight training uses (`quantize_choice`) is bit for bit its `QArray`
+  (`weight_grid`) dequantized, whose codes are NumPy's float64 codes of the format; so what is
+  packed (`kernels.pack` of those codes) is what was trained. A negative learned step size is
+  floored as in training."""
+  rng = np.random.default_rng(bits)
+  k, n, groups = 40, 12, 3
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  matrix = quant.MatrixSpec(path="m", shape=(k, n), groups=groups, quantizer=quantizer,
+                            bit_choices=(0, bits), learn_range=learn_range)
+  step = np.array([0.3, -0.2, 0.05], np.float32)  # -0.2: a step size trained below 0
+  lo = np.array([-1.0, -0.5, -2.0], np.float32)
+  hi = np.array([1.5, 0.4, 2.0], np.float32)
+  qparams = {"scale": jnp.asarray(np.stack([step, step])), "lo": jnp.asarray(np.stack([lo, lo])),
+             "hi": jnp.asarray(np.stack([hi, hi]))}
+  trained = quant.quantize_choice(jnp.asarray(w), matrix, qparams, 1)
+  qarray = quant.weight_grid(jnp.asarray(w), matrix, qparams, 1)
+  np.testing.assert_array_equal(np.asarray(trained), np.asarray(qarray.dequantize()))
+
+  w64, width = w.astype(np.float64), n // groups
+  rep = lambda v: np.repeat(np.asarray(v, np.float64), width)  # per group -> per column
+  if quantizer in ("sign", "xnor") or bits == 1:
+    want = np.where(w64 >= 0, 1, -1)
+  elif quantizer == "symmetric":
+    half = 2.0**(bits - 1)
+    want = np.round(np.clip(w64 / rep(np.maximum(step, 1e-12)), -half, half - 1))
+  else:
+    if not learn_range:
+      wg = w64.reshape(k, groups, width)
+      lo, hi = wg.min(axis=(0, 2)), wg.max(axis=(0, 2))
+    span = (rep(hi) - rep(lo)) / (2**bits - 1)
+    want = np.round((np.clip(w64, rep(lo), rep(hi)) - rep(lo)) / span)
+  np.testing.assert_array_equal(np.asarray(qarray.codes), want)
+  words = kernels.pack(qarray.int_codes(), bits, signed=qarray.signed)
+  np.testing.assert_array_equal(
+      np.asarray(kernels.unpack(words, bits, k=k, signed=qarray.signed)), want)

@@ -38,7 +38,7 @@ def test_index_quantization_round_trip_is_within_half_a_step_on_the_int8_range()
   w_hat = quant.quantize_index(w, lo, hi, 8)
   step = float(hi[0] - lo[0]) / 255
   assert float(jnp.max(jnp.abs(w_hat - w))) <= step / 2 * (1 + 1e-5)
-  codes = export.packed._index_codes(w, lo, hi, 8)  # what the packed export stores
+  codes = quant.grid.index(w, lo, hi, 8).int_codes()  # what the packed export stores
   # idx = round((w - min) * 255 / (max - min)), by hand in float64.
   w64, lo64, hi64 = np.asarray(w, np.float64), float(lo[0]), float(hi[0])
   hand = np.round((w64 - lo64) * 255 / (hi64 - lo64))

@@ -1,6 +1,7 @@
 """A quantized model as a packed checkpoint, and inference on it through the low-bit kernels.
 
-`export_packed(params, policy, qparams)` stores what the policy says and nothing more. Each
+`export_packed(params, policy, qparams)` stores what the policy says and nothing more: the codes
+are those of the `quant.QArray` (`quant.weight_grid`) that training dequantized. Each
 quantized matrix `[K, N]` is split by bit-width: the sub-groups (column blocks) at b bits are
 gathered, in order, into one block packed along K (`kernels.packing`), stored as
 
@@ -15,7 +16,7 @@ so the output columns are permuted to put each bit-width together (blocks in dec
 pruned sub-groups last). The permutation follows from the policy, which the checkpoint stores,
 so it costs no bytes; pruned sub-groups cost neither bytes nor compute. Matrices whose input is
 quantized to 2..8 bits also store `act_scale`. Embedding tables under an 8-bit index policy are
-int8 codes with a float32 (lo, hi); every other parameter is kept at the policy's `other_bits`.
+int8 codes (the index grid's codes - 128) with a float32 scale and zero point; every other parameter is kept at the policy's `other_bits`.
 
 Inference (`PackedModel.apply`, or `packed_apply`) runs one `kernels.packed_matmul` per bit-width
 block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GPU); a signed
@@ -45,15 +46,15 @@ from mpqbert.quant import FULL_PRECISION, Policy
 
 Array = jax.Array
 _TABLE_BITS = 8  # Index embedding tables are int8 codes.
-_FORMAT = "mpqbert-packed/2"
+_FORMAT = "mpqbert-packed/3"  # 3: index tables store (scale, zero) of their QArray.
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedModel:
   """`params`: the Flax tree without the packed kernels (index tables as int8 codes);
-  `matrices`: per packed kernel path its arrays (module docstring); `tables`: (lo, hi) of index
-  tables; `policy`, `config` and `num_labels` (static) say how to rebuild and run the model."""
+  `matrices`: per packed kernel path its arrays (module docstring); `tables`: (scale, zero) of
+  index tables; `policy`, `config` and `num_labels` (static) say how to rebuild and run the model."""
 
   params: Any
   matrices: dict[str, dict[str, Array]]
@@ -91,30 +92,6 @@ def _columns(groups: np.ndarray, group_width: int) -> np.ndarray:
   return (groups[:, None] * group_width + np.arange(group_width)).reshape(-1)
 
 
-def _index_codes(w: Array, lo: Array, hi: Array, bits: int) -> Array:
-  """The integer codes `quant.quantize_index` rounds to (0 .. 2^b - 1), int32."""
-  wg = quant.group_view(w, lo.shape[-1])
-  span = jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE)[:, None]
-  q = (2.0**bits - 1.0) / span
-  return jnp.round(q * (jnp.clip(wg, lo[:, None], hi[:, None]) - lo[:, None])).astype(
-      jnp.int32).reshape(w.shape)
-
-
-def _sign_codes(w: Array) -> Array:
-  """+-1 codes of 1-bit weights, sign(0) = +1 as in `quant.sign_ste` and 1-bit
-  `quant.quantize_symmetric` (packed as bit 1 = +1 by `kernels.pack(..., signed=True)`)."""
-  return jnp.where(w >= 0, 1, -1)
-
-
-def _symmetric_codes(w: Array, step: Array, bits: int) -> Array:
-  """The signed codes `quant.quantize_symmetric` multiplies by `step` (broadcast against `w`):
-  sign(w) at 1 bit, `round(clip(w / step, -q_neg, q_pos))` at 2..8 bits."""
-  if bits == 1:
-    return _sign_codes(w)
-  q_neg, q_pos = quant.symmetric_levels(bits)
-  return jnp.round(jnp.clip(w / step, -q_neg, q_pos))
-
-
 def _check_supported(policy: Policy) -> None:
   for m in policy.matrices:
     bits = set(np.asarray(policy.bits[m.path]).tolist()) - {0}
@@ -137,27 +114,13 @@ def _pack_matrix(w: Array, matrix: quant.MatrixSpec, bits_per_group: np.ndarray,
   entry = {}
   for b, groups in bit_blocks(policy, matrix.path):
     cols = _columns(groups, width)
-    block = w[:, cols]
-    choice = matrix.bit_choices.index(b)
-    if matrix.quantizer == "symmetric":
-      scale = jnp.asarray(qparams["scale"][choice], jnp.float32)[groups]
-      codes = _symmetric_codes(block, jnp.repeat(scale, width), b)
-      entry[f"b{b}/scale"] = scale
-    elif matrix.quantizer == "index":
-      if matrix.learn_range:
-        lo = jnp.asarray(qparams["lo"][choice], jnp.float32)[groups]
-        hi = jnp.asarray(qparams["hi"][choice], jnp.float32)[groups]
-      else:
-        lo, hi = quant.minmax_range(block, len(groups))
-      codes = _index_codes(block, lo, hi, b)
-      scale = jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE) / (2.0**b - 1.0)
-      entry[f"b{b}/scale"], entry[f"b{b}/zero"] = scale, -lo / scale
-    else:  # sign / xnor: 1 bit, +-1.
-      codes = _sign_codes(block)
-      if matrix.quantizer == "xnor":
-        entry[f"b{b}/scale"] = quant.xnor_scale(w, matrix.groups)[groups]
-    entry[f"b{b}/words"] = kernels.pack(codes.astype(jnp.int32), b,
-                                        signed=matrix.quantizer != "index")
+    # The grid training dequantized (`quant.weight_grid`), restricted to this block's sub-groups.
+    qarray = quant.weight_grid(w, matrix, qparams or {}, matrix.bit_choices.index(b))
+    if matrix.quantizer != "sign":
+      entry[f"b{b}/scale"] = jnp.asarray(qarray.scale, jnp.float32)[groups]
+    if matrix.quantizer == "index":
+      entry[f"b{b}/zero"] = jnp.asarray(qarray.zero, jnp.float32)[groups]
+    entry[f"b{b}/words"] = kernels.pack(qarray.int_codes()[:, cols], b, signed=qarray.signed)
   if 1 < matrix.input_bits(policy.activation_bits) < FULL_PRECISION:
     entry["act_scale"] = jnp.asarray(qparams["act_scale"], jnp.float32)
   return entry
@@ -181,9 +144,9 @@ def export_packed(params: Any, policy: Policy, qparams: Mapping[str, Any] | None
                                     (qparams or {}).get(path), policy)
     elif quantize_tables and quant.INDEX_EMBEDDING_TABLE.search(path):
       lo, hi = quant.minmax_range(w.reshape(1, -1), 1)
-      codes = _index_codes(w.reshape(1, -1), lo, hi, _TABLE_BITS) - 2**(_TABLE_BITS - 1)
-      kept[path] = codes.astype(jnp.int8).reshape(w.shape)
-      tables[path] = {"lo": lo, "hi": hi}
+      table = quant.grid.index(w.reshape(1, -1), lo, hi, _TABLE_BITS)
+      kept[path] = (table.int_codes() - 2**(_TABLE_BITS - 1)).astype(jnp.int8).reshape(w.shape)
+      tables[path] = {"scale": table.scale, "zero": table.zero}
     elif quant.ENCODER_MATRIX.search(path):
       # An encoder matrix the policy leaves out: float32, as training and `size_mb` keep it.
       kept[path] = jnp.asarray(np.asarray(value, np.float32))
@@ -229,7 +192,7 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
     if input_bits == 1 and b == 1 and signed:  # Binary x binary (sign, xnor, 1-bit symmetric).
       y = kernels.xnor_matmul(kernels.pack_signs(x2), words, k, scale=scale, backend=backend)
     else:  # Binarized inputs are sign(x), sign(0) = +1, as quant.sign_ste.
-      xb = jnp.where(x2 >= 0, 1.0, -1.0) if input_bits == 1 else x2
+      xb = quant.grid.sign_codes(x2) if input_bits == 1 else x2
       zero = entry.get(f"b{b}/zero")
       y = kernels.packed_matmul(xb.astype(half_dtype()), words, scale, bits=b, signed=signed,
                                 zero_points=None if zero is None else jnp.repeat(zero, width),
@@ -268,10 +231,9 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "a
     if isinstance(module, nn.Embed):
       path = "/".join((*module.path, "embedding"))
       if path in packed.tables:
-        rows = module.embedding[call_args[0]].astype(jnp.float32) + 2**(_TABLE_BITS - 1)
-        lo, hi = packed.tables[path]["lo"], packed.tables[path]["hi"]
-        q = (2.0**_TABLE_BITS - 1.0) / jnp.maximum(hi - lo, quant.quantizers.MIN_SCALE)
-        return rows / q + lo
+        codes = module.embedding[call_args[0]].astype(jnp.float32) + 2**(_TABLE_BITS - 1)
+        entry = packed.tables[path]
+        return entry["scale"] * (codes - entry["zero"])  # `quant.QArray.dequantize`
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(interceptor):

@@ -4,6 +4,8 @@ Pure JAX functions over arrays and pytrees; `transform` hooks them into a Flax m
 single injection point (`QuantizableDense.quantize_operands`).
 """
 
+from mpqbert.quant import grid
+from mpqbert.quant.grid import QArray
 from mpqbert.quant.mixture import expected_bits, gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import (BITS_PER_MB, Policy, policy_from_logits, size_report,
                                   uniform_policy)
@@ -18,16 +20,16 @@ from mpqbert.quant.spec import (BERT_MATRIX_KINDS, EMBEDDING_TABLE, ENCODER_MATR
 from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
 from mpqbert.quant.transform import (init_arch, init_qparams, matrix_key, quantize_choice,
                                      quantize_embedding, quantize_weight, sample_probs,
-                                     transform)
+                                     transform, weight_grid)
 
 __all__ = [
     "BERT_MATRIX_KINDS", "BITS_PER_MB", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION",
-    "INDEX_EMBEDDING_TABLE", "MatrixSpec",
+    "INDEX_EMBEDDING_TABLE", "MatrixSpec", "QArray",
     "Plan", "Policy", "QUANTIZER_BITS", "QuantSpec", "Rule", "SCALES_PER_GROUP", "absmax_scale",
     "bert_encoder_spec", "binarize_sign", "binarize_xnor", "expected_bits", "flatten_params",
-    "group_view", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",
+    "group_view", "grid", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",
     "matrix_key", "minmax_range", "mix", "one_hot_bits", "policy_from_logits", "prune",
     "quantize_activation", "quantize_choice", "quantize_embedding", "quantize_index",
     "quantize_symmetric", "quantize_weight", "round_ste", "sample_probs", "scale_grad",
-    "sign_ste", "size_report", "symmetric_levels", "transform", "uniform_policy", "xnor_scale",
+    "sign_ste", "size_report", "symmetric_levels", "transform", "uniform_policy", "weight_grid", "xnor_scale",
 ]

@@ -5,13 +5,14 @@ contiguous blocks: `[..., out] -> [..., G, out // G]`. A per-group quantity (sca
 has shape `[G]`. G = 1 is per-tensor, G = out is per-neuron; with Hugging Face's head-major layout
 G = num_heads makes one group per attention head of Q, K and V.
 
-Integer grids (the b-bit codes an exported checkpoint stores):
-  symmetric  w_hat = s * clip(round(w / s), -2^(b-1), 2^(b-1) - 1),  b in 2..8, learned s (LSQ)
-             w_hat = s * sign(w) in {-s, +s}, sign(0) = +1,  b = 1, learned s (codes +-1)
-  index      w_hat = round(q (clip(w, lo, hi) - lo)) / q + lo,  q = (2^b - 1) / (hi - lo)  (AQ-BERT)
-  sign       w_hat = sign(w) in {-1, +1}, no scale (SensiMix's 1-bit value quantization)
-  xnor       w_hat = mean|w| * sign(w) per group (XNOR-Net)
-  prune      w_hat = 0 (0 bits), no gradient to w
+Each quantizer's forward value is its `grid.QArray` dequantized (the integer grids, and the codes
+an exported checkpoint stores, are written once, in `grid`); this module adds the gradients:
+  symmetric  s * clip(round(w / s), -2^(b-1), 2^(b-1) - 1), b in 2..8, learned s (LSQ);
+             s * sign(w) in {-s, +s}, sign(0) = +1, b = 1, learned s (codes +-1)
+  index      AQ-BERT's asymmetric grid on [lo, hi] (learned or min-max)
+  sign       sign(w) in {-1, +1}, no scale (SensiMix's 1-bit value quantization)
+  xnor       mean|w| * sign(w) per group (XNOR-Net)
+  prune      0 (0 bits), no gradient to w
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mpqbert.quant import grid
+from mpqbert.quant.grid import MIN_SCALE, group_view, per_group, symmetric_levels
 from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
 
 Array = jax.Array
@@ -33,43 +36,13 @@ QUANTIZER_BITS = {
     "sign": (0, 1),
     "xnor": (0, 1),
 }
-# Smallest step size (a normal float32): an all-zero group gets this instead of a 0 that would
-# divide to NaN.
-MIN_SCALE = 1e-12
 # Scale floats stored per kept (bits > 0) sub-group: s; (lo, hi); none; mean|w|.
 SCALES_PER_GROUP = {"symmetric": 1, "index": 2, "sign": 0, "xnor": 1}
-
-
-def group_view(w: Array, groups: int) -> Array:
-  """`[..., out] -> [..., groups, out // groups]`; the inverse is a reshape to `w.shape`."""
-  out = w.shape[-1]
-  if groups < 1 or out % groups:
-    raise ValueError(f"cannot split the last axis of size {out} into {groups} equal sub-groups; "
-                     f"choose a group count that divides {out}.")
-  return w.reshape(*w.shape[:-1], groups, out // groups)
-
-
-def _per_group(values: Array) -> Array:
-  """`[G]` -> `[G, 1]`, broadcastable against a group view."""
-  return jnp.asarray(values)[..., None]
 
 
 def _reduce_axes(wg: Array) -> tuple[int, ...]:
   """Axes of a group view that a per-group reduction sums over (all but the group axis)."""
   return tuple(i for i in range(wg.ndim) if i != wg.ndim - 2)
-
-
-def symmetric_levels(bits: int) -> tuple[float, float]:
-  """(q_neg, q_pos) = (2^(b-1), 2^(b-1) - 1): the signed b-bit integer grid [-q_neg, q_pos].
-
-  Only for b >= 2: the 1-bit symmetric grid is {-1, +1} (no 0), which no integer range
-  `[-q_neg, q_pos]` describes (b = 1 would give [-1, 0]).
-  """
-  if int(bits) < 2:
-    raise ValueError(f"symmetric_levels takes 2..8 bits, got {bits}; the 1-bit symmetric grid is "
-                     "{-1, +1} (sign(w), sign(0) = +1), handled by quantize_symmetric itself.")
-  half = 2.0 ** (int(bits) - 1)
-  return half, half - 1.0
 
 
 def _lsq_code_max(bits: int) -> float:
@@ -96,14 +69,10 @@ def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = Tr
   if not 1 <= bits <= 8:
     raise ValueError(f"symmetric quantization supports 1..8 bits, got {bits}; use prune for 0.")
   groups = scale.shape[-1]
-  wg = group_view(w, groups)
   if lsq_grad:
-    scale = scale_grad(scale, 1.0 / math.sqrt(wg.size // groups * _lsq_code_max(bits)))
+    scale = scale_grad(scale, 1.0 / math.sqrt(w.size // groups * _lsq_code_max(bits)))
   scale = positive_step(scale)
-  if bits == 1:
-    return _scaled_sign(wg, _per_group(scale)).reshape(w.shape)
-  q_neg, q_pos = symmetric_levels(bits)
-  return _lsq(wg, _per_group(scale), q_neg, q_pos).reshape(w.shape)
+  return _scaled_sign(w, scale) if bits == 1 else _lsq(w, scale, bits)
 
 
 @jax.custom_vjp
@@ -117,53 +86,51 @@ def positive_step(scale: Array) -> Array:
 positive_step.defvjp(lambda scale: (positive_step(scale), None), lambda _, g: (g,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _lsq(wg: Array, s: Array, q_neg: float, q_pos: float) -> Array:
-  """`s * clip(round(wg / s), -q_neg, q_pos)` on a group view, `s` of shape `[G, 1]`."""
-  return jnp.round(jnp.clip(wg / s, -q_neg, q_pos)) * s
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lsq(w: Array, scale: Array, bits: int) -> Array:
+  """`grid.symmetric(w, scale, bits)` dequantized: `s * clip(round(w / s), -q_neg, q_pos)`."""
+  return grid.symmetric(w, scale, bits).dequantize()
 
 
-def _lsq_fwd(wg, s, q_neg, q_pos):
+def _lsq_fwd(w, scale, bits):
   # Only the inputs are kept; the backward recomputes w / s (cheaper than storing masks).
-  return _lsq(wg, s, q_neg, q_pos), (wg, s)
+  return _lsq(w, scale, bits), (w, scale)
 
 
-def _lsq_bwd(q_neg, q_pos, residuals, g):
-  wg, s = residuals
-  v = wg / s
+def _lsq_bwd(bits, residuals, g):
+  w, scale = residuals
+  q_neg, q_pos = symmetric_levels(bits)
+  wg, gg = group_view(w, scale.shape[-1]), group_view(g, scale.shape[-1])
+  v = wg / per_group(scale)
   inside = (v >= -q_neg) & (v <= q_pos)
   code = jnp.round(jnp.clip(v, -q_neg, q_pos))
-  grad_w = jnp.where(inside, g, 0.0)
-  per_element = g * jnp.where(inside, code - v, code)
-  grad_s = jnp.sum(per_element, axis=_reduce_axes(wg)).reshape(s.shape)
-  return grad_w.astype(wg.dtype), grad_s.astype(s.dtype)
+  grad_w = jnp.where(inside, gg, 0.0).reshape(w.shape)
+  per_element = gg * jnp.where(inside, code - v, code)
+  grad_s = jnp.sum(per_element, axis=_reduce_axes(wg))
+  return grad_w.astype(w.dtype), grad_s.astype(scale.dtype)
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
-def _signs(x: Array) -> Array:
-  """sign(x) with sign(0) = +1 (two values, as `sign_ste` and the packed sign bits), x's dtype."""
-  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
-
-
 @jax.custom_vjp
-def _scaled_sign(wg: Array, s: Array) -> Array:
-  """`s * sign(wg)` on a group view, `s` of shape `[G, 1]`: the 1-bit symmetric quantizer."""
-  return s * _signs(wg)
+def _scaled_sign(w: Array, scale: Array) -> Array:
+  """`grid.signs(w, scale)` dequantized, `s * sign(w)`: the 1-bit symmetric quantizer."""
+  return grid.signs(w, scale).dequantize()
 
 
-def _scaled_sign_fwd(wg, s):
-  return _scaled_sign(wg, s), (wg, s)
+def _scaled_sign_fwd(w, scale):
+  return _scaled_sign(w, scale), (w, scale)
 
 
 def _scaled_sign_bwd(residuals, g):
   # To w: straight through where |w| <= s, the 1-bit analogue of the other widths' clipped grid
   # range (the hard-tanh STE of BinaryConnect, in units of s). To s: d(s sign(w))/ds = sign(w).
-  wg, s = residuals
-  grad_w = jnp.where(jnp.abs(wg) <= s, g, 0.0)
-  grad_s = jnp.sum(g * _signs(wg), axis=_reduce_axes(wg)).reshape(s.shape)
-  return grad_w.astype(wg.dtype), grad_s.astype(s.dtype)
+  w, scale = residuals
+  wg, gg, s = group_view(w, scale.shape[-1]), group_view(g, scale.shape[-1]), per_group(scale)
+  grad_w = jnp.where(jnp.abs(wg) <= s, gg, 0.0).reshape(w.shape)
+  grad_s = jnp.sum(gg * grid.sign_codes(wg), axis=_reduce_axes(wg))
+  return grad_w.astype(w.dtype), grad_s.astype(scale.dtype)
 
 
 _scaled_sign.defvjp(_scaled_sign_fwd, _scaled_sign_bwd)
@@ -178,12 +145,34 @@ def quantize_index(w: Array, lo: Array, hi: Array, bits: int) -> Array:
   """
   if not 1 <= bits <= 8:
     raise ValueError(f"index quantization supports 1..8 bits, got {bits}.")
+  return _index(w, lo, hi, bits)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _index(w: Array, lo: Array, hi: Array, bits: int) -> Array:
+  """`grid.index(w, lo, hi, bits)` dequantized."""
+  return grid.index(w, lo, hi, bits).dequantize()
+
+
+def _index_surrogate(w: Array, lo: Array, hi: Array, bits: int) -> Array:
+  """The function whose gradient the index quantizer uses: its grid with rounding as identity
+  (`round_ste`), so the range gets the rounding residual's gradient too."""
   wg = group_view(w, lo.shape[-1])
-  lo_g, hi_g = _per_group(lo), _per_group(hi)
-  span = jnp.maximum(hi_g - lo_g, MIN_SCALE)
-  q = (2.0**bits - 1.0) / span
-  w_hat = round_ste(q * (jnp.clip(wg, lo_g, hi_g) - lo_g)) / q + lo_g
-  return w_hat.reshape(w.shape)
+  lo_g, hi_g = per_group(lo), per_group(hi)
+  q = (2.0**bits - 1.0) / jnp.maximum(hi_g - lo_g, MIN_SCALE)
+  return (round_ste(q * (jnp.clip(wg, lo_g, hi_g) - lo_g)) / q + lo_g).reshape(w.shape)
+
+
+def _index_fwd(w, lo, hi, bits):
+  return _index(w, lo, hi, bits), (w, lo, hi)
+
+
+def _index_bwd(bits, residuals, g):
+  w, lo, hi = residuals
+  return jax.vjp(lambda *args: _index_surrogate(*args, bits), w, lo, hi)[1](g)
+
+
+_index.defvjp(_index_fwd, _index_bwd)
 
 
 def minmax_range(w: Array, groups: int) -> tuple[Array, Array]:
@@ -220,7 +209,8 @@ def xnor_scale(w: Array, groups: int) -> Array:
 def binarize_xnor(w: Array, groups: int, clip: float = 1.0) -> Array:
   """`xnor_scale` * sign(w) per sub-group (XNOR-Net); the scale's gradient flows to `w` too."""
   wg = group_view(w, groups)
-  return (_per_group(xnor_scale(w, groups)) * sign_ste(wg, clip)).reshape(w.shape)
+  # The forward value is grid.signs(w, xnor_scale) dequantized: sign_ste's codes times the scale.
+  return (per_group(xnor_scale(w, groups)) * sign_ste(wg, clip)).reshape(w.shape)
 
 
 def prune(w: Array) -> Array:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mpqbert.quant.grid import sign_codes
+
 Array = jax.Array
 
 
@@ -37,11 +39,11 @@ def sign_ste(x: Array, clip: float | Array = 1.0) -> Array:
   The gradient is `g` where |x| <= clip and 0 outside (the hard-tanh straight-through estimator
   of BinaryConnect / XNOR-Net). `clip` gets no gradient.
   """
-  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+  return sign_codes(x)
 
 
 def _sign_fwd(x, clip):
-  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype), (x, clip)
+  return sign_codes(x), (x, clip)
 
 
 def _sign_bwd(residuals, g):

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mpqbert.quant import quantizers
+from mpqbert.quant import grid, quantizers
 from mpqbert.quant.mixture import gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import Policy
 from mpqbert.quant.spec import (EMBEDDING_TABLE, ENCODER_MATRIX, FULL_PRECISION,
@@ -68,6 +68,26 @@ def quantize_choice(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], 
   if matrix.quantizer == "sign":
     return quantizers.binarize_sign(w)
   return quantizers.binarize_xnor(w, matrix.groups)
+
+
+def weight_grid(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], k: int
+                ) -> grid.QArray:
+  """The integer grid of `w` at the k-th (non-zero) bit choice of `matrix`: the codes, scales and
+  zero points `quantize_choice` dequantizes, which the export packs."""
+  bits = matrix.bit_choices[k]
+  if bits == 0:
+    raise ValueError(f"{matrix.path}: a pruned sub-group (0 bits) has no grid.")
+  if matrix.quantizer == "symmetric":
+    return grid.symmetric(w, quantizers.positive_step(qparams["scale"][k]), bits)
+  if matrix.quantizer == "index":
+    if matrix.learn_range:
+      lo, hi = qparams["lo"][k], qparams["hi"][k]
+    else:
+      lo, hi = quantizers.minmax_range(w, matrix.groups)
+    return grid.index(w, lo, hi, bits)
+  if matrix.quantizer == "sign":
+    return grid.signs(w, groups=matrix.groups)
+  return grid.signs(w, quantizers.xnor_scale(w, matrix.groups))
 
 
 def quantize_weight(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array],
