@@ -9,7 +9,8 @@ from mpqbert.quant.grid import QArray
 from mpqbert.quant.mixture import expected_bits, gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import (BITS_PER_MB, Policy, policy_from_logits, size_report,
                                   uniform_policy)
-from mpqbert.quant.quantizers import (QUANTIZER_BITS, SCALES_PER_GROUP, absmax_scale,
+from mpqbert.quant.quantizers import (QUANTIZER_BITS, QUANTIZERS, SCALES_PER_GROUP,
+                                      QuantizerKind, absmax_scale,
                                       binarize_sign, binarize_xnor, group_view,
                                       init_symmetric_scale, minmax_range, prune,
                                       quantize_activation, quantize_index, quantize_symmetric,
@@ -25,7 +26,7 @@ from mpqbert.quant.transform import (init_arch, init_qparams, matrix_key, quanti
 __all__ = [
     "BERT_MATRIX_KINDS", "BITS_PER_MB", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION",
     "INDEX_EMBEDDING_TABLE", "MatrixSpec", "QArray",
-    "Plan", "Policy", "QUANTIZER_BITS", "QuantSpec", "Rule", "SCALES_PER_GROUP", "absmax_scale",
+    "Plan", "Policy", "QUANTIZERS", "QUANTIZER_BITS", "QuantSpec", "QuantizerKind", "Rule", "SCALES_PER_GROUP", "absmax_scale",
     "bert_encoder_spec", "binarize_sign", "binarize_xnor", "expected_bits", "flatten_params",
     "group_view", "grid", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",
     "matrix_key", "minmax_range", "mix", "one_hot_bits", "policy_from_logits", "prune",

@@ -53,41 +53,19 @@ def sample_probs(arch: Mapping[str, Array], key: jax.Array | None, tau: float | 
 
 
 def quantize_choice(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], k: int) -> Array:
-  """`w` quantized with the k-th bit choice of `matrix`."""
-  bits = matrix.bit_choices[k]
-  if bits == 0:
+  """`w` quantized with the k-th bit choice of `matrix` (0 bits: pruned)."""
+  if matrix.bit_choices[k] == 0:
     return quantizers.prune(w)
-  if matrix.quantizer == "symmetric":
-    return quantizers.quantize_symmetric(w, qparams["scale"][k], bits)
-  if matrix.quantizer == "index":
-    if matrix.learn_range:
-      lo, hi = qparams["lo"][k], qparams["hi"][k]
-    else:
-      lo, hi = quantizers.minmax_range(w, matrix.groups)
-    return quantizers.quantize_index(w, lo, hi, bits)
-  if matrix.quantizer == "sign":
-    return quantizers.binarize_sign(w)
-  return quantizers.binarize_xnor(w, matrix.groups)
+  return quantizers.QUANTIZERS[matrix.quantizer].quantize(w, matrix, qparams, k)
 
 
 def weight_grid(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], k: int
                 ) -> grid.QArray:
   """The integer grid of `w` at the k-th (non-zero) bit choice of `matrix`: the codes, scales and
   zero points `quantize_choice` dequantizes, which the export packs."""
-  bits = matrix.bit_choices[k]
-  if bits == 0:
+  if matrix.bit_choices[k] == 0:
     raise ValueError(f"{matrix.path}: a pruned sub-group (0 bits) has no grid.")
-  if matrix.quantizer == "symmetric":
-    return grid.symmetric(w, quantizers.positive_step(qparams["scale"][k]), bits)
-  if matrix.quantizer == "index":
-    if matrix.learn_range:
-      lo, hi = qparams["lo"][k], qparams["hi"][k]
-    else:
-      lo, hi = quantizers.minmax_range(w, matrix.groups)
-    return grid.index(w, lo, hi, bits)
-  if matrix.quantizer == "sign":
-    return grid.signs(w, groups=matrix.groups)
-  return grid.signs(w, quantizers.xnor_scale(w, matrix.groups))
+  return quantizers.QUANTIZERS[matrix.quantizer].grid(w, matrix, qparams, k)
 
 
 def quantize_weight(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array],
@@ -130,17 +108,8 @@ def init_qparams(spec: QuantSpec, params: Any, *, scale_init: str = "mse") -> QP
   qparams = {}
   for path, matrix in plan.items():
     w = jnp.asarray(flat[path], jnp.float32)
-    entry = {"act_scale": jnp.zeros((), jnp.float32)}
-    if matrix.quantizer == "symmetric":
-      entry["scale"] = jnp.stack([
-          jnp.ones((matrix.groups,), jnp.float32) if b == 0 else
-          quantizers.init_symmetric_scale(w, matrix.groups, b, scale_init)
-          for b in matrix.bit_choices])
-    if matrix.learn_range:
-      lo, hi = quantizers.minmax_range(w, matrix.groups)
-      k = len(matrix.bit_choices)
-      entry["lo"], entry["hi"] = jnp.tile(lo, (k, 1)), jnp.tile(hi, (k, 1))
-    qparams[path] = entry
+    qparams[path] = {"act_scale": jnp.zeros((), jnp.float32),
+                     **quantizers.QUANTIZERS[matrix.quantizer].init(w, matrix, scale_init)}
   return qparams
 
 
