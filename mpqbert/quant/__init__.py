@@ -9,12 +9,13 @@ from mpqbert.quant.grid import QArray
 from mpqbert.quant.mixture import expected_bits, gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import (BITS_PER_MB, Policy, policy_from_logits, size_report,
                                   uniform_policy)
-from mpqbert.quant.quantizers import (QUANTIZER_BITS, QUANTIZERS, SCALES_PER_GROUP,
-                                      QuantizerKind, absmax_scale,
+from mpqbert.quant.quantizers import (absmax_scale,
                                       binarize_sign, binarize_xnor, group_view,
                                       init_symmetric_scale, minmax_range, prune,
                                       quantize_activation, quantize_index, quantize_symmetric,
                                       symmetric_levels, xnor_scale)
+from mpqbert.quant.registry import (QUANTIZER_BITS, QUANTIZERS, SCALES_PER_GROUP,
+                                    QuantizerKind)
 from mpqbert.quant.spec import (BERT_MATRIX_KINDS, EMBEDDING_TABLE, ENCODER_MATRIX,
                                 FULL_PRECISION, INDEX_EMBEDDING_TABLE, MatrixSpec, Plan, QuantSpec,
                                 Rule, bert_encoder_spec, flatten_params)
@@ -25,12 +26,12 @@ from mpqbert.quant.transform import (init_arch, init_qparams, matrix_key, quanti
 
 __all__ = [
     "BERT_MATRIX_KINDS", "BITS_PER_MB", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION",
-    "INDEX_EMBEDDING_TABLE", "MatrixSpec", "QArray",
-    "Plan", "Policy", "QUANTIZERS", "QUANTIZER_BITS", "QuantSpec", "QuantizerKind", "Rule", "SCALES_PER_GROUP", "absmax_scale",
+    "INDEX_EMBEDDING_TABLE", "MatrixSpec", "QArray", "Plan", "Policy", "QUANTIZERS",
+    "QUANTIZER_BITS", "QuantSpec", "QuantizerKind", "Rule", "SCALES_PER_GROUP", "absmax_scale",
     "bert_encoder_spec", "binarize_sign", "binarize_xnor", "expected_bits", "flatten_params",
     "group_view", "grid", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",
     "matrix_key", "minmax_range", "mix", "one_hot_bits", "policy_from_logits", "prune",
     "quantize_activation", "quantize_choice", "quantize_embedding", "quantize_index",
-    "quantize_symmetric", "quantize_weight", "round_ste", "sample_probs", "scale_grad",
-    "sign_ste", "size_report", "symmetric_levels", "transform", "uniform_policy", "weight_grid", "xnor_scale",
+    "quantize_symmetric", "quantize_weight", "round_ste", "sample_probs", "scale_grad", "sign_ste",
+    "size_report", "symmetric_levels", "transform", "uniform_policy", "weight_grid", "xnor_scale",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mpqbert.quant.quantizers import QUANTIZER_BITS, SCALES_PER_GROUP
+from mpqbert.quant.registry import QUANTIZER_BITS, SCALES_PER_GROUP
 
 # The encoder's weight matrices (attention Q/K/V/O and both FFN matrices of every layer): the
 # part whose size is `size_mb` (../shared/DESIGN.md). Everything else counts in `size_mb_other`.

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mpqbert.quant import grid, quantizers
+from mpqbert.quant.registry import QUANTIZERS
 from mpqbert.quant.mixture import gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import Policy
 from mpqbert.quant.spec import (EMBEDDING_TABLE, ENCODER_MATRIX, FULL_PRECISION,
@@ -56,7 +57,7 @@ def quantize_choice(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], 
   """`w` quantized with the k-th bit choice of `matrix` (0 bits: pruned)."""
   if matrix.bit_choices[k] == 0:
     return quantizers.prune(w)
-  return quantizers.QUANTIZERS[matrix.quantizer].quantize(w, matrix, qparams, k)
+  return QUANTIZERS[matrix.quantizer].quantize(w, matrix, qparams, k)
 
 
 def weight_grid(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], k: int
@@ -65,7 +66,7 @@ def weight_grid(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], k: i
   zero points `quantize_choice` dequantizes, which the export packs."""
   if matrix.bit_choices[k] == 0:
     raise ValueError(f"{matrix.path}: a pruned sub-group (0 bits) has no grid.")
-  return quantizers.QUANTIZERS[matrix.quantizer].grid(w, matrix, qparams, k)
+  return QUANTIZERS[matrix.quantizer].grid(w, matrix, qparams, k)
 
 
 def quantize_weight(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array],
@@ -109,7 +110,7 @@ def init_qparams(spec: QuantSpec, params: Any, *, scale_init: str = "mse") -> QP
   for path, matrix in plan.items():
     w = jnp.asarray(flat[path], jnp.float32)
     qparams[path] = {"act_scale": jnp.zeros((), jnp.float32),
-                     **quantizers.QUANTIZERS[matrix.quantizer].init(w, matrix, scale_init)}
+                     **QUANTIZERS[matrix.quantizer].init(w, matrix, scale_init)}
   return qparams
 
 
