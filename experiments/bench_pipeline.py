@@ -38,7 +38,7 @@ import optax
 from absl import app, flags
 
 from mpqbert import data, models, quant, search
-from mpqbert.methods import common
+from mpqbert.methods import qat
 from mpqbert.train import compiled, optim, results, sharding, steps
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["64", "128"], "Sequence lengths to time.")
@@ -102,7 +102,7 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
   batch = data.random_batch(_BATCH.value, seq_len, seed=seq_len)
   ctx = types.SimpleNamespace(config=config, task=types.SimpleNamespace(is_regression=False),
                               model=model, mesh=sharding.make_mesh())
-  spec = common.make_spec(config, model.config.num_attention_heads)
+  spec = qat.make_spec(config, model.config.num_attention_heads)
   plan = spec.plan(params)
   qapply = quant.transform(model.apply, spec)
   out, extras = {}, {}
@@ -113,11 +113,11 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
   if "qat" in kinds:
     optimizer, _ = optim.make_optimizer(config.train, 10**6, mask=optim.weights_decay_mask)
     policy = quant.uniform_policy(plan, 2, activation_bits=config.quant.activation_bits)
-    qat = common.make_qat_step(ctx, qapply, optimizer)
+    qat_step = qat.make_qat_step(ctx, qapply, optimizer)
     state = steps.TrainState.create(
         {"params": fresh(), "qparams": quant.init_qparams(spec, params)}, optimizer)
-    out["qat"] = Stepper(qat.bind(params, policy), qat, state, batch)
-    extras["qat"] = (qat, state, batch, params, policy)
+    out["qat"] = Stepper(qat_step.bind(params, policy), qat_step, state, batch)
+    extras["qat"] = (qat_step, state, batch, params, policy)
   if "search" in kinds:
     sc = config.search
     weight_opt, _ = optim.make_optimizer(config.train, 10**6, mask=optim.weights_decay_mask,
@@ -127,7 +127,7 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
                             target_compression=sc.target_compression,
                             target_uniform_bits=sc.target_uniform_bits, tolerance=sc.tolerance)
     step = search.make_search_step(  # The pipeline's: distillation loss, hard samples.
-        common.make_student_loss(ctx, qapply), plan=plan, target_mb=band.target_mb,
+        qat.make_student_loss(ctx, qapply), plan=plan, target_mb=band.target_mb,
         fixed_bits=search.float_matrix_bits(params, plan), size_weight=sc.size_weight,
         entropy_weight=sc.entropy_weight, hard=sc.hard_sample, weight_optimizer=weight_opt,
         arch_optimizer=arch_opt, tau_fn=lambda s: jnp.float32(sc.tau_start), arch_start_step=0,

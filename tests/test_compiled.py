@@ -13,7 +13,7 @@ import pytest
 
 from conftest import load_config
 from mpqbert import data, models, quant
-from mpqbert.methods import common
+from mpqbert.methods import qat
 from mpqbert.models import matmul
 from mpqbert.train import compiled, optim, sharding, steps
 
@@ -32,15 +32,15 @@ def test_qat_step_with_distillation_holds_no_large_constants(tiny_model_dir):
   model, params = models.load_pretrained(str(tiny_model_dir), num_labels=2, seed=0)
   config = load_config("automp")
   config.quant.groups = 4
-  assert common.distills(config.train)
+  assert qat.distills(config.train)
   ctx = types.SimpleNamespace(config=config, task=types.SimpleNamespace(is_regression=False),
                               model=model, mesh=sharding.make_mesh())
-  spec = common.make_spec(config, model.config.num_attention_heads)
+  spec = qat.make_spec(config, model.config.num_attention_heads)
   policy = quant.uniform_policy(spec.plan(params), 4, activation_bits=8)
   optimizer, _ = optim.make_optimizer(config.train, 10, mask=optim.weights_decay_mask)
   state = steps.TrainState.create(
       {"params": params, "qparams": quant.init_qparams(spec, params)}, optimizer)
-  step = common.make_qat_step(ctx, quant.transform(model.apply, spec), optimizer)
+  step = qat.make_qat_step(ctx, quant.transform(model.apply, spec), optimizer)
   text = step.jitted.lower(state, data.random_batch(4, 16), params, policy).as_text()
   # The tiny BERT's word embeddings alone are 30522 x 32 floats (3.7 MiB): baked-in teacher
   # weights would show up as constants of that size.

@@ -8,6 +8,9 @@ Two sources are supported:
 
 Both produce the same `Examples` with integer label ids in the order of the hub's
 `ClassLabel`, so models trained from either source are interchangeable.
+
+Why one module over 300 lines: the task table and both readers (local TSVs, the hub); each task's
+parsing quirks sit next to its table entry.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ so the output columns are permuted to put each bit-width together (blocks in dec
 pruned sub-groups last). The permutation follows from the policy, which the checkpoint stores,
 so it costs no bytes; pruned sub-groups cost neither bytes nor compute. Matrices whose input is
 quantized to 2..8 bits also store `act_scale`. Embedding tables under an 8-bit index policy are
-int8 codes (the index grid's codes - 128) with a float32 scale and zero point; every other parameter is kept at the policy's `other_bits`.
+int8 codes (the index grid's codes - 128) with a float32 scale and zero point; every other
+parameter is kept at the policy's `other_bits` (encoder matrices it leaves out: float32).
 
 Inference (`PackedModel.apply`, or `packed_apply`) runs one `kernels.packed_matmul` per bit-width
 block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GPU); a signed
@@ -54,7 +55,8 @@ _FORMAT = "mpqbert-packed/3"  # 3: index tables store (scale, zero) of their QAr
 class PackedModel:
   """`params`: the Flax tree without the packed kernels (index tables as int8 codes);
   `matrices`: per packed kernel path its arrays (module docstring); `tables`: (scale, zero) of
-  index tables; `policy`, `config` and `num_labels` (static) say how to rebuild and run the model."""
+  index tables; `policy`, `config` and `num_labels` (static) say how to rebuild and run the
+  model."""
 
   params: Any
   matrices: dict[str, dict[str, Array]]

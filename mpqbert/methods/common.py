@@ -1,4 +1,4 @@
-"""Pieces every compression pipeline shares: task context, teacher, quantized training, results.
+"""Pieces every compression pipeline shares: task context, data split, teacher, results.
 
 A pipeline's workdir holds one sub-directory per stage (`teacher/`, `search/`, `retrain/`,
 `uniform4/`, ...), each with its own checkpoints and `metrics.jsonl`; a finished stage leaves a
@@ -8,7 +8,6 @@ JSON file that a resumed run reads instead of redoing the stage.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
@@ -18,16 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from mpqbert import data, files, models, quant
-from mpqbert.train import checkpoint, loop, optim, results, sharding
-from mpqbert.train.compiled import Jit
-from mpqbert.train.losses import capture_layers, distillation_loss, layer_outputs, task_loss
-from mpqbert.train.steps import TrainState, apply_to_batch, make_eval_step, model_logits
+from mpqbert.train import checkpoint, loop, results, sharding
+from mpqbert.train.steps import make_eval_step, model_logits
 
-Batch = dict[str, jax.Array]
 Metrics = dict[str, dict[str, float]]
 
 
@@ -150,186 +145,6 @@ def get_teacher(ctx: TaskContext, workdir: Path) -> tuple[Any, Metrics | None]:
   results.write_results(stage, {"task": ctx.task.name, "model": config.model,
                                 "dev_metrics": dev_metrics, "config": tconfig.to_dict()})
   return state.params, dev_metrics
-
-
-# -------------------------------------------------------------------------- quantized model
-
-
-def make_spec(config: ml_collections.ConfigDict, num_heads: int,
-              bit_choices: tuple[int, ...] | None = None) -> quant.QuantSpec:
-  """The search space / numerics of `config.quant` over the six encoder matrices per layer."""
-  return quant.bert_encoder_spec(groups=config.quant.groups,
-                                 bit_choices=tuple(bit_choices or config.quant.bit_choices),
-                                 num_heads=num_heads,
-                                 activation_bits=config.quant.activation_bits,
-                                 activation_mode="learned")
-
-
-def quantized_logits(qapply: Callable) -> Callable:
-  """`logits_fn(variables, batch)` of a quantized apply in eval mode; `variables` is
-  `(params, qparams, arch)` with `arch` a Policy or logits."""
-  return lambda variables, batch: apply_to_batch(qapply, variables, batch, deterministic=True)
-
-
-def calibrate_activations(ctx: TaskContext, qapply: Callable, params: Any, qparams: Any,
-                          arch: Any) -> Any:
-  """qparams whose activation step sizes start at the moving max|x| of a few training batches."""
-  if isinstance(arch, quant.Policy):
-    input_bits = [m.input_bits(arch.activation_bits) for m in arch.matrices]
-  else:
-    input_bits = [ctx.config.quant.activation_bits]
-  if not any(1 < bits < quant.FULL_PRECISION for bits in input_bits):
-    return qparams  # No input has a step size (float or sign inputs only).
-
-  def update(params, qparams, arch, batch):
-    return apply_to_batch(qapply, (params, qparams, arch), batch, deterministic=True,
-                          update_act_stats=True)[1]
-
-  update = Jit(update, "calibrate_step")
-  params, qparams, arch = sharding.replicate((params, qparams, arch), ctx.mesh)
-  stream = loop.batches_for(ctx.config, ctx.train_set, 0)
-  for _ in range(ctx.config.quant.calibration_batches):
-    batch = next(stream)
-    qparams = update(params, qparams, arch, sharding.shard_batch(batch, ctx.mesh))
-  return qparams
-
-
-# weights {"params", "qparams"} -> a scalar added to the loss.
-Regularizer = Callable[[Any], jax.Array]
-
-
-def distills(train_config: ml_collections.ConfigDict) -> bool:
-  """Whether quantization-aware training learns from the teacher (logits or hidden states)."""
-  return train_config.distill_alpha > 0 or train_config.distill_hidden_weight > 0
-
-
-def make_student_loss(ctx: TaskContext, qapply: Callable) -> Callable:
-  """The quantized model's training loss, shared by the QAT retrain and the AutoMPQ search.
-
-  `loss(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params) -> (loss,
-  aux)`: the task loss, mixed with distillation from the teacher (logits and layer outputs,
-  `config.train.distill_*`) when `distills(config.train)`; `arch` is a Policy or logits sampled
-  with `gumbel_key` at temperature `tau` (`search.make_search_step`'s `LossFn`).
-  """
-  train = ctx.config.train
-  is_regression = ctx.task.is_regression
-  distill = distills(train)
-
-  def loss(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params):
-    kwargs = dict(deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key, tau=tau,
-                  hard=hard)
-    if distill:
-      kwargs["capture_intermediates"] = capture_layers
-    out = apply_to_batch(qapply, (weights["params"], weights["qparams"], arch), batch, **kwargs)
-    logits = out[0] if distill else out
-    labels_loss = task_loss(logits, batch, is_regression)
-    if not distill:
-      return labels_loss, {"task_loss": labels_loss}
-    t_logits, t_state = apply_to_batch(ctx.model.apply, ({"params": teacher_params},), batch,
-                                       deterministic=True, capture_intermediates=capture_layers)
-    t_logits, t_hidden = jax.lax.stop_gradient((t_logits, layer_outputs(t_state)))
-    kd_logits, kd_hidden = distillation_loss(logits, t_logits, layer_outputs(out[1]), t_hidden,
-                                             batch, is_regression=is_regression,
-                                             temperature=train.distill_temperature)
-    total = ((1 - train.distill_alpha) * labels_loss + train.distill_alpha * kd_logits
-             + train.distill_hidden_weight * kd_hidden)
-    return total, {"task_loss": labels_loss, "kd_logits": kd_logits, "kd_hidden": kd_hidden}
-
-  return loss
-
-
-def make_qat_step(ctx: TaskContext, qapply: Callable, optimizer,
-                  regularizer: Regularizer | None = None) -> Jit:
-  """One AdamW step of weights and quantizer parameters under a fixed policy (+ distillation,
-  + an optional `regularizer` of the weights, logged as "regularizer").
-
-  The compiled `step(state, batch, teacher_params, policy)` takes the teacher's weights (None
-  without distillation) and the policy as arguments, so they are not constants in its program.
-  """
-  base_key = jax.random.key(ctx.config.seed)
-  student_loss = make_student_loss(ctx, qapply)
-
-  def loss_fn(weights, batch, key, teacher_params, policy):
-    loss, aux = student_loss(weights, policy, batch, key, None, 1.0, False, teacher_params)
-    if regularizer is None:
-      return loss, aux
-    penalty = regularizer(weights)
-    return loss + penalty, {**aux, "regularizer": penalty}
-
-  def step(state: TrainState, batch: Batch, teacher_params: Any, policy: quant.Policy):
-    key = jax.random.fold_in(base_key, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key,
-                                                                   teacher_params, policy)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), {"loss": loss, **aux}
-
-  return Jit(step, "qat_step", donate_argnums=0)
-
-
-def train_quantized(ctx: TaskContext, stage: Path, spec: quant.QuantSpec, policy: quant.Policy,
-                    params: Any, qparams: Any, teacher_params: Any, *,
-                    num_steps: int | None = None,
-                    regularizer: Regularizer | None = None,
-                    apply_fn: Callable | None = None) -> dict[str, Any]:
-  """Quantization-aware fine-tuning under a fixed `policy` from `params` (the teacher's weights).
-
-  Trains weights and quantizer scales for `config.train`'s budget (or `num_steps`), checkpointed
-  in `stage`; returns (and caches in `stage/result.json`) the dev metrics and sizes of the final
-  model, whose weights `stage_weights` reads back. `apply_fn` (default: the model's) is the
-  float forward the quantizer wraps, e.g. with a method's own interceptors.
-  """
-  policy.check_matches(spec.plan(params))  # Outside jit: its bits are values here.
-
-  def run() -> dict[str, Any]:
-    start = time.time()
-    config = ctx.config
-    stage.mkdir(parents=True, exist_ok=True)
-    policy.save(stage / "policy.json")
-    qapply = quant.transform(apply_fn or ctx.model.apply, spec)
-    steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
-    total_steps = num_steps or loop.num_train_steps(config.train, steps_per_epoch)
-    optimizer, schedule = optim.make_optimizer(config.train, total_steps,
-                                               mask=optim.weights_decay_mask)
-    calibrated = calibrate_activations(ctx, qapply, params, qparams, policy)
-    state = sharding.replicate(
-        TrainState.create({"params": params, "qparams": calibrated}, optimizer), ctx.mesh)
-    eval_step = make_eval_step(quantized_logits(qapply), ctx.task.is_regression,
-                               "quant_eval_step")
-    qat_step = make_qat_step(ctx, qapply, optimizer, regularizer)
-    frozen = sharding.replicate((teacher_params if distills(config.train) else None, policy),
-                                ctx.mesh)
-    state, dev_metrics = loop.train_loop(
-        name=f"{stage.name} {ctx.task.name}", workdir=stage, state=state,
-        train_step=qat_step.bind(*frozen),
-        batches=lambda s: loop.batches_for(config, ctx.train_set, s), total_steps=total_steps,
-        evaluate_fn=lambda s: ctx.evaluate(eval_step, (s.params["params"],
-                                                       s.params["qparams"], frozen[1])),
-        config=config, mesh=ctx.mesh,
-        eval_every=config.train.eval_every_steps or steps_per_epoch, learning_rate=schedule)
-    save_dev_predictions(ctx, stage, eval_step, (state.params["params"], state.params["qparams"],
-                                                 frozen[1]))
-    return {"dev": ctx.dev_value(dev_metrics), "dev_metrics": dev_metrics,
-            **quant.size_report(jax.device_get(params), policy), "steps": total_steps,
-            "wall_time_s": time.time() - start}
-
-  return cached_json(stage / "result.json", run)
-
-
-def save_dev_predictions(ctx: TaskContext, stage: Path, eval_step: Callable,
-                         variables: Any) -> Path:
-  """The final model's dev predictions and the labels, in dev order (`dev_predictions.npz`):
-  what paired comparisons between runs bootstrap over."""
-  dev_set = ctx.eval_sets[ctx.dev_split]
-  predictions, _ = loop.predict(eval_step, variables, dev_set, ctx.config, ctx.mesh)
-  buffer = io.BytesIO()
-  np.savez(buffer, predictions=np.asarray(predictions), labels=np.asarray(dev_set.labels))
-  return files.write_atomic(stage / "dev_predictions.npz", buffer.getvalue())
-
-
-def stage_weights(stage: Path, params: Any, qparams: Any) -> dict[str, Any]:
-  """The final {"params", "qparams"} of a finished `train_quantized` stage."""
-  return restore_params(stage, {"params": params, "qparams": qparams})
 
 
 def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path,

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from mpqbert import data, export, quant
-from mpqbert.methods import common
+from mpqbert.methods import common, qat
 from mpqbert.models.config import BertConfig
 from mpqbert.models.pretrained import resolve_model_dir
 from mpqbert.train import checkpoint, loop
@@ -103,7 +103,7 @@ def packed_agreement(ctx: common.TaskContext, packed: export.PackedModel, spec: 
   """Dev predictions of the packed model against the fake-quantized model it was exported from:
   the share of equal labels (regression: |difference| <= 0.05) and the packed model's metrics."""
   dev = ctx.eval_sets[ctx.dev_split]
-  eval_step = make_eval_step(common.quantized_logits(quant.transform(ctx.model.apply, spec)),
+  eval_step = make_eval_step(qat.quantized_logits(quant.transform(ctx.model.apply, spec)),
                              ctx.task.is_regression, "quant_eval_step")
   fake = np.asarray(loop.predict(eval_step, (params, qparams, packed.policy), dev, ctx.config,
                                  ctx.mesh)[0])

@@ -7,6 +7,9 @@
 
 Every quantized model starts from the teacher's weights and gets the same `config.train` budget;
 the searched/assigned policy lands in the size band of `config.search`.
+
+Why one module over 300 lines: the four pipelines share their stages and differ in a few lines
+each; side by side, those differences (what each method does with the same budget) read at once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import optax
 from absl import logging
 
 from mpqbert import data, quant, search
-from mpqbert.methods import common
+from mpqbert.methods import common, qat
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop, optim, sharding
 from mpqbert.train.losses import task_loss
@@ -47,11 +50,11 @@ def _num_heads(ctx: common.TaskContext) -> int:
 
 def _uniform(ctx: common.TaskContext, stage: Path, bits: int, teacher: Any) -> dict[str, Any]:
   """QAT of the teacher with every sub-group at `bits` (same sub-groups as `config.quant`)."""
-  spec = common.make_spec(ctx.config, _num_heads(ctx), bit_choices=(bits,))
+  spec = qat.make_spec(ctx.config, _num_heads(ctx), bit_choices=(bits,))
   policy = quant.uniform_policy(spec.plan(teacher), bits,
                                 activation_bits=ctx.config.quant.activation_bits)
   qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
-  return common.train_quantized(ctx, stage, spec, policy, teacher, qparams, teacher)
+  return qat.train_quantized(ctx, stage, spec, policy, teacher, qparams, teacher)
 
 
 def _finish(ctx, workdir: Path, *, method: str, label: str, spec, policy: quant.Policy,
@@ -60,7 +63,7 @@ def _finish(ctx, workdir: Path, *, method: str, label: str, spec, policy: quant.
   the bit map and results.json."""
   if qparams is None:
     qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
-  result = common.train_quantized(ctx, workdir / "retrain", spec, policy, teacher, qparams,
+  result = qat.train_quantized(ctx, workdir / "retrain", spec, policy, teacher, qparams,
                                   teacher)
   policy.save(workdir / "policy.json")
   plot_bit_map(policy, workdir / "bit_map.png",
@@ -162,13 +165,13 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
   arch = initial_logits(ctx, spec, band, teacher, qparams)
   start_summary = arch_summary(arch, plan, band, fixed, sc.max_pruned_fraction)
   logging.info("search start (prior %s): %s", sc.prior, start_summary)
-  qparams = common.calibrate_activations(ctx, qapply, teacher, qparams, arch)
+  qparams = qat.calibrate_activations(ctx, qapply, teacher, qparams, arch)
   state = sharding.replicate(search.SearchState.create(teacher, qparams, arch, weight_optimizer,
                                                        arch_optimizer), ctx.mesh)
   tau_fn = lambda step: search.temperature(step, steps_per_epoch, tau_start=sc.tau_start,
                                            tau_decay=sc.tau_decay, warmup_epochs=sc.warmup_epochs)
-  distill = common.distills(config.train)
-  loss_fn = (common.make_student_loss(ctx, qapply) if distill
+  distill = qat.distills(config.train)
+  loss_fn = (qat.make_student_loss(ctx, qapply) if distill
              else search.label_loss(qapply, ctx.task.is_regression))
   step_fn = search.make_search_step(
       loss_fn, plan=plan, target_mb=band.target_mb, fixed_bits=fixed,
@@ -177,7 +180,7 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
       arch_start_step=arch_start, second_order=sc.second_order, inner_lr=sc.weight_lr,
       seed=config.seed)
   teacher_arg = sharding.replicate(teacher if distill else None, ctx.mesh)
-  eval_step = make_eval_step(common.quantized_logits(qapply), ctx.task.is_regression,
+  eval_step = make_eval_step(qat.quantized_logits(qapply), ctx.task.is_regression,
                              "quant_eval_step")
 
   def evaluate(state):  # Report only: the argmax policy on the search's own weights.
@@ -239,7 +242,7 @@ def load_arch(stage: Path) -> dict[str, np.ndarray]:
 def automp(config, workdir) -> dict[str, Any]:
   """AutoMPQ: search bits per sub-group (0 = pruned) under the size band, derive, retrain."""
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
-  spec = common.make_spec(config, _num_heads(ctx))
+  spec = qat.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
   band = _band(ctx, teacher, plan)
   rows = [common.row("full precision", full_precision)]
@@ -275,7 +278,7 @@ def uniform(config, workdir) -> dict[str, Any]:
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   bits = int(config.quant.bits)
   result = _uniform(ctx, workdir / "retrain", bits, teacher)
-  spec = common.make_spec(config, _num_heads(ctx), bit_choices=(bits,))
+  spec = qat.make_spec(config, _num_heads(ctx), bit_choices=(bits,))
   policy = quant.uniform_policy(spec.plan(teacher), bits,
                                 activation_bits=config.quant.activation_bits)
   policy.save(workdir / "policy.json")
@@ -335,7 +338,7 @@ def qbert(config, workdir) -> dict[str, Any]:
   """Q-BERT: per layer |mean| + std of the top Hessian eigenvalue over `hessian.num_batches`
   batches, times each sub-group's quantization error, bits by the exact knapsack in the band."""
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
-  spec = common.make_spec(config, _num_heads(ctx))
+  spec = qat.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
   band = _band(ctx, teacher, plan)
   blocks = layer_blocks(plan)
@@ -358,7 +361,7 @@ def hawq(config, workdir) -> dict[str, Any]:
   """HAWQ-V3: per matrix (or sub-group) the Hutchinson Hessian trace over its weight count,
   times each sub-group's quantization error, bits by the exact knapsack in the band."""
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
-  spec = common.make_spec(config, _num_heads(ctx))
+  spec = qat.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
   band = _band(ctx, teacher, plan)
   hc = config.hessian

@@ -11,6 +11,9 @@ embeddings) get 8-bit min-max index quantization per tensor; the FFNs of the oth
 the Absolute Binary Weight Regularization `lambda * sum mean((|W| - 1)^2)` over those FFNs in
 every stage. The stages share the `config.train` budget (the last one `final_stage_shares` times
 as much as each other); each starts from the previous stage's weights.
+
+Why one module over 300 lines: it is one method, the paper's recipe and the switches that reproduce
+the authors' code (`authors_code_apply`), which are easiest to check against the paper in one place.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from mpqbert import data, export, quant
-from mpqbert.methods import common, export_run
+from mpqbert.methods import common, export_run, qat
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop
 from mpqbert.train.steps import make_eval_step
@@ -204,9 +207,9 @@ def _mean_loss(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any,
                dataset: data.TokenizedDataset) -> float:
   qapply = quant.transform(ctx.model.apply, spec)
   policy = fixed_policy(spec, params, other_bits=quant.FULL_PRECISION)
-  qparams = common.calibrate_activations(ctx, qapply, params, quant.init_qparams(spec, params),
+  qparams = qat.calibrate_activations(ctx, qapply, params, quant.init_qparams(spec, params),
                                          policy)
-  eval_step = make_eval_step(common.quantized_logits(qapply), ctx.task.is_regression,
+  eval_step = make_eval_step(qat.quantized_logits(qapply), ctx.task.is_regression,
                              "quant_eval_step")
   return loop.evaluate(eval_step, (params, qparams, policy), dataset, ctx.task, ctx.config,
                        ctx.mesh)["loss"]
@@ -330,11 +333,11 @@ def run(config, workdir) -> dict[str, Any]:
     policy = fixed_policy(spec, params, other_bits=config.quant.other_bits)
     qparams = quant.init_qparams(spec, params)
     stage = workdir / f"stage{i}"
-    result = common.train_quantized(ctx, stage, spec, policy, params, qparams, teacher,
+    result = qat.train_quantized(ctx, stage, spec, policy, params, qparams, teacher,
                                     num_steps=steps, regularizer=regularizer,
                                     apply_fn=_stage_apply(ctx, params, binary, binary_now,
                                                           final=i == len(stages) - 1))
-    weights = common.stage_weights(stage, params, qparams)
+    weights = qat.stage_weights(stage, params, qparams)
     params, qparams = weights["params"], weights["qparams"]
     stage_log.append({"stage": i, "binary_layers": list(binary_now), "steps": steps,
                       "dev": result["dev"], "size_mb": result["size_mb"]})
