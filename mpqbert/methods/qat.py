@@ -39,30 +39,30 @@ def make_spec(config: ml_collections.ConfigDict, num_heads: int,
 
 def quantized_logits(qapply: Callable) -> Callable:
   """`logits_fn(variables, batch)` of a quantized apply in eval mode; `variables` is
-  `(params, qparams, arch)` with `arch` a Policy or logits."""
+  `(params, qparams, bits_or_logits)` with `bits_or_logits` a Policy or logits."""
   return lambda variables, batch: apply_to_batch(qapply, variables, batch, deterministic=True)
 
 
 def calibrate_activations(ctx: common.TaskContext, qapply: Callable, params: Any, qparams: Any,
-                          arch: Any) -> Any:
+                          bits_or_logits: Any) -> Any:
   """qparams whose activation step sizes start at the moving max|x| of a few training batches."""
-  if isinstance(arch, quant.Policy):
-    input_bits = [m.input_bits(arch.activation_bits) for m in arch.matrices]
+  if isinstance(bits_or_logits, quant.Policy):
+    input_bits = [m.input_bits(bits_or_logits.activation_bits) for m in bits_or_logits.matrices]
   else:
     input_bits = [ctx.config.quant.activation_bits]
   if not any(1 < bits < quant.FULL_PRECISION for bits in input_bits):
     return qparams  # No input has a step size (float or sign inputs only).
 
-  def update(params, qparams, arch, batch):
-    return apply_to_batch(qapply, (params, qparams, arch), batch, deterministic=True,
+  def update(params, qparams, bits_or_logits, batch):
+    return apply_to_batch(qapply, (params, qparams, bits_or_logits), batch, deterministic=True,
                           update_act_stats=True)[1]
 
   update = Jit(update, "calibrate_step")
-  params, qparams, arch = sharding.replicate((params, qparams, arch), ctx.mesh)
+  params, qparams, bits_or_logits = sharding.replicate((params, qparams, bits_or_logits), ctx.mesh)
   stream = loop.batches_for(ctx.config, ctx.train_set, 0)
   for _ in range(ctx.config.quant.calibration_batches):
     batch = next(stream)
-    qparams = update(params, qparams, arch, sharding.shard_batch(batch, ctx.mesh))
+    qparams = update(params, qparams, bits_or_logits, sharding.shard_batch(batch, ctx.mesh))
   return qparams
 
 
@@ -78,21 +78,22 @@ def distills(train_config: ml_collections.ConfigDict) -> bool:
 def make_student_loss(ctx: common.TaskContext, qapply: Callable) -> Callable:
   """The quantized model's training loss, shared by the QAT retrain and the AutoMPQ search.
 
-  `loss(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params) -> (loss,
-  aux)`: the task loss, mixed with distillation from the teacher (logits and layer outputs,
-  `config.train.distill_*`) when `distills(config.train)`; `arch` is a Policy or logits sampled
-  with `gumbel_key` at temperature `tau` (`search.make_search_step`'s `LossFn`).
+  `loss(weights, bits_or_logits, batch, dropout_key, gumbel_key, tau, hard, teacher_params) ->
+  (loss, aux)`: the task loss, mixed with distillation from the teacher (logits and layer outputs,
+  `config.train.distill_*`) when `distills(config.train)`; `bits_or_logits` is a Policy, or logits
+  sampled with `gumbel_key` at temperature `tau` (`search.make_search_step`'s `LossFn`).
   """
   train = ctx.config.train
   is_regression = ctx.task.is_regression
   distill = distills(train)
 
-  def loss(weights, arch, batch, dropout_key, gumbel_key, tau, hard, teacher_params):
+  def loss(weights, bits_or_logits, batch, dropout_key, gumbel_key, tau, hard, teacher_params):
     kwargs = dict(deterministic=False, rngs={"dropout": dropout_key}, key=gumbel_key, tau=tau,
                   hard=hard)
     if distill:
       kwargs["capture_intermediates"] = capture_layers
-    out = apply_to_batch(qapply, (weights["params"], weights["qparams"], arch), batch, **kwargs)
+    out = apply_to_batch(qapply, (weights["params"], weights["qparams"], bits_or_logits), batch,
+                         **kwargs)
     logits = out[0] if distill else out
     labels_loss = task_loss(logits, batch, is_regression)
     if not distill:

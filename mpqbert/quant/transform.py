@@ -1,13 +1,14 @@
 """`transform(apply_fn, spec)`: run a Flax model with quantized weights and activations.
 
     qapply = mpqbert.quant.transform(model.apply, spec)
-    logits = qapply(params, qparams, arch, input_ids, attention_mask=..., key=key, tau=1.0)
+    logits = qapply(params, qparams, bits_or_logits, input_ids, attention_mask=..., key=key)
 
 Three separate pytrees: `params` (the float weights), `qparams` (per quantized kernel: step sizes
-per bit choice and sub-group, optional learned ranges, the input's activation scale) and `arch`:
-either a `Policy` (fixed bits) or a dict of logits `[G, K]` per kernel (search; sampled with
-Gumbel-softmax from `key`, or plain softmax when `key` is None). Every quantized kernel becomes
-`sum_k p_k Q_{b_k}(w)` before its one matmul; a policy is the one-hot case.
+per bit choice and sub-group, optional learned ranges, the input's activation scale) and
+`bits_or_logits`: either a `Policy` (fixed bits) or a dict of logits `[G, K]` per kernel
+(search; sampled with Gumbel-softmax from `key`, or plain softmax when `key` is None). Every
+quantized kernel becomes `sum_k p_k Q_{b_k}(w)` before its one matmul; a policy is the one-hot
+case.
 
 The model exposes quantization through one method, `quantize_operands(x, kernel)` of its Dense
 layers; this module intercepts it with `flax.linen.intercept_methods`, the only Flax API used in
@@ -35,7 +36,7 @@ from mpqbert.quant.spec import (EMBEDDING_TABLE, ENCODER_MATRIX, FULL_PRECISION,
 
 Array = jax.Array
 QParams = dict[str, dict[str, Array]]
-Arch = Policy | Mapping[str, Array]
+BitsOrLogits = Policy | Mapping[str, Array]
 
 _INTERCEPTED = "quantize_operands"
 _STATS = "quant_stats"
@@ -46,11 +47,11 @@ def matrix_key(key: jax.Array, path: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def sample_probs(arch: Mapping[str, Array], key: jax.Array | None, tau: float | Array = 1.0,
+def sample_probs(logits: Mapping[str, Array], key: jax.Array | None, tau: float | Array = 1.0,
                  hard: bool = False) -> dict[str, Array]:
   """Bit-choice probabilities `[G, K]` per matrix, exactly those `qapply` uses for these args."""
-  return {path: gumbel_softmax(logits, None if key is None else matrix_key(key, path), tau, hard)
-          for path, logits in arch.items()}
+  return {path: gumbel_softmax(value, None if key is None else matrix_key(key, path), tau, hard)
+          for path, value in logits.items()}
 
 
 def quantize_choice(w: Array, matrix: MatrixSpec, qparams: Mapping[str, Array], k: int) -> Array:
@@ -120,23 +121,23 @@ def init_arch(spec: QuantSpec, params: Any) -> dict[str, Array]:
           for path, m in spec.plan(params).items()}
 
 
-def _check_trees(plan: Plan, qparams: Mapping[str, Any], arch: Arch) -> None:
-  """Errors naming the mismatch between the model's plan and the qparams / arch trees."""
+def _check_trees(plan: Plan, qparams: Mapping[str, Any], bits_or_logits: BitsOrLogits) -> None:
+  """Errors naming the mismatch between the model's plan and the qparams / bits_or_logits trees."""
   missing = sorted(set(plan) - set(qparams))
   if missing:
     raise ValueError(f"qparams has no entry for {missing[0]} (and {len(missing) - 1} more); build "
                      "it with mpqbert.quant.init_qparams(spec, params) for this model and spec.")
-  if isinstance(arch, Policy):
-    arch.check_matches(plan)
+  if isinstance(bits_or_logits, Policy):
+    bits_or_logits.check_matches(plan)
     return
   for path, matrix in plan.items():
-    if path not in arch:
-      raise ValueError(f"arch has no logits for {path}; build them with "
+    if path not in bits_or_logits:
+      raise ValueError(f"bits_or_logits has no logits for {path}; build them with "
                        "mpqbert.quant.init_arch(spec, params), or pass a Policy.")
     expected = (matrix.groups, len(matrix.bit_choices))
-    if tuple(arch[path].shape) != expected:
-      raise ValueError(f"arch logits for {path} have shape {tuple(arch[path].shape)}, expected "
-                       f"{expected} (sub-groups, bit choices).")
+    if tuple(bits_or_logits[path].shape) != expected:
+      raise ValueError(f"the logits for {path} have shape {tuple(bits_or_logits[path].shape)}, "
+                       f"expected {expected} (sub-groups, bit choices).")
 
 
 def _quantize_embeddings(params: Any, bits: int, quantizer: str) -> Any:
@@ -205,7 +206,7 @@ def _real_token_absmax(x: Array, token_mask: Array | None) -> Array:
 def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., Any]:
   """Wraps a Flax `Module.apply` so that the kernels `spec` selects run quantized.
 
-  Returns `qapply(params, qparams, arch, *args, key=None, tau=1.0, hard=False,
+  Returns `qapply(params, qparams, bits_or_logits, *args, key=None, tau=1.0, hard=False,
   update_act_stats=False, **kwargs)`, which calls `apply_fn({"params": params}, *args, **kwargs)`.
   With `update_act_stats=True` it returns `(outputs, new_qparams)`, whose activation scales moved
   toward this batch's max|x| over real tokens (`attention_mask`; momentum
@@ -213,20 +214,21 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
   evaluation. Pure: works under jit, grad, vmap and sharding.
   """
 
-  def qapply(params: Any, qparams: QParams, arch: Arch, *args, key: jax.Array | None = None,
-             tau: float | Array = 1.0, hard: bool = False, update_act_stats: bool = False,
-             **kwargs):
+  def qapply(params: Any, qparams: QParams, bits_or_logits: BitsOrLogits, *args,
+             key: jax.Array | None = None, tau: float | Array = 1.0, hard: bool = False,
+             update_act_stats: bool = False, **kwargs):
     plan = spec.plan(params)
-    _check_trees(plan, qparams, arch)
-    settings = arch if isinstance(arch, Policy) else spec
+    _check_trees(plan, qparams, bits_or_logits)
+    settings = bits_or_logits if isinstance(bits_or_logits, Policy) else spec
     act_bits, emb_bits = settings.activation_bits, settings.embedding_bits
     learned_act = spec.activation_mode == "learned"
     token_mask = kwargs.get("attention_mask")  # Calibration ignores padded positions.
 
     def probs_of(path: str, matrix: MatrixSpec) -> Array:
-      if isinstance(arch, Policy):
-        return one_hot_bits(arch.bits[path], matrix.bit_choices)
-      return gumbel_softmax(arch[path], None if key is None else matrix_key(key, path), tau, hard)
+      if isinstance(bits_or_logits, Policy):
+        return one_hot_bits(bits_or_logits.bits[path], matrix.bit_choices)
+      return gumbel_softmax(bits_or_logits[path],
+                            None if key is None else matrix_key(key, path), tau, hard)
 
     def interceptor(next_fun, call_args, call_kwargs, context):
       if context.method_name != _INTERCEPTED:
@@ -248,8 +250,8 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
                                            learned=learned_act)
       return next_fun(x, kernel)
 
-    if isinstance(arch, Policy) and arch.other_bits == 16:
-      params = _round_to_half(params, plan, arch.embedding_quantizer, emb_bits)
+    if isinstance(bits_or_logits, Policy) and bits_or_logits.other_bits == 16:
+      params = _round_to_half(params, plan, bits_or_logits.embedding_quantizer, emb_bits)
     variables = {"params": _quantize_embeddings(params, emb_bits,
                                                 settings.embedding_quantizer)}
     with nn.intercept_methods(interceptor):
