@@ -125,6 +125,11 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
   loaded = export.load_packed(export.save_packed(packed, tmp_path / "one_bit.npz"))
   served = _served(loaded, ids, **kwargs)
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
+  if binary_ffn_inputs and activation_bits == 8:
+    # The same through the Pallas kernels themselves (interpreted; "auto" on CPU runs their jnp
+    # references): packed_matmul at 8, 3, 2 and 1 bits and xnor_matmul end to end.
+    interpreted = jax.jit(lambda p, ids: p.apply(ids, backend="interpret", **kwargs))(loaded, ids)
+    np.testing.assert_allclose(np.asarray(interpreted), np.asarray(fake), rtol=1e-4, atol=1e-5)
 
 
 @functools.partial(jax.jit, static_argnames=("deterministic",))
