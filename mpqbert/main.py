@@ -18,8 +18,7 @@ from ml_collections import config_flags
 
 from mpqbert import methods
 from mpqbert.methods.common import format_table
-from mpqbert.train import compiled, finetune
-from mpqbert.train.results import quiet_library_info_logs
+from mpqbert.train import compiled, finetune, results
 from mpqbert.train.sharding import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<method>.py file.")
@@ -57,7 +56,8 @@ def main(argv: list[str]) -> None:
   if config.method not in METHODS:
     raise app.UsageError(f"config.method={config.method!r} is unknown; use one of "
                          f"{sorted(METHODS)}.")
-  logging.get_absl_handler().addFilter(quiet_library_info_logs)
+  logging.get_absl_handler().addFilter(results.quiet_library_info_logs)
+  logging.info("mpqbert at commit %s", results.git_commit())  # Read once, before any training.
   maybe_initialize_distributed()
   compiled.enable_persistent_cache(_CACHE.value)
   summary = METHODS[config.method](config, _WORKDIR.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import subprocess
@@ -21,7 +22,10 @@ def quiet_library_info_logs(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+@functools.cache
 def git_commit() -> str:
+  """The commit of the code this process runs, read at the first call and kept: `mpqbert.main`
+  calls it at start, so a commit made while a long run trains does not relabel its results."""
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).parent).stdout.strip()
