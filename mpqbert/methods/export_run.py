@@ -70,7 +70,7 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
   bert_config = BertConfig.from_json_file(resolve_model_dir(config.model) / "config.json")
   num_labels = data.get_task(config.task).num_labels
   packed = export.export_packed(params, policy, qparams, config=bert_config,
-                                    num_labels=num_labels)
+                                num_labels=num_labels)
   path = export.save_packed(packed, out)
   size = quant.size_report(params, policy)
   report = {"workdir": str(workdir), "stage": stage.name, "file": str(path),
