@@ -30,7 +30,6 @@ from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
 Array = jax.Array
 
 
-
 def _reduce_axes(wg: Array) -> tuple[int, ...]:
   """Axes of a group view that a per-group reduction sums over (all but the group axis)."""
   return tuple(i for i in range(wg.ndim) if i != wg.ndim - 2)
