@@ -59,7 +59,7 @@ def _default_packed(params, config: models.BertConfig) -> dict[str, export.Packe
   the first half of the layers, 1-bit FFNs with binarized inputs in the second (3+3 on 6 layers)."""
   out = {}
   for bits in (8, 4, 2):
-    spec = quant.bert_encoder_spec(groups=12, bit_choices=(bits,))
+    spec = models.bert_encoder_spec(groups=12, bit_choices=(bits,))
     out[f"uniform {bits}-bit"] = export.export_packed(
         params, quant.uniform_policy(spec.plan(params), bits), quant.init_qparams(spec, params),
         config=config, num_labels=2)
@@ -132,7 +132,7 @@ def main(argv):
                    "latency_ratio_vs_fp": median / fp_s})
     print(f"batch {batch}: " + ", ".join(f"{r['model']} {r['median_ms']:.1f} ms"
                                          for r in rows if r["batch_size"] == batch), flush=True)
-  fp_matrix_bytes = quant.size_report(params)["size_mb"] * 2**20
+  fp_matrix_bytes = quant.size_report(params, layout=models.BERT_LAYOUT)["size_mb"] * 2**20
   sizes = {name: {"file_bytes": fp_bytes, "matrix_bytes": fp_matrix_bytes}
            for name in served if name.startswith("full precision")}
   for name, p in packed.items():

@@ -125,10 +125,12 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
     arch_opt = optax.adam(sc.arch_lr)
     band = search.make_band(params, plan, target_size_mb=sc.target_size_mb,
                             target_compression=sc.target_compression,
-                            target_uniform_bits=sc.target_uniform_bits, tolerance=sc.tolerance)
+                            target_uniform_bits=sc.target_uniform_bits, tolerance=sc.tolerance,
+                            layout=models.BERT_LAYOUT)
     step = search.make_search_step(  # The pipeline's: distillation loss, hard samples.
         qat.make_student_loss(ctx, qapply), plan=plan, target_mb=band.target_mb,
-        fixed_bits=search.float_matrix_bits(params, plan), size_weight=sc.size_weight,
+        fixed_bits=search.float_matrix_bits(params, plan,
+                                            layout=models.BERT_LAYOUT), size_weight=sc.size_weight,
         entropy_weight=sc.entropy_weight, hard=sc.hard_sample, weight_optimizer=weight_opt,
         arch_optimizer=arch_opt, tau_fn=lambda s: jnp.float32(sc.tau_start), arch_start_step=0,
         seed=config.seed)

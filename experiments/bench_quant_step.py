@@ -109,7 +109,7 @@ def main(argv):
   model, params = models.load_pretrained("minilm", num_labels=2, seed=0)
   config = model.config
   batch = data.random_batch(_BATCH.value, _SEQ_LEN.value, seed=_SEQ_LEN.value)
-  spec = quant.bert_encoder_spec(groups=_GROUPS.value, bit_choices=tuple(map(int, _BITS.value)),
+  spec = models.bert_encoder_spec(groups=_GROUPS.value, bit_choices=tuple(map(int, _BITS.value)),
                                  num_heads=config.num_attention_heads,
                                  activation_bits=_ACT_BITS.value,
                                  activation_mode=_ACT_MODE.value)

@@ -237,7 +237,8 @@ def run_task(run: TaskRun, bits_list: list[int], groups_list: list[int], num_cal
                         run.params, run, mesh)
   fp_dev = fp_metrics[run.task.main_metric]
   rows = [make_row(run, fp_metrics, setting="fp", bits=FP_BITS, groups="-", scale_init="-",
-                   activation_bits=FP_BITS, size=quant.size_report(run.params), fp_dev=fp_dev,
+                   activation_bits=FP_BITS,
+                   size=quant.size_report(run.params, layout=models.BERT_LAYOUT), fp_dev=fp_dev,
                    seconds=time.time() - t0),
           make_row(run, majority_metrics(run), setting="majority", bits="-", groups="-",
                    scale_init="-", activation_bits="-", size={}, fp_dev=fp_dev, seconds=0.0)]
@@ -249,7 +250,7 @@ def run_task(run: TaskRun, bits_list: list[int], groups_list: list[int], num_cal
   progress.update()
   num_heads = run.model.config.num_attention_heads
   for groups in groups_list:
-    spec = quant.bert_encoder_spec(quantizer="symmetric", groups=groups,
+    spec = models.bert_encoder_spec(quantizer="symmetric", groups=groups,
                                    bit_choices=tuple(sorted(bits_list)), num_heads=num_heads,
                                    activation_mode="moving")
     plan = spec.plan(run.params)
@@ -272,7 +273,8 @@ def run_task(run: TaskRun, bits_list: list[int], groups_list: list[int], num_cal
         metrics = evaluate(eval_step, (run.params, qparams, policy), run, mesh)
         row = make_row(run, metrics, setting=setting.name, bits=bits, groups=groups,
                        scale_init=setting.scale_init, activation_bits=setting.activation_bits,
-                       size=quant.size_report(run.params, policy), fp_dev=fp_dev,
+                       size=quant.size_report(run.params, policy,
+                                              layout=models.BERT_LAYOUT), fp_dev=fp_dev,
                        seconds=time.time() - t0)
         rows.append(row)
         log_row(row)
@@ -490,7 +492,7 @@ def main(argv: list[str]) -> None:
     except FileNotFoundError as e:
       progress.close()
       sys.exit(f"error: {e}")
-    size_other = quant.size_report(run.params)["size_mb_other"]
+    size_other = quant.size_report(run.params, layout=models.BERT_LAYOUT)["size_mb_other"]
     shares[name] = label_shares(run)
     rows += run_task(run, bits_list, groups_list, _CALIBRATION_BATCHES.value, mesh, progress)
   progress.close()

@@ -28,7 +28,7 @@ def test_mixed_policy_export_matches_fake_quantized_model(tmp_path, activation_b
   config = models.BertConfig(**TINY_BERT)
   model = models.build_model(config, 2)
   params = models.init_params(model, seed=1)
-  spec = quant.bert_encoder_spec(groups=4, bit_choices=(0, 2, 4, 8),
+  spec = models.bert_encoder_spec(groups=4, bit_choices=(0, 2, 4, 8),
                                  activation_bits=activation_bits, activation_mode="moving")
   plan = spec.plan(params)
   policy = _mixed_policy(plan, np.random.default_rng(0), activation_bits)
@@ -42,7 +42,7 @@ def test_mixed_policy_export_matches_fake_quantized_model(tmp_path, activation_b
   fake = qapply(params, qparams, policy, ids, **kwargs)
 
   packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
-  report = quant.size_report(params, policy)
+  report = quant.size_report(params, policy, layout=models.BERT_LAYOUT)
   # 2-, 4- and 8-bit codes fill whole words here (K = 32 or 64): bytes are exactly size_mb.
   assert export.packed_nbytes(packed, part="matrices") == report["size_mb"] * 2**20
   first = next(iter(plan))
@@ -78,14 +78,14 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
   model = models.build_model(config, 2)
   params = models.init_params(model, seed=1)
   choices = (0, 1, 2, 3, 4, 8)
-  spec = quant.bert_encoder_spec(groups=4, bit_choices=choices, activation_bits=activation_bits,
+  spec = models.bert_encoder_spec(groups=4, bit_choices=choices, activation_bits=activation_bits,
                                  activation_mode="moving")
   if binary_ffn_inputs:  # FFN outputs' inputs binarized to sign(x): 1-bit groups run XNOR.
     rules = tuple(quant.Rule(pattern=r.pattern, groups=4, bit_choices=choices,
                              activation_bits=1 if "/output/dense" in r.pattern and
                              "attention" not in r.pattern else None) for r in spec.rules)
     spec = quant.QuantSpec(rules=rules, activation_bits=activation_bits,
-                           activation_mode="moving")
+                           activation_mode="moving", layout=models.BERT_LAYOUT)
   plan = spec.plan(params)
   rng = np.random.default_rng(0)
   bits = {p: np.asarray(rng.choice(choices, m.groups), np.int32) for p, m in plan.items()}
@@ -107,7 +107,8 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
   packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
   # size_mb counts the packed words, so the bytes on disk are the reported size, 3-bit included.
   packed_bytes = _packed_bytes_by_hand(policy)
-  assert quant.size_report(params, policy)["size_mb"] * 2**20 == packed_bytes
+  assert quant.size_report(params, policy,
+                           layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == packed_bytes
   assert export.packed_nbytes(packed, part="matrices") == packed_bytes
 
   # The 1-bit block: sign bits (K = 32: one word per column, bit k = row k, 1 = w >= 0) and the
@@ -142,7 +143,7 @@ def _served(packed, ids, **kwargs):
 def test_packed_models_with_other_policies_retrace_one_jitted_function():
   config = models.BertConfig(**TINY_BERT)
   params = models.init_params(models.build_model(config, 2), seed=1)
-  spec = quant.bert_encoder_spec(groups=4, bit_choices=(2, 4), activation_bits=32)
+  spec = models.bert_encoder_spec(groups=4, bit_choices=(2, 4), activation_bits=32)
   plan = spec.plan(params)
   qparams = quant.init_qparams(spec, params)
   ids = jnp.asarray(np.random.default_rng(2).integers(1000, 5000, (2, 12)), jnp.int32)
@@ -171,7 +172,7 @@ def test_bit_blocks_put_each_width_together_and_leave_pruned_groups_out():
 
 def test_export_rejects_widths_the_kernels_do_not_pack():
   params = models.init_params(models.build_model(models.BertConfig(**TINY_BERT), 2), seed=0)
-  spec = quant.bert_encoder_spec(bit_choices=(6,))
+  spec = models.bert_encoder_spec(bit_choices=(6,))
   with pytest.raises(ValueError, match="6-bit sub-groups cannot be packed"):
     export.export_packed(params, quant.uniform_policy(spec.plan(params), 6),
                          quant.init_qparams(spec, params))
@@ -187,7 +188,8 @@ def test_matrices_a_policy_leaves_out_stay_float32_in_training_size_and_export()
   model = models.build_model(config, 2)
   params = models.init_params(model, seed=3)
   spec = quant.QuantSpec(rules=(quant.Rule(pattern=r"intermediate/dense/kernel$", groups=4,
-                                           bit_choices=(4,)),), activation_bits=32)
+                                           bit_choices=(4,)),), activation_bits=32,
+                                           layout=models.BERT_LAYOUT)
   plan = spec.plan(params)
   policy = dataclasses.replace(quant.uniform_policy(plan, 4), other_bits=16).validate()
   packed = export.export_packed(params, policy, quant.init_qparams(spec, params), config=config,
@@ -204,7 +206,8 @@ def test_matrices_a_policy_leaves_out_stay_float32_in_training_size_and_export()
   ffn_in = (-(-h // 8) * i * 4 + 4 * 4) * layers
   float_matrices = (4 * h * h + i * h) * 4 * layers
   assert export.packed_nbytes(packed, part="matrices") == ffn_in + float_matrices
-  assert quant.size_report(params, policy)["size_mb"] * 2**20 == ffn_in + float_matrices
+  assert quant.size_report(params, policy,
+                           layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == ffn_in + float_matrices
   fake = quant.transform(model.apply, spec)
   ids = jnp.asarray(np.random.default_rng(4).integers(1000, 5000, (4, 10)), jnp.int32)
   want = fake(params, quant.init_qparams(spec, params), policy, ids, deterministic=True)

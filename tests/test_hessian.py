@@ -159,7 +159,7 @@ def encoder_params():
 @pytest.mark.parametrize("bit_choices, target", [((2, 3, 4, 8), 3), ((0, 1, 2, 4, 8), 2)])
 def test_sensitivity_policy_gives_sensitive_matrices_more_bits_in_the_band(encoder_params,
                                                                            bit_choices, target):
-  spec = quant.bert_encoder_spec(groups=4, bit_choices=bit_choices)
+  spec = models.bert_encoder_spec(groups=4, bit_choices=bit_choices)
   plan = spec.plan(encoder_params)
   errors = search.quantization_errors(encoder_params, plan,
                                       quant.init_qparams(spec, encoder_params))
@@ -167,10 +167,11 @@ def test_sensitivity_policy_gives_sensitive_matrices_more_bits_in_the_band(encod
     assert np.all(np.diff(e, axis=-1) < 0), p
   sensitive = set(list(layer_blocks(plan).values())[-1])  # The last layer's six matrices.
   sensitivity = {p: (100.0 if p in sensitive else 0.01) for p in plan}
-  band = search.make_band(encoder_params, plan, target_uniform_bits=target, tolerance=0.05)
+  band = search.make_band(encoder_params, plan, target_uniform_bits=target, tolerance=0.05,
+                          layout=models.BERT_LAYOUT)
   policy = search.sensitivity_policy(sensitivity, errors, plan, band,
                                      max_pruned_fraction=0.5)
-  size = quant.size_report(encoder_params, policy)["size_mb"]
+  size = quant.size_report(encoder_params, policy, layout=models.BERT_LAYOUT)["size_mb"]
   assert band.lower <= size <= band.upper
   mean_bits = {p: float(np.mean(policy.bits[p])) for p in plan}
   assert min(mean_bits[p] for p in sensitive) > max(mean_bits[p] for p in plan
@@ -186,7 +187,7 @@ def test_layer_blocks_group_the_six_matrices_of_each_layer(encoder_params):
 
 
 def _plan_of(params):
-  return quant.bert_encoder_spec(groups=4).plan(params)
+  return models.bert_encoder_spec(groups=4).plan(params)
 
 
 def test_no_product_or_no_vector_is_a_clear_error():

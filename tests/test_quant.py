@@ -305,7 +305,7 @@ def test_one_bit_init_scale_minimises_squared_error_against_a_brute_force_grid()
 
 def test_one_and_three_bit_groups_cost_their_packed_words_plus_a_scale():
   params = abstract_params(TINY)
-  spec = quant.bert_encoder_spec(groups=4, bit_choices=(0, 1, 2, 3, 4, 8))
+  spec = models.bert_encoder_spec(groups=4, bit_choices=(0, 1, 2, 3, 4, 8))
   plan = spec.plan(params)
   query = "bert/encoder/layer/0/attention/self/query/kernel"  # [32, 32]: 4 groups of 256
   bits = {p: np.zeros((4,), np.int32) for p in plan}
@@ -314,7 +314,8 @@ def test_one_and_three_bit_groups_cost_their_packed_words_plus_a_scale():
   # Each group is 8 columns of K = 32 rows: 1 bit, one word per column; 3 bits, 10 codes to a
   # word, ceil(32 / 10) = 4 words per column; + one 32-bit scale per kept group.
   hand_bits = 2 * (8 * 32 + 32) + (8 * 4 * 32 + 32)
-  assert quant.size_report(params, policy)["size_mb"] * 8 * 2**20 == hand_bits
+  assert quant.size_report(params, policy,
+                           layout=models.BERT_LAYOUT)["size_mb"] * 8 * 2**20 == hand_bits
   assert quant.Rule(pattern="x", bit_choices=(0, 1, 2, 3, 4, 8)).bit_choices == (0, 1, 2, 3, 4, 8)
 
 
@@ -596,23 +597,48 @@ def abstract_params(config: models.BertConfig, num_labels: int | None = 2):
       "params"]
 
 
+def test_the_size_accounting_of_a_model_that_is_not_a_bert():
+  """The core takes any model's layout: two Dense layers, the first's kernel `[10, 6]` quantized
+  in 3 sub-groups at (4, 0, 2) bits, the second's `[6, 3]` counted at 32 bits, the biases and an
+  8-bit "table" outside the counted matrices. Counted by hand: 4-bit codes 8 to a word, so the
+  10 rows take 2 words per column; 2-bit codes 16 to a word, 1 word."""
+  params = {"first": {"kernel": np.zeros((10, 6)), "bias": np.zeros(6)},
+            "second": {"kernel": np.zeros((6, 3)), "bias": np.zeros(3)},
+            "lookup": {"table": np.zeros((5, 4))}}
+  layout = quant.ModelLayout(name="two Dense", matrices=r"(first|second)/kernel$",
+                             embedding_tables=r"lookup/table$")
+  spec = quant.QuantSpec(rules=(quant.Rule(pattern="first/kernel$", groups=3,
+                                           bit_choices=(0, 2, 4)),), layout=layout)
+  policy = quant.Policy(bits={"first/kernel": np.array([4, 0, 2], np.int32)},
+                        matrices=tuple(spec.plan(params).values()), embedding_bits=8).validate()
+  report = quant.size_report(params, policy, layout=layout)
+  first = 2 * (2 * 32) + 32 + 0 + 2 * (1 * 32) + 32  # per group: 2 columns of words + a scale
+  second = 6 * 3 * 32
+  assert report["size_mb"] * quant.BITS_PER_MB == first + second
+  other = (6 + 3) * 32 + 5 * 4 * 8 + 5 * 32  # biases; the table at 8 bits with a scale per row
+  assert report["size_mb_other"] * quant.BITS_PER_MB == other
+  assert report["compression"] == pytest.approx((60 + 18) * 32 / (first + second))
+  with pytest.raises(ValueError, match="no weight matrices of the 'two Dense' layout"):
+    quant.size_report({"other": {"kernel": np.zeros((2, 2))}}, layout=layout)
+
+
 def test_bert_base_fp32_encoder_matrices_are_324_mb():
   base = models.BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
                            num_attention_heads=12, intermediate_size=3072)
-  report = quant.size_report(abstract_params(base))
+  report = quant.size_report(abstract_params(base), layout=models.BERT_LAYOUT)
   assert report["size_mb"] == 324.0  # 12 * (4 * 768^2 + 2 * 768 * 3072) * 4 bytes / 2^20
   assert report["compression"] == 1.0 and report["avg_bits"] == 32.0
 
 
 def test_size_accounting_equals_hand_count_on_a_tiny_model():
   params = abstract_params(TINY)
-  spec = quant.bert_encoder_spec(groups="head", num_heads=4)
+  spec = models.bert_encoder_spec(groups="head", num_heads=4)
   plan = spec.plan(params)
   assert len(plan) == 12
   policy = quant.uniform_policy(plan, 4)
   # 2 layers x (4 * 32*32 + 2 * 32*64) = 16384 weights at 4 bits, + 12 matrices x 4 groups x 32.
   hand_bits = 16384 * 4 + 12 * 4 * 32
-  report = quant.size_report(params, policy)
+  report = quant.size_report(params, policy, layout=models.BERT_LAYOUT)
   assert report["size_mb"] * 8 * 2**20 == hand_bits
   assert report["avg_bits"] == 4.0
   assert report["compression"] == pytest.approx(16384 * 32 / hand_bits)
@@ -622,21 +648,24 @@ def test_size_accounting_equals_hand_count_on_a_tiny_model():
   bits = {**policy.bits, query: np.array([0, 2, 8, 0], np.int32)}
   mixed = quant.Policy(bits=bits, matrices=policy.matrices).validate()
   mixed_bits = hand_bits - 4 * 256 * 4 - 4 * 32 + (2 * 256 + 8 * 256 + 2 * 32)
-  assert quant.size_report(params, mixed)["size_mb"] * 8 * 2**20 == mixed_bits
+  assert quant.size_report(params, mixed,
+                           layout=models.BERT_LAYOUT)["size_mb"] * 8 * 2**20 == mixed_bits
 
   # Other parameters at 32 bits; embeddings at 8 bits plus one float per row.
   flat = quant.flatten_params(params)
   other = sum(int(np.prod(v.shape)) for k, v in flat.items() if k not in plan)
-  assert quant.size_report(params, policy)["size_mb_other"] * 8 * 2**20 == other * 32
+  assert quant.size_report(params, policy,
+                           layout=models.BERT_LAYOUT)["size_mb_other"] * 8 * 2**20 == other * 32
   emb8 = quant.uniform_policy(plan, 4, embedding_bits=8)
   tables = [(100, 32), (16, 32), (2, 32)]
   saved = sum(r * c * (32 - 8) - r * 32 for r, c in tables)
-  assert quant.size_report(params, emb8)["size_mb_other"] * 8 * 2**20 == other * 32 - saved
+  emb8_other = quant.size_report(params, emb8, layout=models.BERT_LAYOUT)["size_mb_other"]
+  assert emb8_other * 8 * 2**20 == other * 32 - saved
 
 
 def test_policy_json_round_trip_and_validation(tmp_path):
   params = abstract_params(TINY)
-  plan = quant.bert_encoder_spec(groups=2).plan(params)
+  plan = models.bert_encoder_spec(groups=2).plan(params)
   logits = {p: jax.random.normal(jax.random.key(i), (m.groups, 4)) for i, (p, m) in
             enumerate(plan.items())}
   policy = quant.policy_from_logits(logits, plan, activation_bits=8)
@@ -649,11 +678,11 @@ def test_policy_json_round_trip_and_validation(tmp_path):
     np.testing.assert_array_equal(loaded.bits[path], policy.bits[path])
   assert jax.tree.structure(loaded) == jax.tree.structure(policy)
 
-  other_plan = quant.bert_encoder_spec(groups=2).plan(
+  other_plan = models.bert_encoder_spec(groups=2).plan(
       abstract_params(models.BertConfig(**{**TINY.__dict__, "hidden_size": 16})))
   with pytest.raises(ValueError, match="another model"):
     quant.Policy.load(tmp_path / "policy.json", other_plan)
-  deeper = quant.bert_encoder_spec(groups=2).plan(
+  deeper = models.bert_encoder_spec(groups=2).plan(
       abstract_params(models.BertConfig(**{**TINY.__dict__, "num_hidden_layers": 3})))
   with pytest.raises(ValueError, match="another model"):
     loaded.check_matches(deeper)
@@ -681,13 +710,14 @@ def test_spec_errors_name_the_problem():
   with pytest.raises(ValueError, match="bit_choices"):
     quant.Rule(pattern="x", bit_choices=(0, 1, 9))
   with pytest.raises(ValueError, match="num_heads"):
-    quant.bert_encoder_spec(groups="head")
+    models.bert_encoder_spec(groups="head")
   with pytest.raises(ValueError, match="do not split"):
-    quant.bert_encoder_spec(groups=5).plan(abstract_params(TINY))
+    models.bert_encoder_spec(groups=5).plan(abstract_params(TINY))
   with pytest.raises(ValueError, match="no kernel of the model matches"):
-    quant.QuantSpec(rules=(quant.Rule(pattern="decoder"),)).plan(abstract_params(TINY))
+    quant.QuantSpec(rules=(quant.Rule(pattern="decoder"),),
+                    layout=models.BERT_LAYOUT).plan(abstract_params(TINY))
   with pytest.raises(ValueError, match="activation_bits=9"):
-    quant.QuantSpec(rules=(), activation_bits=9)
+    quant.QuantSpec(rules=(), activation_bits=9, layout=models.BERT_LAYOUT)
 
 
 def test_a_step_size_trained_below_zero_still_quantizes_and_its_gradient_can_lift_it():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,7 +44,7 @@ def with_kernels(params, replace):
 
 def test_uniform_policy_equals_model_with_float64_quantized_kernels(tiny):
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups="head", bit_choices=(4,), num_heads=4)
+  spec = models.bert_encoder_spec(groups="head", bit_choices=(4,), num_heads=4)
   plan = spec.plan(params)
   qparams = quant.init_qparams(spec, params, scale_init="mse")
   policy = quant.uniform_policy(plan, 4)
@@ -63,7 +64,8 @@ def test_activation_calibration_and_quantized_dense_against_numpy():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 16)), jnp.float32)
   params = dense.init(jax.random.key(0), x)["params"]
   spec = quant.QuantSpec(rules=(quant.Rule(pattern="^kernel$", groups=2, bit_choices=(4,)),),
-                         activation_bits=8, activation_mode="moving", activation_momentum=0.75)
+                         activation_bits=8, activation_mode="moving", activation_momentum=0.75,
+                         layout=quant.ModelLayout(name="one Dense", matrices=r"^kernel$"))
   qparams = quant.init_qparams(spec, params)
   policy = quant.uniform_policy(spec.plan(params), 4, activation_bits=8)
   qapply = quant.transform(dense.apply, spec)
@@ -82,7 +84,7 @@ def test_activation_calibration_and_quantized_dense_against_numpy():
                         4)
   np.testing.assert_allclose(got, x_ref @ w_ref + np.asarray(params["bias"]), atol=1e-5)
 
-  learned_spec = quant.QuantSpec(rules=spec.rules, activation_mode="learned")
+  learned_spec = dataclasses.replace(spec, activation_mode="learned")
   learned = quant.transform(dense.apply, learned_spec)
   grads = jax.grad(lambda q: jnp.sum(learned(params, q, policy, x) ** 2))(qparams)
   assert float(grads["kernel"]["act_scale"]) != 0.0
@@ -92,7 +94,7 @@ def test_activation_calibration_and_quantized_dense_against_numpy():
 
 def test_search_mode_hard_sample_equals_the_sampled_policy(tiny):
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups=4, num_heads=4, activation_bits=32)
+  spec = models.bert_encoder_spec(groups=4, num_heads=4, activation_bits=32)
   plan = spec.plan(params)
   qparams = quant.init_qparams(spec, params)
   arch = {p: jax.random.normal(jax.random.key(i), l.shape)
@@ -110,7 +112,7 @@ def test_search_mode_hard_sample_equals_the_sampled_policy(tiny):
 
 def test_gradients_reach_weights_scales_and_logits(tiny):
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups=4, num_heads=4, activation_bits=8)
+  spec = models.bert_encoder_spec(groups=4, num_heads=4, activation_bits=8)
   qparams = quant.init_qparams(spec, params)
   arch = quant.init_arch(spec, params)
   qapply = quant.transform(model.apply, spec)
@@ -132,7 +134,7 @@ def test_gradients_reach_weights_scales_and_logits(tiny):
 
 def test_pruned_sub_groups_are_zero_and_get_no_gradient(tiny):
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups=4, num_heads=4)
+  spec = models.bert_encoder_spec(groups=4, num_heads=4)
   plan = spec.plan(params)
   qparams = quant.init_qparams(spec, params)
   policy = quant.uniform_policy(plan, 8)
@@ -153,7 +155,7 @@ def test_pruned_sub_groups_are_zero_and_get_no_gradient(tiny):
 
 def test_jit_vmap_and_remat_agree_with_eager(tiny):
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups="neuron", num_heads=4, activation_bits=8)
+  spec = models.bert_encoder_spec(groups="neuron", num_heads=4, activation_bits=8)
   qparams = quant.init_qparams(spec, params, scale_init="lsq")
   arch = quant.init_arch(spec, params)
   qapply = quant.transform(model.apply, spec)
@@ -175,7 +177,7 @@ def test_jit_vmap_and_remat_agree_with_eager(tiny):
 
 def test_embedding_bits_quantize_the_tables_per_row(tiny):
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups=1, bit_choices=(8,))
+  spec = models.bert_encoder_spec(groups=1, bit_choices=(8,))
   plan = spec.plan(params)
   qparams = quant.init_qparams(spec, params)
   qapply = quant.transform(model.apply, spec)
@@ -185,7 +187,7 @@ def test_embedding_bits_quantize_the_tables_per_row(tiny):
   def reference(path, w):
     if path in plan:
       return ref_symmetric(w, np.asarray(qparams[path]["scale"][0]), 8)
-    if quant.EMBEDDING_TABLE.search(path):
+    if models.BERT_LAYOUT.is_table(path, "symmetric"):
       rows = np.maximum(np.abs(w).max(axis=1), 1e-12) / 7
       return ref_symmetric(w.T, rows, 4).T
     return w
@@ -197,7 +199,7 @@ def test_embedding_bits_quantize_the_tables_per_row(tiny):
 
 def test_mismatched_trees_get_clear_errors(tiny):
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups=4)
+  spec = models.bert_encoder_spec(groups=4)
   qparams = quant.init_qparams(spec, params)
   arch = quant.init_arch(spec, params)
   qapply = quant.transform(model.apply, spec)
@@ -205,7 +207,7 @@ def test_mismatched_trees_get_clear_errors(tiny):
     qapply(params, {}, arch, ids, deterministic=True)
   with pytest.raises(ValueError, match="expected \\(4, 4\\)"):
     qapply(params, qparams, {**arch, QUERY: jnp.zeros((2, 4))}, ids, deterministic=True)
-  other = quant.bert_encoder_spec(groups=2)
+  other = models.bert_encoder_spec(groups=2)
   policy = quant.uniform_policy(other.plan(params), 8)
   with pytest.raises(ValueError, match="another model or QuantSpec"):
     qapply(params, qparams, policy, ids, deterministic=True)
@@ -215,10 +217,10 @@ def test_policy_bits_outside_the_specs_choices_are_rejected(tiny):
   """Same shapes and groups, but 3 bits where the spec offers (0, 2, 4, 8): one-hot rows of all
   zeros would silently quantize those sub-groups to 0, so it must be an error naming them."""
   model, params, ids, mask = tiny
-  spec = quant.bert_encoder_spec(groups=4, bit_choices=(0, 2, 4, 8))
+  spec = models.bert_encoder_spec(groups=4, bit_choices=(0, 2, 4, 8))
   qapply = quant.transform(model.apply, spec)
   qparams = quant.init_qparams(spec, params)
-  plan3 = quant.bert_encoder_spec(groups=4, bit_choices=(3, 8)).plan(params)
+  plan3 = models.bert_encoder_spec(groups=4, bit_choices=(3, 8)).plan(params)
   policy = quant.uniform_policy(plan3, 8)
   policy.check_matches(spec.plan(params))  # 8 bits are among the choices: fine
   np.asarray(qapply(params, qparams, policy, ids, deterministic=True))
@@ -245,7 +247,7 @@ from tests.test_quant_transform import CONFIG
 
 model = models.build_model(CONFIG, num_labels=None)
 params = models.init_params(model, seed=7)
-spec = quant.bert_encoder_spec(groups=4, activation_bits=8)
+spec = models.bert_encoder_spec(groups=4, activation_bits=8)
 qparams = quant.init_qparams(spec, params)
 arch = quant.init_arch(spec, params)
 qapply = quant.transform(model.apply, spec)
@@ -295,7 +297,7 @@ def test_activation_calibration_ignores_padded_positions():
   config = models.BertConfig(**TINY_BERT)
   model = models.build_model(config, 2)
   params = models.init_params(model, seed=5)
-  spec = quant.bert_encoder_spec(groups=1, bit_choices=(8,), activation_bits=8,
+  spec = models.bert_encoder_spec(groups=1, bit_choices=(8,), activation_bits=8,
                                  activation_mode="moving")
   policy = quant.uniform_policy(spec.plan(params), 8, activation_bits=8)
   qapply = quant.transform(model.apply, spec)

@@ -27,7 +27,7 @@ def encoder_params():
 
 
 def _plan(params, groups=4, bit_choices=(0, 2, 4, 8)):
-  return quant.bert_encoder_spec(groups=groups, bit_choices=bit_choices).plan(params)
+  return models.bert_encoder_spec(groups=groups, bit_choices=bit_choices).plan(params)
 
 
 def test_size_loss_is_squared_log_ratio_with_its_minimum_at_the_target():
@@ -46,7 +46,7 @@ def test_expected_size_of_one_hot_probabilities_is_the_policy_size(encoder_param
   policy = search.policy_from_choices(
       {p: rng.integers(0, 4, m.groups) for p, m in plan.items()}, plan)
   one_hot = {p: quant.one_hot_bits(policy.bits[p], m.bit_choices) for p, m in plan.items()}
-  exact = quant.size_report(encoder_params, policy)["size_mb"]
+  exact = quant.size_report(encoder_params, policy, layout=models.BERT_LAYOUT)["size_mb"]
   assert float(search.expected_size_mb(one_hot, plan)) == pytest.approx(exact, rel=1e-6)
   # Uniform probabilities: the mean over choices of each group's storage, by hand.
   uniform = {p: jnp.full((m.groups, 4), 0.25) for p, m in plan.items()}
@@ -57,19 +57,23 @@ def test_expected_size_of_one_hot_probabilities_is_the_policy_size(encoder_param
 
 def test_band_from_compression_uniform_bits_and_unreachable_targets(encoder_params):
   plan = _plan(encoder_params, groups=4, bit_choices=(2, 4, 8))
-  fp32 = quant.size_report(encoder_params)["size_mb"]
-  band = search.make_band(encoder_params, plan, target_compression=8.0, tolerance=0.05)
+  fp32 = quant.size_report(encoder_params, layout=models.BERT_LAYOUT)["size_mb"]
+  band = search.make_band(encoder_params, plan, target_compression=8.0, tolerance=0.05,
+                          layout=models.BERT_LAYOUT)
   assert band.target_mb == pytest.approx(fp32 / 8) and band.contains(fp32 / 8)
   assert band.upper == band.target_mb and band.lower == pytest.approx(0.95 * fp32 / 8)
   # The exact size of the uniform 2-bit policy, scales included.
-  uniform2 = quant.size_report(encoder_params, quant.uniform_policy(plan, 2))["size_mb"]
-  by_uniform = search.make_band(encoder_params, plan, target_uniform_bits=2, tolerance=0.01)
+  uniform2 = quant.size_report(encoder_params, quant.uniform_policy(plan, 2),
+                               layout=models.BERT_LAYOUT)["size_mb"]
+  by_uniform = search.make_band(encoder_params, plan, target_uniform_bits=2, tolerance=0.01,
+                                layout=models.BERT_LAYOUT)
   assert by_uniform.target_mb == pytest.approx(uniform2, rel=1e-12)
   with pytest.raises(ValueError, match="no policy can reach"):
-    search.make_band(encoder_params, plan, target_compression=2.0, tolerance=0.05)  # 4x at best
+    search.make_band(encoder_params, plan, target_compression=2.0, tolerance=0.05,
+                     layout=models.BERT_LAYOUT)  # 4x at best
   with pytest.raises(ValueError, match="exactly one"):
     search.make_band(encoder_params, plan, target_size_mb=1.0, target_compression=8.0,
-                     tolerance=0.05)
+                     tolerance=0.05, layout=models.BERT_LAYOUT)
 
 
 def _brute_force(sizes, scores, lower, upper, limit=None):
@@ -119,7 +123,7 @@ def test_knapsack_matches_brute_force(seed, items, choices, width, use_limit):
 def test_derived_policy_never_exceeds_the_target_and_lands_within_tolerance(
     encoder_params, seed, position, tolerance, groups):
   plan = _plan(encoder_params, groups=groups, bit_choices=(0, 2, 3, 4, 8))
-  low, high = search.size_range_mb(encoder_params, plan)
+  low, high = search.size_range_mb(encoder_params, plan, layout=models.BERT_LAYOUT)
   band = search.SizeBand(low + position * (high - low), tolerance)
   rng = np.random.default_rng(seed)
   arch = {p: rng.normal(size=(m.groups, 5)) * rng.uniform(0.1, 5) for p, m in plan.items()}
@@ -128,11 +132,11 @@ def test_derived_policy_never_exceeds_the_target_and_lands_within_tolerance(
   except ValueError as e:  # Only when no policy at all fits the window: check by hand.
     assert "cannot derive" in str(e)
     return
-  size = quant.size_report(encoder_params, policy)["size_mb"]
+  size = quant.size_report(encoder_params, policy, layout=models.BERT_LAYOUT)["size_mb"]
   assert band.lower <= size <= band.target_mb
   # When the argmax already fits, it is the answer (it maximizes the log-probability).
   argmax = quant.policy_from_logits(arch, plan)
-  if band.contains(quant.size_report(encoder_params, argmax)["size_mb"]):
+  if band.contains(quant.size_report(encoder_params, argmax, layout=models.BERT_LAYOUT)["size_mb"]):
     for p in plan:
       np.testing.assert_array_equal(policy.bits[p], argmax.bits[p])
 
@@ -143,7 +147,8 @@ def test_derivation_gives_way_where_the_search_was_least_decided(encoder_params)
   arch = {p: jnp.tile(jnp.array([0.0, 0.0, 0.0, 10.0]), (m.groups, 1)) for p, m in plan.items()}
   undecided = next(iter(plan))
   arch[undecided] = arch[undecided].at[1].set(jnp.array([0.0, 0.0, 9.9, 10.0]))
-  all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8))["size_mb"]
+  all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8),
+                           layout=models.BERT_LAYOUT)["size_mb"]
   shrink = plan[undecided].group_size * 4 / (8 * 2**20)  # one group from 8 to 4 bits
   band = search.SizeBand(all8 - shrink, tolerance=0.3 * shrink / all8)
   policy = search.derive_policy(arch, plan, band)
@@ -154,19 +159,21 @@ def test_derivation_gives_way_where_the_search_was_least_decided(encoder_params)
 def test_pruning_limit_keeps_every_matrix_alive(encoder_params):
   plan = _plan(encoder_params, groups=4)
   arch = {p: jnp.tile(jnp.array([10.0, 0.0, 0.0, 0.0]), (m.groups, 1)) for p, m in plan.items()}
-  low, high = search.size_range_mb(encoder_params, plan)
+  low, high = search.size_range_mb(encoder_params, plan, layout=models.BERT_LAYOUT)
   band = search.SizeBand(low + 0.2 * (high - low), 0.05)
   free = search.derive_policy(arch, plan, band)
   assert any(np.all(np.asarray(free.bits[p]) == 0) for p in plan)  # whole matrices pruned
   limited = search.derive_policy(arch, plan, band, max_pruned_fraction=0.5)
   for p in plan:
     assert np.sum(np.asarray(limited.bits[p]) == 0) <= 2, p
-  assert band.contains(quant.size_report(encoder_params, limited)["size_mb"])
+  assert band.contains(quant.size_report(encoder_params, limited,
+                                         layout=models.BERT_LAYOUT)["size_mb"])
 
 
 def test_too_narrow_band_is_a_clear_error(encoder_params):
   plan = _plan(encoder_params, groups=1, bit_choices=(2, 8))
-  all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8))["size_mb"]
+  all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8),
+                           layout=models.BERT_LAYOUT)["size_mb"]
   with pytest.raises(ValueError, match="Raise search.tolerance"):
     search.derive_policy({p: jnp.array([[0.0, 1.0]]) for p in plan}, plan,
                          search.SizeBand(all8 * 0.999, 1e-5))
@@ -179,11 +186,12 @@ def test_prior_logits_put_the_least_sensitive_groups_lowest_and_fit_the_target(e
   sens = {p: 10.0 ** rng.uniform(-3, 3, m.groups) for p, m in plan.items()}
   costs = {p: sens[p][:, None] * np.array([1.0, 2.0**-4, 2.0**-8, 2.0**-16])[None]
            for p in plan}
-  low, high = search.size_range_mb(encoder_params, plan)
+  low, high = search.size_range_mb(encoder_params, plan, layout=models.BERT_LAYOUT)
   band = search.SizeBand(low + 0.4 * (high - low), 0.05)
   logits = search.prior_logits(costs, plan, band, strength=2.0)
   argmax = quant.policy_from_logits(logits, plan)
-  assert quant.size_report(encoder_params, argmax)["size_mb"] <= band.target_mb
+  assert quant.size_report(encoder_params, argmax,
+                           layout=models.BERT_LAYOUT)["size_mb"] <= band.target_mb
   # Within a matrix (equal group sizes) a more sensitive group never gets fewer bits: the
   # Lagrangian argmin is monotone in s.
   for p in plan:
@@ -217,12 +225,12 @@ def test_search_prunes_the_sub_groups_the_task_does_not_need():
   neuron_group = np.arange(ffn_out.shape[0]) // (ffn_out.shape[0] // groups)
   params["bert"]["encoder"]["layer"]["0"]["output"]["dense"]["kernel"] = jnp.where(
       np.isin(neuron_group, useful)[:, None], ffn_out, 0.0)
-  spec = quant.QuantSpec(rules=(quant.Rule(pattern=quant.BERT_MATRIX_KINDS["ffn_in"],
+  spec = quant.QuantSpec(rules=(quant.Rule(pattern=models.BERT_MATRIX_KINDS["ffn_in"],
                                            groups=groups, bit_choices=(0, 2, 4, 8)),),
-                         activation_bits=32)
+                         activation_bits=32, layout=models.BERT_LAYOUT)
   plan = spec.plan(params)
   (path, matrix), = plan.items()
-  fixed = search.float_matrix_bits(params, plan)
+  fixed = search.float_matrix_bits(params, plan, layout=models.BERT_LAYOUT)
   group_bits = lambda b: matrix.group_size * b + (32 if b else 0)
   band = search.SizeBand((fixed + len(useful) * group_bits(8)) / quant.BITS_PER_MB, 0.002)
 
@@ -258,7 +266,7 @@ def _one_search_step(second_order: bool, inner_lr: float):
                         attention_probs_dropout_prob=0.0, initializer_range=0.3)
   model = models.build_model(config, num_labels=2)
   params = models.init_params(model, seed=2)
-  spec = quant.bert_encoder_spec(groups=2, bit_choices=(2, 4, 8), activation_bits=32)
+  spec = models.bert_encoder_spec(groups=2, bit_choices=(2, 4, 8), activation_bits=32)
   plan = spec.plan(params)
   rng = np.random.default_rng(3)
   batch = lambda: {"input_ids": jnp.asarray(rng.integers(1, 50, (8, 6))),

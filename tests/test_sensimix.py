@@ -98,7 +98,8 @@ def test_binarized_input_gradient_is_straight_through_unless_clipped(clip):
   # the rule passes it: everywhere (None, SensiMix's code) or only where |x| <= clip.
   spec = quant.QuantSpec(rules=(quant.Rule(pattern="kernel$", quantizer="sign", bit_choices=(1,),
                                            activation_bits=1),),
-                         activation_bits=quant.FULL_PRECISION, binary_input_clip=clip)
+                         activation_bits=quant.FULL_PRECISION, binary_input_clip=clip,
+                         layout=models.BERT_LAYOUT)
   dense = models.QuantizableDense(3)
   x = jnp.array([[0.5, -3.0, 2.0, -0.25]], jnp.float32)
   params = dense.init(jax.random.PRNGKey(0), x)["params"]
@@ -113,7 +114,7 @@ def test_binarized_input_gradient_is_straight_through_unless_clipped(clip):
     hand = np.where(np.abs(np.asarray(x)) <= clip, hand, 0.0)
   np.testing.assert_allclose(np.asarray(grad), hand, rtol=1e-6)
   with pytest.raises(ValueError, match="binary_input_clip"):
-    quant.QuantSpec(rules=spec.rules, binary_input_clip=0.0)
+    quant.QuantSpec(rules=spec.rules, binary_input_clip=0.0, layout=models.BERT_LAYOUT)
 
 
 def test_xnor_popcount_matmul_matches_float64_sign_products():
@@ -185,7 +186,8 @@ def test_pt_and_ilf_schedule_and_which_matrices_are_binary_at_each_stage():
 def test_three_plus_three_size_accounting_by_hand():
   params = _abstract_params(MINILM)
   spec = sm.sensimix_spec([0, 1, 2], [3, 4, 5])
-  report = quant.size_report(params, sm.fixed_policy(spec, params, other_bits=16))
+  report = quant.size_report(params, sm.fixed_policy(spec, params, other_bits=16),
+                             layout=models.BERT_LAYOUT)
   h, f = 384, 1536
   attention = 6 * 4 * (h * h * 8 + 2 * 32)  # 8-bit index + (min, max) per matrix
   ffn_8bit = 3 * 2 * (h * f * 8 + 2 * 32)
@@ -260,7 +262,7 @@ def test_packed_model_agrees_with_the_fake_quantized_model(tmp_path, binary_scal
   fake = qapply(params, qparams, policy, ids, **kwargs)
 
   packed = export.export_packed(params, policy, qparams)
-  report = quant.size_report(params, policy)
+  report = quant.size_report(params, policy, layout=models.BERT_LAYOUT)
   assert export.packed_nbytes(packed) == report["size_mb_total"] * 2**20
   path = export.save_packed(packed, tmp_path / "packed.npz")
   assert path.stat().st_size < report["size_mb_total"] * 2**20 + 64 * 1024  # + npz headers
@@ -370,7 +372,8 @@ def test_sensimix_pipeline_on_a_tiny_bert(tmp_path, tiny_model_dir, glue_dir):
   assert [s["steps"] for s in result["stages"]] == [4, 8] and result["steps"] == 12
   params = _abstract_params(models.BertConfig(**TINY_BERT))
   spec = sm.sensimix_spec([0], [1])
-  hand = quant.size_report(params, sm.fixed_policy(spec, params, other_bits=16))
+  hand = quant.size_report(params, sm.fixed_policy(spec, params, other_bits=16),
+                           layout=models.BERT_LAYOUT)
   assert result["size_mb"] == pytest.approx(hand["size_mb"])
   assert result["export"]["array_bytes"] == pytest.approx(result["size_mb_total"] * 2**20)
   assert result["export"]["agreement"] >= 0.995

@@ -42,6 +42,7 @@ from flax import traverse_util
 from mpqbert import kernels, quant
 from mpqbert.models.bert import QuantizableDense
 from mpqbert.models.config import BertConfig
+from mpqbert.models.layout import BERT_LAYOUT
 from mpqbert.models.pretrained import build_model
 from mpqbert.quant import FULL_PRECISION, Policy
 
@@ -144,12 +145,12 @@ def export_packed(params: Any, policy: Policy, qparams: Mapping[str, Any] | None
     if path in plan:
       matrices[path] = _pack_matrix(w, plan[path], np.asarray(policy.bits[path]),
                                     (qparams or {}).get(path), policy)
-    elif quantize_tables and quant.INDEX_EMBEDDING_TABLE.search(path):
+    elif quantize_tables and BERT_LAYOUT.is_table(path, "index"):
       lo, hi = quant.minmax_range(w.reshape(1, -1), 1)
       table = quant.grid.index(w.reshape(1, -1), lo, hi, _TABLE_BITS)
       kept[path] = (table.int_codes() - 2**(_TABLE_BITS - 1)).astype(jnp.int8).reshape(w.shape)
       tables[path] = {"scale": table.scale, "zero": table.zero}
-    elif quant.ENCODER_MATRIX.search(path):
+    elif BERT_LAYOUT.is_matrix(path):
       # An encoder matrix the policy leaves out: float32, as training and `size_mb` keep it.
       kept[path] = jnp.asarray(np.asarray(value, np.float32))
     else:
@@ -166,10 +167,10 @@ def packed_nbytes(packed: PackedModel, *, part: str = "all") -> int:
     return sum(int(np.asarray(v).nbytes) for v in leaves)
 
   kept = quant.flatten_params(packed.params)
-  left_out = [v for path, v in kept.items() if quant.ENCODER_MATRIX.search(path)]
+  left_out = [v for path, v in kept.items() if BERT_LAYOUT.is_matrix(path)]
   matrices = nbytes([v for e in packed.matrices.values() for k, v in e.items()
                      if k != "act_scale"] + left_out)
-  other = nbytes([v for path, v in kept.items() if not quant.ENCODER_MATRIX.search(path)] +
+  other = nbytes([v for path, v in kept.items() if not BERT_LAYOUT.is_matrix(path)] +
                  jax.tree.leaves(packed.tables))
   return {"matrices": matrices, "other": other, "all": matrices + other}[part]
 

@@ -158,7 +158,7 @@ def evaluate_full_precision(ctx: TaskContext, params: Any, workdir: Path,
     else:
       measured = metrics
     return {"dev": ctx.dev_value(measured), "dev_metrics": measured,
-            **quant.size_report(jax.device_get(params))}
+            **quant.size_report(jax.device_get(params), layout=models.BERT_LAYOUT)}
 
   return cached_json(workdir / "full_precision.json", run)
 

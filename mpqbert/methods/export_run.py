@@ -26,6 +26,7 @@ import numpy as np
 from mpqbert import data, export, quant
 from mpqbert.methods import common, qat
 from mpqbert.models.config import BertConfig
+from mpqbert.models.layout import BERT_LAYOUT
 from mpqbert.models.pretrained import resolve_model_dir
 from mpqbert.train import checkpoint, loop
 from mpqbert.train.steps import apply_to_batch, make_eval_step
@@ -49,7 +50,8 @@ def spec_from_policy(policy: quant.Policy) -> quant.QuantSpec:
   rules = [quant.Rule(pattern=re.escape(m.path) + "$", quantizer=m.quantizer, groups=m.groups,
                       bit_choices=m.bit_choices, learn_range=m.learn_range,
                       activation_bits=m.activation_bits) for m in policy.matrices]
-  return quant.QuantSpec(rules=tuple(rules), activation_bits=policy.activation_bits,
+  return quant.QuantSpec(rules=tuple(rules), layout=BERT_LAYOUT,
+                         activation_bits=policy.activation_bits,
                          activation_mode="moving", embedding_bits=policy.embedding_bits,
                          embedding_quantizer=policy.embedding_quantizer)
 
@@ -72,7 +74,7 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
   packed = export.export_packed(params, policy, qparams, config=bert_config,
                                 num_labels=num_labels)
   path = export.save_packed(packed, out)
-  size = quant.size_report(params, policy)
+  size = quant.size_report(params, policy, layout=BERT_LAYOUT)
   report = {"workdir": str(workdir), "stage": stage.name, "file": str(path),
             "file_bytes": path.stat().st_size,
             "matrix_bytes": export.packed_nbytes(packed, part="matrices"),

@@ -74,9 +74,10 @@ def _finish(ctx, workdir: Path, *, method: str, label: str, spec, policy: quant.
                               start_time=start, policy=policy_stats(policy), **extra)
 
 
-def _band(ctx, teacher, plan) -> search.SizeBand:
+def _band(ctx, teacher, spec: quant.QuantSpec) -> search.SizeBand:
   s = ctx.config.search
-  return search.make_band(teacher, plan, target_size_mb=s.target_size_mb,
+  return search.make_band(teacher, spec.plan(teacher), layout=spec.layout,
+                          target_size_mb=s.target_size_mb,
                           target_compression=s.target_compression,
                           target_uniform_bits=s.target_uniform_bits, tolerance=s.tolerance)
 
@@ -120,7 +121,8 @@ def initial_logits(ctx: common.TaskContext, spec: quant.QuantSpec, band: search.
                                   list(plan))
   costs = search.quantization_errors(teacher, plan, qparams, fisher)
   logits = search.prior_logits(costs, plan, band,
-                               fixed_bits=search.float_matrix_bits(teacher, plan),
+                               fixed_bits=search.float_matrix_bits(teacher, plan,
+                                                                       layout=spec.layout),
                                strength=sc.prior_strength)
   return {p: jax.numpy.asarray(v) for p, v in logits.items()}
 
@@ -148,7 +150,7 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
   quantizer parameters (`arch_logits.npz`, `qparams.npz`)."""
   config, sc = ctx.config, ctx.config.search
   plan = spec.plan(teacher)
-  fixed = search.float_matrix_bits(teacher, plan)
+  fixed = search.float_matrix_bits(teacher, plan, layout=spec.layout)
   weight_set, search_set = common.split_for_search(
       loop.take_subset(ctx.train_set, sc.train_subset, config.seed + 1), sc.search_fraction,
       config.seed)
@@ -244,7 +246,7 @@ def automp(config, workdir) -> dict[str, Any]:
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   spec = qat.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
-  band = _band(ctx, teacher, plan)
+  band = _band(ctx, teacher, spec)
   rows = [common.row("full precision", full_precision)]
   for bits in config.compare.uniform_bits:
     rows.append(common.row(f"uniform {bits}-bit",
@@ -257,7 +259,7 @@ def automp(config, workdir) -> dict[str, Any]:
 
   search_info = common.cached_json(stage / "search.json", searched)
   arch = load_arch(stage)
-  fixed = search.float_matrix_bits(teacher, plan)
+  fixed = search.float_matrix_bits(teacher, plan, layout=spec.layout)
   policy = search.derive_policy(arch, plan, band, fixed_bits=fixed,
                                 max_pruned_fraction=config.search.max_pruned_fraction,
                                 activation_bits=config.quant.activation_bits)
@@ -324,9 +326,9 @@ def _assign(ctx, workdir: Path, method: str, spec, plan, band, teacher, sensitiv
             full_precision, start, info) -> dict[str, Any]:
   """Bits by `search.sensitivity_policy` in the band, then the common retrain."""
   qparams = quant.init_qparams(spec, teacher, scale_init=ctx.config.quant.scale_init)
-  policy = search.sensitivity_policy(sensitivity, search.quantization_errors(teacher, plan,
-                                                                             qparams),
-                                     plan, band, fixed_bits=search.float_matrix_bits(teacher, plan),
+  errors = search.quantization_errors(teacher, plan, qparams)
+  fixed = search.float_matrix_bits(teacher, plan, layout=spec.layout)
+  policy = search.sensitivity_policy(sensitivity, errors, plan, band, fixed_bits=fixed,
                                      max_pruned_fraction=ctx.config.search.max_pruned_fraction,
                                      activation_bits=ctx.config.quant.activation_bits)
   rows = [common.row("full precision", full_precision)]
@@ -340,7 +342,7 @@ def qbert(config, workdir) -> dict[str, Any]:
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   spec = qat.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
-  band = _band(ctx, teacher, plan)
+  band = _band(ctx, teacher, spec)
   blocks = layer_blocks(plan)
   hc = config.hessian
 
@@ -363,7 +365,7 @@ def hawq(config, workdir) -> dict[str, Any]:
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   spec = qat.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
-  band = _band(ctx, teacher, plan)
+  band = _band(ctx, teacher, spec)
   hc = config.hessian
 
   def measure() -> dict[str, Any]:

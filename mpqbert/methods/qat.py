@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mpqbert import data, files, quant
+from mpqbert import data, files, models, quant
 from mpqbert.methods import common
 from mpqbert.train import loop, optim, sharding
 from mpqbert.train.compiled import Jit
@@ -30,11 +30,11 @@ Batch = dict[str, jax.Array]
 def make_spec(config: ml_collections.ConfigDict, num_heads: int,
               bit_choices: tuple[int, ...] | None = None) -> quant.QuantSpec:
   """The search space / numerics of `config.quant` over the six encoder matrices per layer."""
-  return quant.bert_encoder_spec(groups=config.quant.groups,
-                                 bit_choices=tuple(bit_choices or config.quant.bit_choices),
-                                 num_heads=num_heads,
-                                 activation_bits=config.quant.activation_bits,
-                                 activation_mode="learned")
+  return models.bert_encoder_spec(groups=config.quant.groups,
+                                  bit_choices=tuple(bit_choices or config.quant.bit_choices),
+                                  num_heads=num_heads,
+                                  activation_bits=config.quant.activation_bits,
+                                  activation_mode="learned")
 
 
 def quantized_logits(qapply: Callable) -> Callable:
@@ -183,7 +183,8 @@ def train_quantized(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
     save_dev_predictions(ctx, stage, eval_step, (state.params["params"], state.params["qparams"],
                                                  frozen[1]))
     return {"dev": ctx.dev_value(dev_metrics), "dev_metrics": dev_metrics,
-            **quant.size_report(jax.device_get(params), policy), "steps": total_steps,
+            **quant.size_report(jax.device_get(params), policy, layout=spec.layout),
+            "steps": total_steps,
             "wall_time_s": time.time() - start}
 
   return common.cached_json(stage / "result.json", run)

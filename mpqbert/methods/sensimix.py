@@ -30,7 +30,7 @@ from absl import logging
 from flax import linen as nn
 from flax import traverse_util
 
-from mpqbert import data, export, quant
+from mpqbert import data, export, models, quant
 from mpqbert.methods import common, export_run, qat
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop
@@ -66,7 +66,8 @@ def sensimix_spec(eight_bit_ffn_layers: Sequence[int], binary_ffn_layers: Sequen
                             quantizer="xnor" if binary_scale else "sign",
                             groups=binary_groups if binary_scale else 1, bit_choices=(1,),
                             activation_bits=ffn_input_bits))
-  return quant.QuantSpec(rules=tuple(rules), activation_bits=quant.FULL_PRECISION,
+  return quant.QuantSpec(rules=tuple(rules), layout=models.BERT_LAYOUT,
+                         activation_bits=quant.FULL_PRECISION,
                          embedding_bits=embedding_bits, embedding_quantizer="index",
                          binary_input_clip=binary_input_clip)
 
@@ -230,14 +231,15 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
   def size_mb(binary: tuple[int, ...]) -> float:
     spec = _spec(config, [l for l in range(num_layers) if l not in binary], binary)
     policy = fixed_policy(spec, teacher, other_bits=config.quant.other_bits)
-    return quant.size_report(jax.device_get(teacher), policy)["size_mb"]
+    return quant.size_report(jax.device_get(teacher), policy, layout=spec.layout)["size_mb"]
 
   if sc.target_size_mb is not None and sc.target_compression is not None:
     raise ValueError("set at most one of sensimix.target_size_mb and sensimix.target_compression.")
   if sc.target_size_mb is not None:
     target = float(sc.target_size_mb)
   elif sc.target_compression is not None:
-    target = quant.size_report(jax.device_get(teacher))["size_mb"] / sc.target_compression
+    target = (quant.size_report(jax.device_get(teacher), layout=models.BERT_LAYOUT)["size_mb"]
+              / sc.target_compression)
   else:
     target = size_mb(fixed)  # Equal size to the fixed split.
   _, search_set = common.split_for_search(ctx.train_set, sc.search_fraction, config.seed)
@@ -268,7 +270,7 @@ def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSp
                                 num_labels=ctx.task.num_labels)
   path = export.save_packed(packed, workdir / "packed.npz")
   check = export_run.packed_agreement(ctx, packed, spec, params, qparams)
-  size = quant.size_report(params, policy)
+  size = quant.size_report(params, policy, layout=spec.layout)
   logging.info("sensimix: packed model %s, %d bytes (%.0f expected), agreement with the "
                "fake-quantized model %.4f, dev %s", path, path.stat().st_size,
                size["size_mb_total"] * 2**20, check["agreement"], check["dev_metrics"])

@@ -1,5 +1,8 @@
 """The quantizer transform: STEs, quantizers, sub-groups, Gumbel-softmax mixture, policies, sizes.
 
+It knows no model: a `ModelLayout` (BERT's: `mpqbert.models.BERT_LAYOUT`) says which parameters
+sizes count and which tables the embedding quantizer sees.
+
 Pure JAX functions over arrays and pytrees; `transform` hooks them into a Flax model through its
 single injection point (`QuantizableDense.quantize_operands`).
 """
@@ -16,20 +19,19 @@ from mpqbert.quant.quantizers import (absmax_scale,
                                       symmetric_levels, xnor_scale)
 from mpqbert.quant.registry import (QUANTIZER_BITS, QUANTIZERS, SCALES_PER_GROUP,
                                     QuantizerKind)
-from mpqbert.quant.spec import (BERT_MATRIX_KINDS, EMBEDDING_TABLE, ENCODER_MATRIX,
-                                FULL_PRECISION, INDEX_EMBEDDING_TABLE, MatrixSpec, Plan, QuantSpec,
-                                Rule, bert_encoder_spec, flatten_params)
+from mpqbert.quant.layout import ModelLayout
+from mpqbert.quant.spec import (FULL_PRECISION, Groups, MatrixSpec, Plan, QuantSpec, Rule,
+                                flatten_params)
 from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
 from mpqbert.quant.transform import (init_arch, init_qparams, matrix_key, quantize_choice,
                                      quantize_embedding, quantize_weight, sample_probs,
                                      transform, weight_grid)
 
 __all__ = [
-    "BERT_MATRIX_KINDS", "BITS_PER_MB", "EMBEDDING_TABLE", "ENCODER_MATRIX", "FULL_PRECISION",
-    "INDEX_EMBEDDING_TABLE", "MatrixSpec", "QArray", "Plan", "Policy", "QUANTIZERS",
-    "QUANTIZER_BITS", "QuantSpec", "QuantizerKind", "Rule", "SCALES_PER_GROUP", "absmax_scale",
-    "bert_encoder_spec", "binarize_sign", "binarize_xnor", "expected_bits", "flatten_params",
-    "group_view", "grid", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",
+    "BITS_PER_MB", "FULL_PRECISION", "Groups", "MatrixSpec", "ModelLayout", "QArray", "Plan",
+    "Policy", "QUANTIZERS", "QUANTIZER_BITS", "QuantSpec", "QuantizerKind", "Rule",
+    "SCALES_PER_GROUP", "absmax_scale", "binarize_sign", "binarize_xnor", "expected_bits",
+    "flatten_params", "group_view", "grid", "gumbel_softmax", "init_arch", "init_qparams", "init_symmetric_scale",
     "matrix_key", "minmax_range", "mix", "one_hot_bits", "policy_from_logits", "prune",
     "quantize_activation", "quantize_choice", "quantize_embedding", "quantize_index",
     "quantize_symmetric", "quantize_weight", "round_ste", "sample_probs", "scale_grad", "sign_ste",

@@ -4,7 +4,8 @@ A policy is a pytree whose leaves are the `[G]` int32 bit arrays (one per quanti
 matrix layout (`MatrixSpec`s) and the embedding / activation bits are static metadata. Sizes
 follow one convention (../shared/DESIGN.md):
 
-  size_mb        encoder weight matrices (`ENCODER_MATRIX`) under the policy: per sub-group
+  size_mb        the layout's weight matrices (`ModelLayout.matrices`; BERT: the encoder's)
+                 under the policy: per sub-group
                  `MatrixSpec.storage_bits` (its codes packed in 32-bit words, b bits per weight
                  except 3-bit codes at 10 to a word, + 32 * scale floats if kept; pruned groups
                  cost nothing); matrices the policy leaves out count at 32 bits; / 8 / 2^20.
@@ -28,9 +29,8 @@ import jax
 import numpy as np
 
 from mpqbert import files
-from mpqbert.quant.spec import (EMBEDDING_QUANTIZERS, EMBEDDING_TABLE, ENCODER_MATRIX,
-                                FULL_PRECISION, INDEX_EMBEDDING_TABLE, MatrixSpec, Plan,
-                                _check_bits_or_fp, flatten_params)
+from mpqbert.quant.layout import EMBEDDING_QUANTIZERS, ModelLayout
+from mpqbert.quant.spec import FULL_PRECISION, MatrixSpec, Plan, _check_bits_or_fp, flatten_params
 
 OTHER_BITS = (16, FULL_PRECISION)  # Storage of the unquantized parameters: half or float32.
 
@@ -192,14 +192,16 @@ def policy_from_logits(arch: Mapping[str, Any], plan: Plan, *,
                 activation_bits=activation_bits).validate()
 
 
-def size_report(params: Any, policy: Policy | None = None) -> dict[str, float]:
-  """size_mb, size_mb_other, compression, avg_bits of `params` under `policy` (None: float32).
+def size_report(params: Any, policy: Policy | None = None, *,
+                layout: ModelLayout) -> dict[str, float]:
+  """size_mb, size_mb_other, compression, avg_bits of `params` under `policy` (None: float32),
+  with `layout` naming the matrices `size_mb` counts and the embedding tables.
 
   Also size_mb_total (both parts) and compression_total (the float32 model over it).
   """
   policy = policy or Policy(bits={}, matrices=())
   quantized = policy.plan
-  tables = EMBEDDING_TABLE if policy.embedding_quantizer == "symmetric" else INDEX_EMBEDDING_TABLE
+  quantize_tables = policy.embedding_bits < FULL_PRECISION
   matrix_bits = other_bits = matrix_weight_bits = matrix_count = total_count = 0
   for path, value in flatten_params(params).items():
     shape = np.shape(value)
@@ -207,21 +209,22 @@ def size_report(params: Any, policy: Policy | None = None) -> dict[str, float]:
     total_count += count
     if path in quantized:
       bits, weight_bits = policy.matrix_bits(path), policy.weight_bits(path)
-    elif tables.search(path) and policy.embedding_bits < FULL_PRECISION:
+    elif quantize_tables and layout.is_table(path, policy.embedding_quantizer):
       scales = shape[0] if policy.embedding_quantizer == "symmetric" else 2
       bits = weight_bits = count * policy.embedding_bits + scales * 32
-    elif ENCODER_MATRIX.search(path):
+    elif layout.is_matrix(path):
       bits = weight_bits = count * FULL_PRECISION
     else:
       bits = weight_bits = count * policy.other_bits
-    if ENCODER_MATRIX.search(path):
+    if layout.is_matrix(path):
       matrix_bits += bits
       matrix_weight_bits += weight_bits
       matrix_count += count
     else:
       other_bits += bits
   if matrix_count == 0:
-    raise ValueError("params have no encoder weight matrices (ENCODER_MATRIX); is this a BERT?")
+    raise ValueError(f"params have no weight matrices of the {layout.name!r} layout "
+                     f"(regex {layout.matrices!r}); pass the layout of this model.")
   ratio = lambda fp32_count, bits: fp32_count * FULL_PRECISION / bits if bits else math.inf
   return {"size_mb": matrix_bits / BITS_PER_MB, "size_mb_other": other_bits / BITS_PER_MB,
           "compression": ratio(matrix_count, matrix_bits),

@@ -16,26 +16,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mpqbert.quant.layout import EMBEDDING_QUANTIZERS, ModelLayout
 from mpqbert.quant.registry import QUANTIZER_BITS, SCALES_PER_GROUP
 
-# The encoder's weight matrices (attention Q/K/V/O and both FFN matrices of every layer): the
-# part whose size is `size_mb` (../shared/DESIGN.md). Everything else counts in `size_mb_other`.
-ENCODER_MATRIX = re.compile(
-    r"encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|"
-    r"intermediate/dense|output/dense)/kernel$")
-# Embedding tables, quantized when embedding_bits < 32: every table per row (symmetric, max-abs
-# scale) with embedding_quantizer "symmetric"; the word and position tables per tensor (min-max
-# index, SensiMix's recipe) with "index".
-EMBEDDING_TABLE = re.compile(r"embeddings/(word|position|token_type)_embeddings/embedding$")
-INDEX_EMBEDDING_TABLE = re.compile(r"embeddings/(word|position)_embeddings/embedding$")
-EMBEDDING_QUANTIZERS = ("symmetric", "index")
-# The matrix kinds of a BERT layer, for per-kind settings in `bert_encoder_spec`.
-BERT_MATRIX_KINDS = {
-    "qkv": r"encoder/layer/\d+/attention/self/(query|key|value)/kernel$",
-    "attention_output": r"encoder/layer/\d+/attention/output/dense/kernel$",
-    "ffn_in": r"encoder/layer/\d+/intermediate/dense/kernel$",
-    "ffn_out": r"encoder/layer/\d+/output/dense/kernel$",
-}
 ACTIVATION_MODES = ("learned", "moving")
 FULL_PRECISION = 32
 # Packed codes live in 32-bit words along the reduction axis, floor(32 / b) to a word
@@ -160,7 +143,11 @@ Plan = dict[str, MatrixSpec]  # parameter path -> MatrixSpec, sorted by path
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
-  """Rules (first match wins; unmatched kernels stay float32) and the global settings.
+  """Rules (first match wins; unmatched kernels stay float32), the model's layout and the global
+  settings.
+
+  layout: where the model keeps the matrices sizes count and the embedding tables
+    (`ModelLayout`; BERT's is `mpqbert.models.BERT_LAYOUT`).
 
   activation_bits: bits of every quantized Dense's input (32: not quantized) during search;
     a `Policy` carries its own.
@@ -168,7 +155,7 @@ class QuantSpec:
     updated by `qapply(..., update_act_stats=True)`).
   embedding_bits: bits of the embedding tables during search (32: not quantized).
   embedding_quantizer: "symmetric" (every table, per row) or "index" (word and position tables,
-    per tensor min-max, as SensiMix); see `EMBEDDING_TABLE`.
+    per tensor min-max, as SensiMix); the layout names the tables.
   num_heads: needed by rules with groups="head".
   binary_input_clip: the backward rule of inputs binarized to sign(x) (rules with
     activation_bits=1). None: straight through, the identity, as SensiMix's code does; c: the
@@ -178,6 +165,7 @@ class QuantSpec:
   """
 
   rules: tuple[Rule, ...]
+  layout: ModelLayout
   num_heads: int | None = None
   activation_bits: int = 8
   activation_mode: str = "learned"
@@ -191,6 +179,8 @@ class QuantSpec:
     if self.embedding_quantizer not in EMBEDDING_QUANTIZERS:
       raise ValueError(f"embedding_quantizer={self.embedding_quantizer!r}; use one of "
                        f"{EMBEDDING_QUANTIZERS}.")
+    if not isinstance(self.layout, ModelLayout):
+      raise TypeError("QuantSpec.layout must be a ModelLayout (BERT: mpqbert.models.BERT_LAYOUT).")
     if not all(isinstance(r, Rule) for r in self.rules):
       raise TypeError("QuantSpec.rules must be a sequence of Rule.")
     _check_bits_or_fp("activation_bits", self.activation_bits)
@@ -244,24 +234,3 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:
     return flat
   return {prefix[:-1]: params}
 
-
-def bert_encoder_spec(*, quantizer: str = "symmetric",
-                      groups: Groups | Mapping[str, Groups] = 1,
-                      bit_choices: Sequence[int] = (0, 2, 4, 8), num_heads: int | None = None,
-                      **spec_kwargs) -> QuantSpec:
-  """A spec quantizing the six matrices of every encoder layer (`ENCODER_MATRIX`).
-
-  `groups` is one setting for all, or a mapping over the kinds of `BERT_MATRIX_KINDS`
-  ("qkv", "attention_output", "ffn_in", "ffn_out"), e.g. {"qkv": "head", "ffn_in": 128, ...}.
-  """
-  if isinstance(groups, Mapping):
-    unknown = set(groups) - set(BERT_MATRIX_KINDS)
-    if unknown or set(groups) != set(BERT_MATRIX_KINDS):
-      raise ValueError(f"groups per kind needs exactly the kinds {sorted(BERT_MATRIX_KINDS)}; "
-                       f"got {sorted(groups)}.")
-    per_kind = dict(groups)
-  else:
-    per_kind = dict.fromkeys(BERT_MATRIX_KINDS, groups)
-  rules = tuple(Rule(pattern=BERT_MATRIX_KINDS[kind], quantizer=quantizer, groups=g,
-                     bit_choices=tuple(bit_choices)) for kind, g in per_kind.items())
-  return QuantSpec(rules=rules, num_heads=num_heads, **spec_kwargs)

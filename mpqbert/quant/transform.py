@@ -30,9 +30,8 @@ from mpqbert.quant import grid, quantizers
 from mpqbert.quant.registry import QUANTIZERS
 from mpqbert.quant.mixture import gumbel_softmax, mix, one_hot_bits
 from mpqbert.quant.policy import Policy
-from mpqbert.quant.spec import (EMBEDDING_TABLE, ENCODER_MATRIX, FULL_PRECISION,
-                                INDEX_EMBEDDING_TABLE, MatrixSpec, Plan, QuantSpec,
-                                flatten_params)
+from mpqbert.quant.layout import ModelLayout
+from mpqbert.quant.spec import FULL_PRECISION, MatrixSpec, Plan, QuantSpec, flatten_params
 
 Array = jax.Array
 QParams = dict[str, dict[str, Array]]
@@ -140,35 +139,35 @@ def _check_trees(plan: Plan, qparams: Mapping[str, Any], bits_or_logits: BitsOrL
                        f"expected {expected} (sub-groups, bit choices).")
 
 
-def _quantize_embeddings(params: Any, bits: int, quantizer: str) -> Any:
+def _quantize_embeddings(params: Any, bits: int, quantizer: str, layout: ModelLayout) -> Any:
   if bits >= FULL_PRECISION:
     return params
-  tables = EMBEDDING_TABLE if quantizer == "symmetric" else INDEX_EMBEDDING_TABLE
-
-  def visit(tree, prefix):
-    if isinstance(tree, Mapping):
-      return {k: visit(v, f"{prefix}{k}/") for k, v in tree.items()}
-    return quantize_embedding(tree, bits, quantizer) if tables.search(prefix[:-1]) else tree
-
-  return visit(params, "")
+  flat = flatten_params(params)
+  return _replace_leaves(params, {path: quantize_embedding(value, bits, quantizer)
+                                  for path, value in flat.items()
+                                  if layout.is_table(path, quantizer)})
 
 
-def _round_to_half(params: Any, plan: Plan, embedding_quantizer: str, embedding_bits: int) -> Any:
+def _round_to_half(params: Any, plan: Plan, layout: ModelLayout, embedding_quantizer: str,
+                   embedding_bits: int) -> Any:
   """Every parameter a half-precision policy stores in float16 (`other_bits` 16), rounded to
   float16 with a straight-through gradient, so that training sees the values inference uses.
-  Planned kernels, quantized tables and encoder matrices left out of the policy stay float32."""
-  tables = EMBEDDING_TABLE if embedding_quantizer == "symmetric" else INDEX_EMBEDDING_TABLE
+  Planned kernels, quantized tables and the layout's matrices left out of the policy stay
+  float32."""
+  def kept_float32(path: str) -> bool:
+    return (path in plan or layout.is_matrix(path) or
+            (embedding_bits < FULL_PRECISION and layout.is_table(path, embedding_quantizer)))
 
-  def visit(tree, prefix):
-    if isinstance(tree, Mapping):
-      return {k: visit(v, f"{prefix}{k}/") for k, v in tree.items()}
-    path = prefix[:-1]
-    if (path in plan or ENCODER_MATRIX.search(path) or
-        (embedding_bits < FULL_PRECISION and tables.search(path))):
-      return tree
-    return tree + jax.lax.stop_gradient(tree.astype(jnp.float16).astype(tree.dtype) - tree)
+  return _replace_leaves(params, {
+      path: value + jax.lax.stop_gradient(value.astype(jnp.float16).astype(value.dtype) - value)
+      for path, value in flatten_params(params).items() if not kept_float32(path)})
 
-  return visit(params, "")
+
+def _replace_leaves(params: Any, new: Mapping[str, Any], prefix: str = "") -> Any:
+  """`params` (nested dicts) with the leaves at the paths of `new` replaced."""
+  if isinstance(params, Mapping):
+    return {k: _replace_leaves(v, new, f"{prefix}{k}/") for k, v in params.items()}
+  return new.get(prefix[:-1], params)
 
 
 def _updated_act_scales(qparams: QParams, stats: Mapping[str, Any], bits: Mapping[str, int],
@@ -251,9 +250,10 @@ def transform(apply_fn: Callable[..., Any], spec: QuantSpec) -> Callable[..., An
       return next_fun(x, kernel)
 
     if isinstance(bits_or_logits, Policy) and bits_or_logits.other_bits == 16:
-      params = _round_to_half(params, plan, bits_or_logits.embedding_quantizer, emb_bits)
-    variables = {"params": _quantize_embeddings(params, emb_bits,
-                                                settings.embedding_quantizer)}
+      params = _round_to_half(params, plan, spec.layout, bits_or_logits.embedding_quantizer,
+                              emb_bits)
+    variables = {"params": _quantize_embeddings(params, emb_bits, settings.embedding_quantizer,
+                                                spec.layout)}
     with nn.intercept_methods(interceptor):
       if not update_act_stats:
         return apply_fn(variables, *args, **kwargs)

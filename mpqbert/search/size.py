@@ -1,7 +1,7 @@
 """The model-size side of the search: the size window, expected size and the size loss.
 
-Sizes are in MB of the encoder weight matrices, the `size_mb` convention of `mpqbert.quant`
-(packed codes plus 32-bit scales of kept sub-groups, `MatrixSpec.storage_bits`; encoder
+Sizes are in MB of the layout's weight matrices (BERT: the encoder's), the `size_mb` convention
+of `mpqbert.quant` (packed codes plus 32-bit scales of kept sub-groups, `MatrixSpec.storage_bits`;
 matrices that the plan leaves out count at 32 bits).
 """
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpqbert.quant import (BITS_PER_MB, ENCODER_MATRIX, FULL_PRECISION, Plan, expected_bits,
+from mpqbert.quant import (BITS_PER_MB, FULL_PRECISION, ModelLayout, Plan, expected_bits,
                            flatten_params, size_report)
 
 Array = jax.Array
@@ -46,10 +46,10 @@ class SizeBand:
     return f"[{self.lower:.4f}, {self.upper:.4f}] MB (target {self.target_mb:.4f} MB)"
 
 
-def float_matrix_bits(params: Any, plan: Plan) -> int:
-  """Bits of the encoder matrices the plan leaves at full precision (a constant of the search)."""
+def float_matrix_bits(params: Any, plan: Plan, *, layout: ModelLayout) -> int:
+  """Bits of the layout's matrices the plan leaves at full precision (a constant of the search)."""
   return sum(FULL_PRECISION * int(np.size(v)) for p, v in flatten_params(params).items()
-             if ENCODER_MATRIX.search(p) and p not in plan)
+             if layout.is_matrix(p) and p not in plan)
 
 
 def choice_bits_per_group(plan: Plan, paths: list[str]) -> np.ndarray:
@@ -59,23 +59,23 @@ def choice_bits_per_group(plan: Plan, paths: list[str]) -> np.ndarray:
                          for p in paths])
 
 
-def size_range_mb(params: Any, plan: Plan) -> tuple[float, float]:
+def size_range_mb(params: Any, plan: Plan, *, layout: ModelLayout) -> tuple[float, float]:
   """The smallest and largest `size_mb` any policy over `plan` can have."""
-  low = high = float_matrix_bits(params, plan)
+  low = high = float_matrix_bits(params, plan, layout=layout)
   for matrix in plan.values():
     low += matrix.groups * min(matrix.choice_bits)
     high += matrix.groups * max(matrix.choice_bits)
   return low / BITS_PER_MB, high / BITS_PER_MB
 
 
-def uniform_size_mb(params: Any, plan: Plan, bits: int) -> float:
+def uniform_size_mb(params: Any, plan: Plan, bits: int, *, layout: ModelLayout) -> float:
   """`size_mb` of the policy with every sub-group of `plan` at `bits` (scales included)."""
-  total = float_matrix_bits(params, plan) + sum(m.groups * m.storage_bits(bits)
+  total = float_matrix_bits(params, plan, layout=layout) + sum(m.groups * m.storage_bits(bits)
                                                 for m in plan.values())
   return total / BITS_PER_MB
 
 
-def make_band(params: Any, plan: Plan, *, target_size_mb: float | None = None,
+def make_band(params: Any, plan: Plan, *, layout: ModelLayout, target_size_mb: float | None = None,
               target_compression: float | None = None, target_uniform_bits: int | None = None,
               tolerance: float) -> SizeBand:
   """The window from exactly one of `search.target_size_mb`, `search.target_compression` and
@@ -92,9 +92,9 @@ def make_band(params: Any, plan: Plan, *, target_size_mb: float | None = None,
                      f"{target_uniform_bits}).")
   if not 0.0 <= tolerance < 1.0:
     raise ValueError(f"search.tolerance={tolerance} must be in [0, 1).")
-  fp32_mb = size_report(params)["size_mb"]
+  fp32_mb = size_report(params, layout=layout)["size_mb"]
   if target_uniform_bits is not None:
-    target_size_mb = uniform_size_mb(params, plan, int(target_uniform_bits))
+    target_size_mb = uniform_size_mb(params, plan, int(target_uniform_bits), layout=layout)
   elif target_size_mb is None:
     if target_compression <= 0:
       raise ValueError(f"search.target_compression={target_compression} must be > 0.")
@@ -102,7 +102,7 @@ def make_band(params: Any, plan: Plan, *, target_size_mb: float | None = None,
   if target_size_mb <= 0:
     raise ValueError(f"search.target_size_mb={target_size_mb} must be > 0.")
   band = SizeBand(float(target_size_mb), float(tolerance))
-  low, high = size_range_mb(params, plan)
+  low, high = size_range_mb(params, plan, layout=layout)
   if high < band.lower or low > band.upper:
     raise ValueError(
         f"no policy can reach the size band {band.describe()}: with these bit choices and "

@@ -190,7 +190,7 @@ def finetune(config, workdir: str | Path) -> dict[str, Any]:
       "metric": task.main_metric,
       "dev": dev_metrics[task.eval_splits[0]][task.main_metric],
       "dev_metrics": dev_metrics,
-      **quant.size_report(jax.device_get(state.params)),
+      **quant.size_report(jax.device_get(state.params), layout=models.BERT_LAYOUT),
       "steps": total_steps,
       "train_examples": len(train_set),
       "wall_time_s": time.time() - start_time,
