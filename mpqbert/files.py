@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Mapping
 
 import jax
+import numpy as np
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -23,3 +26,10 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     temporary.write_text(data)
   os.replace(temporary, path)
   return path
+
+
+def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
+  """`arrays` as one uncompressed .npz, written atomically (`write_atomic`)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+  return write_atomic(path, buffer.getvalue())

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mpqbert import data, quant, search
+from mpqbert import data, files, quant, search
 from mpqbert.methods import common, qat
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop, optim, sharding
@@ -209,7 +209,7 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
       evaluate_fn=evaluate, config=config, mesh=ctx.mesh,
       eval_every=sc.eval_every_steps or total_steps, learning_rate=schedule)
   arch = jax.device_get(state.arch)
-  np.savez(stage / "arch_logits.npz", **{p.replace("/", "."): v for p, v in arch.items()})
+  files.write_npz(stage / "arch_logits.npz", {p.replace("/", "."): v for p, v in arch.items()})
   save_qparams(stage / "qparams.npz", jax.device_get(state.weights["qparams"]))
   end_summary = arch_summary(arch, plan, band, fixed, sc.max_pruned_fraction)
   logging.info("search end: %s", end_summary)
@@ -221,9 +221,7 @@ def save_qparams(path: Path, qparams: Any) -> None:
   """Quantizer parameters `{path: {name: array}}` as one .npz (keys `path|name`, / as .)."""
   flat = {f"{p.replace('/', '.')}|{name}": np.asarray(v) for p, entry in qparams.items()
           for name, v in entry.items()}
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **flat)
-  tmp.replace(path)
+  files.write_npz(path, flat)
 
 
 def load_qparams(path: Path) -> dict[str, dict[str, Any]]:

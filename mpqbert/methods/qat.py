@@ -7,7 +7,6 @@ weights and quantizer parameters with the task loss, distilled from the teacher
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -196,9 +195,8 @@ def save_dev_predictions(ctx: common.TaskContext, stage: Path, eval_step: Callab
   what paired comparisons between runs bootstrap over."""
   dev_set = ctx.eval_sets[ctx.dev_split]
   predictions, _ = loop.predict(eval_step, variables, dev_set, ctx.config, ctx.mesh)
-  buffer = io.BytesIO()
-  np.savez(buffer, predictions=np.asarray(predictions), labels=np.asarray(dev_set.labels))
-  return files.write_atomic(stage / "dev_predictions.npz", buffer.getvalue())
+  return files.write_npz(stage / "dev_predictions.npz",
+                         {"predictions": predictions, "labels": dev_set.labels})
 
 
 def stage_weights(stage: Path, params: Any, qparams: Any) -> dict[str, Any]:

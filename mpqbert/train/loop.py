@@ -59,7 +59,7 @@ def predict(eval_step, params, dataset: data.TokenizedDataset, config,
                                  max_seq_length=config.data.max_seq_length,
                                  pad_multiple=config.data.pad_multiple):
     indices.append(batch.pop("index"))
-    out = jax.device_get(eval_step(params, sharding.shard_batch(batch, mesh)))
+    out = sharding.fetch(eval_step(params, sharding.shard_batch(batch, mesh)))
     predictions.append(out["predictions"])
     loss_sum += float(out["loss_sum"])
   return data.restore_order(indices, predictions, len(dataset)), loss_sum

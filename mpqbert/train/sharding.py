@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -16,16 +17,29 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_C
 
 
 def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when launched on several hosts.
+  """Calls `jax.distributed.initialize()` when launched as one of several processes.
 
-  A multi-host launch is recognised by a coordinator address in the environment (JAX's own
-  `JAX_COORDINATOR_ADDRESS` with `JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`), or by a TPU pod / SLURM
-  environment that `jax.distributed.initialize` detects itself (`MPQBERT_DISTRIBUTED=1`).
+  A multi-process launch is recognised by a coordinator address in the environment (JAX's own
+  `JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` where no cluster
+  manager provides them), or by `MPQBERT_DISTRIBUTED=1` on a TPU pod or SLURM allocation that
+  `jax.distributed.initialize` detects itself. CPU processes exchange collectives over gloo.
   """
-  if any(os.environ.get(v) for v in _MULTIHOST_ENV) or os.environ.get("MPQBERT_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
-    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
-                 jax.process_count())
+  env = os.environ
+  if not (any(env.get(v) for v in _MULTIHOST_ENV) or env.get("MPQBERT_DISTRIBUTED") == "1"):
+    return
+  counts = {}
+  for name, key in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if env.get(key):
+      try:
+        counts[name] = int(env[key])
+      except ValueError:
+        raise ValueError(f"{key}={env[key]!r} must be an integer.") from None
+  if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**counts)
+  logging.info("jax.distributed initialised: process %d of %d, %d local of %d devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -62,6 +76,17 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
   return {k: jax.make_array_from_process_local_data(sharding, local_rows(v))
           for k, v in batch.items()}
+
+
+def fetch(tree: Any) -> Any:
+  """`tree` as NumPy on every process: arrays split over several processes' devices (e.g. the
+  per-example outputs of a sharded batch) are all-gathered, the rest copied from a local shard."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
