@@ -402,9 +402,11 @@ def test_prune_is_exact_zero_without_gradient():
   assert not np.any(jax.grad(lambda v: jnp.sum(quant.prune(v) + 0.0))(w))
 
 
-def test_group_view_rejects_uneven_split():
-  with pytest.raises(ValueError, match="equal sub-groups"):
-    quant.group_view(jnp.ones((4, 10)), 3)
+def test_group_view_rejects_an_empty_last_group():
+  with pytest.raises(ValueError, match=r"9 columns into 4 sub-groups.*Use 3 or 5 groups"):
+    quant.group_view(jnp.ones((4, 9)), 4)
+  with pytest.raises(ValueError, match=r"3 columns into 5 sub-groups.*Use 3 groups"):
+    quant.group_view(jnp.ones((4, 3)), 5)  # more groups than columns
 
 
 # ---------------------------------------------------------------- activation quantizer
@@ -571,12 +573,14 @@ def test_storage_bits_count_packed_words_and_scales_by_hand():
                             bit_choices=(0, 1, 2, 3, 4, 8))
   by_hand = {0: 0, 1: 12 * 32 * 128 + 32, 2: 24 * 32 * 128 + 32, 3: 39 * 32 * 128 + 32,
              4: 48 * 32 * 128 + 32, 8: 96 * 32 * 128 + 32}
-  assert matrix.choice_bits == tuple(by_hand[b] for b in (0, 1, 2, 3, 4, 8))
+  np.testing.assert_array_equal(matrix.choice_bits,  # [G, K]: every sub-group alike here
+                                np.tile([by_hand[b] for b in (0, 1, 2, 3, 4, 8)], (12, 1)))
   for b in (1, 2, 4, 8):  # exactly b bits per weight when the word count divides K
-    assert matrix.code_bits(b) == b * matrix.group_size
+    np.testing.assert_array_equal(matrix.code_bits(b), np.full(12, b * 384 * 128))
   tiny = quant.MatrixSpec(path="k", shape=(32, 8), groups=2, quantizer="index",
                           bit_choices=(3,))
-  assert tiny.storage_bits(3) == 4 * 32 * 4 + 2 * 32  # ceil(32 / 10) = 4 words; (lo, hi) floats
+  # ceil(32 / 10) = 4 words per column, 4 columns; (lo, hi) floats.
+  np.testing.assert_array_equal(tiny.storage_bits(3), [4 * 32 * 4 + 2 * 32] * 2)
   policy = quant.Policy(bits={"k": np.array([3, 0, 1, 8, 2, 4, 3, 3, 0, 0, 1, 8], np.int32)},
                         matrices=(matrix,)).validate()
   bits = [3, 0, 1, 8, 2, 4, 3, 3, 0, 0, 1, 8]
@@ -682,8 +686,10 @@ def test_spec_errors_name_the_problem():
     quant.Rule(pattern="x", bit_choices=(0, 1, 9))
   with pytest.raises(ValueError, match="num_heads"):
     quant.bert_encoder_spec(groups="head")
-  with pytest.raises(ValueError, match="do not split"):
-    quant.bert_encoder_spec(groups=5).plan(abstract_params(TINY))
+  # 12 groups of 32 columns: 11 of ceil(32 / 12) = 3 take 33, the last would be empty.
+  with pytest.raises(ValueError, match=r"output/dense/kernel: cannot split 32 columns into 12 "
+                                       r"sub-groups.*last one empty\. Use 11 or 16 groups"):
+    quant.bert_encoder_spec(groups=12).plan(abstract_params(TINY))
   with pytest.raises(ValueError, match="no kernel of the model matches"):
     quant.QuantSpec(rules=(quant.Rule(pattern="decoder"),)).plan(abstract_params(TINY))
   with pytest.raises(ValueError, match="activation_bits=9"):

@@ -50,8 +50,8 @@ def test_expected_size_of_one_hot_probabilities_is_the_policy_size(encoder_param
   assert float(search.expected_size_mb(one_hot, plan)) == pytest.approx(exact, rel=1e-6)
   # Uniform probabilities: the mean over choices of each group's storage, by hand.
   uniform = {p: jnp.full((m.groups, 4), 0.25) for p, m in plan.items()}
-  by_hand = sum(m.groups * np.mean([b * m.group_size + (32 if b else 0) for b in (0, 2, 4, 8)])
-                for m in plan.values()) / (8 * 2**20)
+  by_hand = sum(m.groups * np.mean([b * m.group_sizes[0] + (32 if b else 0)
+                                    for b in (0, 2, 4, 8)]) for m in plan.values()) / (8 * 2**20)
   assert float(search.expected_size_mb(uniform, plan)) == pytest.approx(by_hand, rel=1e-6)
 
 
@@ -144,7 +144,7 @@ def test_derivation_gives_way_where_the_search_was_least_decided(encoder_params)
   undecided = next(iter(plan))
   arch[undecided] = arch[undecided].at[1].set(jnp.array([0.0, 0.0, 9.9, 10.0]))
   all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8))["size_mb"]
-  shrink = plan[undecided].group_size * 4 / (8 * 2**20)  # one group from 8 to 4 bits
+  shrink = plan[undecided].group_sizes[0] * 4 / (8 * 2**20)  # one group from 8 to 4 bits
   band = search.SizeBand(all8 - shrink, tolerance=0.3 * shrink / all8)
   policy = search.derive_policy(arch, plan, band)
   assert np.asarray(policy.bits[undecided]).tolist() == [8, 4, 8, 8]
@@ -223,7 +223,7 @@ def test_search_prunes_the_sub_groups_the_task_does_not_need():
   plan = spec.plan(params)
   (path, matrix), = plan.items()
   fixed = search.float_matrix_bits(params, plan)
-  group_bits = lambda b: matrix.group_size * b + (32 if b else 0)
+  group_bits = lambda b: matrix.group_sizes[0] * b + (32 if b else 0)
   band = search.SizeBand((fixed + len(useful) * group_bits(8)) / quant.BITS_PER_MB, 0.002)
 
   rng = np.random.default_rng(0)
