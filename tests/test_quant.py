@@ -407,6 +407,8 @@ def test_group_view_rejects_an_empty_last_group():
     quant.group_view(jnp.ones((4, 9)), 4)
   with pytest.raises(ValueError, match=r"3 columns into 5 sub-groups.*Use 3 groups"):
     quant.group_view(jnp.ones((4, 3)), 5)  # more groups than columns
+  with pytest.raises(ValueError, match=r"^m: cannot split 9 columns into 4 sub-groups"):
+    quant.MatrixSpec(path="m", shape=(4, 9), groups=4, quantizer="symmetric", bit_choices=(2,))
 
 
 # ---------------------------------------------------------------- uneven sub-groups

@@ -107,6 +107,12 @@ class MatrixSpec:
   learn_range: bool = False
   activation_bits: int | None = None
 
+  def __post_init__(self):
+    try:  # An empty last sub-group, from a rule or a policy file, is refused when made.
+      grid.group_widths(self.shape[-1], self.groups)
+    except ValueError as e:
+      raise ValueError(f"{self.path}: {e}") from None
+
   def input_bits(self, default: int) -> int:
     """Bits of this matrix's input, given the global activation bits."""
     return default if self.activation_bits is None else self.activation_bits
@@ -221,10 +227,7 @@ class QuantSpec:
       if re.search(rule.pattern, path):
         out = int(shape[-1])
         groups = {"head": self.num_heads, "neuron": out}.get(rule.groups, rule.groups)
-        try:
-          grid.group_widths(out, groups)  # Uneven is fine (the last group smaller); empty is not.
-        except ValueError as e:
-          raise ValueError(f"{path}: {e}") from None
+        # Uneven is fine (the last group smaller); MatrixSpec refuses an empty last group.
         return MatrixSpec(path=path, shape=tuple(int(d) for d in shape), groups=int(groups),
                           quantizer=rule.quantizer, bit_choices=rule.bit_choices,
                           learn_range=rule.learn_range, activation_bits=rule.activation_bits)
