@@ -23,8 +23,8 @@ The forward of a Dense layer `x [M, K] -> [M, N]`, by the kind of its input (`in
 
   "int"    input quantized to b = 2..8 bits (`quant.quantize_activation`: symmetric, step
            `act_scale`, round to nearest even, clip to [-2^(b-1), 2^(b-1) - 1]): `x_q` int8,
-           `acc = x_q @ codes` int32, then one float32 epilogue
-             `y = acc * (act_scale * col_scale) - rowsum(x_q) * (act_scale * col_scale * zero) + bias`
+           `acc = x_q @ codes` int32, then one float32 epilogue (`a = act_scale * col_scale`)
+             `y = acc * a - rowsum(x_q) * (a * zero) + bias`
            (the middle term only for index matrices);
   "sign"   input binarized to sign(x) (sign(0) = +1; SensiMix's 1-bit FFNs): `x_q` = +-1 int8 and
            the same int8 dot and epilogue with an activation scale of 1. 1-bit sign / xnor / 1-bit

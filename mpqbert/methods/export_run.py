@@ -6,8 +6,9 @@ packed model's dev predictions against the fake-quantized model it came from.
 reads the run's `config.json`, `policy.json` and the newest checkpoint of its final stage
 (`retrain/`, or SensiMix's last `stage<i>/`), writes the packed file and `<out>.json` with its
 sizes against the run's `size_mb`, and (with `check_dev`, `check_int8`) the packed model's, or its
-int8 CPU layout's (`export.lay_out`), dev predictions against the fake-quantized model's. It lives with the pipelines, above `mpqbert.export` (the
-format and the kernels' inference), which imports nothing of the runs.
+int8 CPU layout's (`export.lay_out`), dev predictions against the fake-quantized model's. It lives
+with the pipelines, above `mpqbert.export` (the format and the kernels' inference), which imports
+nothing of the runs.
 """
 
 from __future__ import annotations
