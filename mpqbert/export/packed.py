@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -225,10 +225,13 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
 
 
 def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "auto",
-                 **kwargs) -> Any:
+                 dense: Callable[..., Array] | None = None, **kwargs) -> Any:
   """`model.apply` on a packed model: packed kernels run through `_dense`, int8 tables are
   gathered then dequantized; every other parameter is computed in float32. Pure and jit-able.
-  `backend`: the kernels' (`kernels.compat`; "auto" is the pure-jnp reference on CPU)."""
+  `backend`: the kernels' (`kernels.compat`; "auto" is the pure-jnp reference on CPU). `dense`:
+  what runs a packed matrix instead of `_dense`, same arguments (`export.integer` passes its
+  int8 layer with an `IntegerModel` as `packed`)."""
+  dense = dense or _dense
   policy = packed.policy
   plan = policy.plan
   params = jax.tree.map(lambda v: v if v.dtype == jnp.int8 else v.astype(jnp.float32),
@@ -241,8 +244,8 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "a
     if isinstance(module, QuantizableDense):
       path = "/".join((*module.path, "kernel"))
       if path in packed.matrices:
-        return _dense(call_args[0], packed.matrices[path], policy, plan[path],
-                      module.get_variable("params", "bias"), backend)
+        return dense(call_args[0], packed.matrices[path], policy, plan[path],
+                     module.get_variable("params", "bias"), backend)
     if isinstance(module, nn.Embed):
       path = "/".join((*module.path, "embedding"))
       if path in packed.tables:
