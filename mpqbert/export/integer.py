@@ -99,14 +99,9 @@ class IntegerModel:
 
 
 def column_groups(matrix: quant.MatrixSpec) -> np.ndarray:
-  """The sub-group of each output column, `[N]`: the only place that knows how a matrix's columns
-  split into sub-groups (here `groups` equal, contiguous blocks), so every per-column expansion
-  below follows another split by changing this function alone."""
-  n = matrix.shape[-1]
-  if n % matrix.groups:
-    raise ValueError(f"{matrix.path}: {n} columns do not split into {matrix.groups} equal "
-                     "sub-groups; column_groups must learn this matrix's split.")
-  return np.arange(n) // (n // matrix.groups)
+  """The sub-group of each output column, `[N]` (contiguous blocks of `matrix.group_widths`, the
+  last one narrower when the groups are uneven): every per-column expansion below follows it."""
+  return np.repeat(np.arange(matrix.groups), matrix.group_widths)
 
 
 def kept_columns(policy: Policy, matrix: quant.MatrixSpec) -> np.ndarray:
