@@ -5,14 +5,21 @@ r"""Packed models against the full-precision one: bytes on disk and inference la
   packed  `PackedModel.apply`: one `kernels.packed_matmul` per bit-width block of each matrix in
           `export.half_dtype()` activations (float16 on GPU), XNOR-popcount matmuls for 1-bit FFNs
           with binarized inputs; on CPU the kernels' pure-jnp reference ("auto" backend).
+  int8    (CPU only, --int8) the same packed model laid out once by `export.lay_out(packed,
+          "int8")`: int8 x int8 -> int32 matmuls for matrices with quantized or binarized inputs
+          (SensiMix's 1-bit FFNs: +-1 int8 instead of XNOR-popcount), float32 matmuls of the
+          weights dequantized at load for those with float inputs (SensiMix's attention and
+          8-bit FFNs).
 
-The packed models are the uniform 8/4/2-bit and SensiMix (3+3 on 6 layers) exports of the
+The packed models are the uniform 8/4/2-bit (8-bit inputs, their scales calibrated on one
+batch, as the study's uniform runs) and SensiMix (3+3 on 6 layers) exports of the
 embedded MiniLM, or of a random BERT-base-shaped model with --model=bert_base_random (the time of
 a forward does not depend on the values) and any exported runs given with --packed
 (repeatable, e.g. an AutoMPQ run exported with `python -m mpqbert.export`). For each batch size,
 timed rounds alternate between the models; ratios of median times are reported.
 
-  python experiments/bench_packed_inference.py --batch_sizes=1,32 --seq_len=128
+  python experiments/bench_packed_inference.py --batch_sizes=1,8,32 --seq_len=128 \
+      --packed=workdirs/exports_int8/sst2_automp16_seed0.npz  # CPU: int8 rows too
   python experiments/bench_packed_inference.py --model=bert_base_random --batch_sizes=1,8,32  # GPU
 
 Writes experiments/results/packed_inference_<backend>[_bert_base_random].{json,md}. About 3 min
@@ -27,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -52,17 +60,33 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timed rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Forwards per timed round.")
 _OUT = flags.DEFINE_string("out", None, "Output path without extension (default: "
                            "experiments/results/packed_inference_<backend>).")
+_INT8 = flags.DEFINE_bool("int8", None, "Also time every packed model's int8 layout "
+                          "(export.lay_out); default: on CPU only.")
+
+
+def _calibrated_qparams(model, spec: quant.QuantSpec, params, policy: quant.Policy):
+  """Quantizer parameters with the inputs' scales calibrated on one batch of random tokens (as
+  training does before its first step), so that 8-bit inputs are quantized, not passed through."""
+  ids = jnp.asarray(np.random.default_rng(1).integers(1000, 30000, (4, _SEQ_LEN.value)),
+                    jnp.int32)
+  _, qparams = quant.transform(model.apply, spec)(
+      params, quant.init_qparams(spec, params), policy, ids, update_act_stats=True,
+      attention_mask=jnp.ones_like(ids), deterministic=True)
+  return qparams
 
 
 def _default_packed(params, config: models.BertConfig) -> dict[str, export.PackedModel]:
-  """Uniform 8/4/2-bit (symmetric, 12 sub-groups) and SensiMix exports of `params`: 8-bit FFNs in
-  the first half of the layers, 1-bit FFNs with binarized inputs in the second (3+3 on 6 layers)."""
+  """Uniform 8/4/2-bit (symmetric, 12 sub-groups, 8-bit inputs) and SensiMix exports of `params`:
+  8-bit FFNs in the first half of the layers, 1-bit FFNs with binarized inputs in the second (3+3
+  on 6 layers)."""
   out = {}
+  model = models.build_model(config, 2)
   for bits in (8, 4, 2):
-    spec = models.bert_encoder_spec(groups=12, bit_choices=(bits,))
+    spec = models.bert_encoder_spec(groups=12, bit_choices=(bits,), activation_mode="moving")
+    policy = quant.uniform_policy(spec.plan(params), bits, activation_bits=8)
     out[f"uniform {bits}-bit"] = export.export_packed(
-        params, quant.uniform_policy(spec.plan(params), bits), quant.init_qparams(spec, params),
-        config=config, num_labels=2)
+        params, policy, _calibrated_qparams(model, spec, params, policy), config=config,
+        num_labels=2)
   layers = config.num_hidden_layers
   half = layers // 2
   mixed = sensimix.sensimix_spec(list(range(half)), list(range(half, layers)))
@@ -81,6 +105,11 @@ def _float_model(num_labels: int):
     params = models.init_params(models.build_model(config, num_labels))
   return config, {name: models.build_model(config, num_labels, dtype=dtype)
                   for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}, params
+
+
+def _memory_bytes(tree) -> int:
+  """Bytes of the arrays a served model holds."""
+  return sum(int(np.asarray(v).nbytes) for v in jax.tree.leaves(tree))
 
 
 def _file_bytes(packed: export.PackedModel) -> int:
@@ -111,9 +140,15 @@ def main(argv):
       lambda p, ids, mask, m=model: m.apply({"params": p}, ids, attention_mask=mask,
                                             deterministic=True)), params)
             for name, model in float_models.items()}
-  served.update({name: (jax.jit(lambda p, ids, mask: p.apply(ids, attention_mask=mask,
-                                                             deterministic=True)), p)
-                 for name, p in packed.items()})
+  serve = jax.jit(lambda p, ids, mask: p.apply(ids, attention_mask=mask, deterministic=True))
+  served.update({name: (serve, p) for name, p in packed.items()})
+  int8 = jax.default_backend() == "cpu" if _INT8.value is None else _INT8.value
+  laid_out = {}
+  for name, p in packed.items() if int8 else ():
+    laid_out[f"{name} (int8)"] = export.lay_out(p, "int8")
+    kinds = Counter(export.input_kinds(p).values())
+    print(f"{name} (int8): matrices by input kind {dict(kinds)}", flush=True)
+  served.update({name: (serve, p) for name, p in laid_out.items()})
   reference = "full precision (float32)"
   rng = np.random.default_rng(0)
   rows = []
@@ -133,11 +168,16 @@ def main(argv):
     print(f"batch {batch}: " + ", ".join(f"{r['model']} {r['median_ms']:.1f} ms"
                                          for r in rows if r["batch_size"] == batch), flush=True)
   fp_matrix_bytes = quant.size_report(params, layout=models.BERT_LAYOUT)["size_mb"] * 2**20
-  sizes = {name: {"file_bytes": fp_bytes, "matrix_bytes": fp_matrix_bytes}
+  sizes = {name: {"file_bytes": fp_bytes, "matrix_bytes": fp_matrix_bytes,
+                  "memory_bytes": fp_bytes}
            for name in served if name.startswith("full precision")}
   for name, p in packed.items():
     sizes[name] = {"file_bytes": _file_bytes(p),
-                   "matrix_bytes": export.packed_nbytes(p, part="matrices")}
+                   "matrix_bytes": export.packed_nbytes(p, part="matrices"),
+                   "memory_bytes": _memory_bytes(p)}
+    if f"{name} (int8)" in laid_out:  # The same file, laid out at load.
+      sizes[f"{name} (int8)"] = {**sizes[name],
+                                 "memory_bytes": _memory_bytes(laid_out[f"{name} (int8)"])}
   backend, device = jax.default_backend(), jax.devices()[0].device_kind
   report = {"model": _MODEL.value, "config": config.to_dict(), "rows": rows, "sizes": sizes,
             "seq_len": _SEQ_LEN.value, "backend": backend,
@@ -153,9 +193,9 @@ def main(argv):
            f"{config.num_hidden_layers} layers x {config.hidden_size}): one jitted forward, "
            f"sequences of {_SEQ_LEN.value} tokens, on {device} ({backend}; packed GEMMs in "
            f"{report['half_dtype']}).", "",
-           "| model | encoder matrices (MB) | file on disk (MB) | x smaller | " +
+           "| model | encoder matrices (MB) | file on disk (MB) | x smaller | in memory (MB) | " +
            " | ".join(f"batch {b} (ms) | ratio" for b in _BATCHES.value) + " |",
-           "|---|---:|---:|---:|" + "---:|---:|" * len(_BATCHES.value)]
+           "|---|---:|---:|---:|---:|" + "---:|---:|" * len(_BATCHES.value)]
   for name, size in sizes.items():
     cells = []
     for b in _BATCHES.value:
@@ -163,13 +203,17 @@ def main(argv):
       cells += [f"{r['median_ms']:.1f}", f"{r['latency_ratio_vs_fp']:.2f}x"]
     lines.append(f"| {name} | {size['matrix_bytes'] / 2**20:.2f} | "
                  f"{size['file_bytes'] / 2**20:.2f} | "
-                 f"{fp_bytes / size['file_bytes']:.1f} | " + " | ".join(cells) + " |")
+                 f"{fp_bytes / size['file_bytes']:.1f} | "
+                 f"{size['memory_bytes'] / 2**20:.2f} | " + " | ".join(cells) + " |")
   lines += ["", f"Ratio: median time over the float32 model's in the same run "
             f"({_ROUNDS.value} alternating rounds of {_REPEATS.value} forwards). Full precision "
             "is the float32 parameter bytes (its bfloat16 row computes every matmul in bfloat16 "
             "with float32 accumulation from the same float32 parameters); the other files hold "
             "the embeddings at their policy's bits (float32 for uniform and AutoMPQ, 8-bit for "
-            f"SensiMix). jax {jax.__version__}; commit {report['git_commit'][:10]}. "
+            "SensiMix). (int8) rows serve the file above them laid out by `export.lay_out`: "
+            "int8 x int8 -> int32 matmuls where inputs are quantized or binarized, float32 "
+            "matmuls of weights dequantized at load where they are not (in memory: what each "
+            f"served model holds). jax {jax.__version__}; commit {report['git_commit'][:10]}. "
             f"Command: `{report['command']}`."]
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_BERT
-from mpqbert import export, models, quant
+from mpqbert import export, kernels, models, quant
 
 
 def _mixed_policy(plan: quant.Plan, rng: np.random.Generator, activation_bits: int) -> quant.Policy:
@@ -54,17 +54,19 @@ def test_mixed_policy_export_matches_fake_quantized_model(tmp_path, activation_b
 
 
 def _packed_bytes_by_hand(policy: quant.Policy) -> int:
-  """Bytes of a symmetric policy's matrices, counted per sub-group: b-bit codes of K rows take
-  ceil(K / floor(32 / b)) uint32 words per column (K * b / 8 bytes for 1, 2, 4, 8 bits when 32
-  divides K; 3-bit codes 10 to a word); + 4 bytes of scale per kept sub-group."""
+  """Bytes of a policy's matrices, counted per sub-group g of [g * w, min((g + 1) * w, N)),
+  w = ceil(N / G): b-bit codes of K rows take ceil(K / floor(32 / b)) uint32 words per column
+  (K * b / 8 bytes for 1, 2, 4, 8 bits when 32 divides K; 3-bit codes 10 to a word); + 4 bytes
+  of scale per kept sub-group (8 for index matrices: scale and zero point)."""
   total = 0
   for m in policy.matrices:
     k, n = m.shape
-    width = n // m.groups
-    for b in np.asarray(policy.bits[m.path]).tolist():
+    width = -(-n // m.groups)
+    for g, b in enumerate(np.asarray(policy.bits[m.path]).tolist()):
       if b == 0:
         continue
-      total += (4 * -(-k // 10) * width if b == 3 else k * width * b // 8) + 4
+      columns = min((g + 1) * width, n) - g * width
+      total += 4 * -(-k // (32 // b)) * columns + (8 if m.quantizer == "index" else 4)
   return total
 
 
@@ -131,6 +133,69 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
     # references): packed_matmul at 8, 3, 2 and 1 bits and xnor_matmul end to end.
     interpreted = jax.jit(lambda p, ids: p.apply(ids, backend="interpret", **kwargs))(loaded, ids)
     np.testing.assert_allclose(np.asarray(interpreted), np.asarray(fake), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantizer,activation_bits,binary_ffn_inputs", [
+    ("symmetric", 8, False), ("symmetric", 32, True), ("index", 32, False)])
+def test_uneven_groups_export_matches_fake_quantized_model(tmp_path, quantizer, activation_bits,
+                                                           binary_ffn_inputs):
+  """A BERT whose FFN is 80 wide, in sub-groups that do not divide it (FFN inputs 12 groups:
+  11 of 7 columns and 3; FFN outputs 5 of 32: 4 of 7 and 4; attention outputs 3: 11, 11, 10):
+  the packed bytes are size_mb and counted by hand, the short group packs its own columns, and
+  the packed model gives the fake-quantized logits."""
+  config = models.BertConfig(**{**TINY_BERT, "intermediate_size": 80})
+  model = models.build_model(config, 2)
+  params = models.init_params(model, seed=5)
+  choices = (0, 1, 2, 3, 4, 8)
+  spec = models.bert_encoder_spec(
+      quantizer=quantizer, groups={"qkv": 4, "attention_output": 3, "ffn_in": 12, "ffn_out": 5},
+      bit_choices=choices, activation_bits=activation_bits, activation_mode="moving")
+  if binary_ffn_inputs:  # FFN outputs' inputs binarized: their 1-bit groups run XNOR (K = 80).
+    spec = dataclasses.replace(spec, rules=tuple(
+        dataclasses.replace(r, activation_bits=1) if r.pattern.endswith(r"/output/dense/kernel$")
+        and "attention" not in r.pattern else r for r in spec.rules))
+  plan = spec.plan(params)
+  ffn_in = "bert/encoder/layer/0/intermediate/dense/kernel"
+  ffn_out = "bert/encoder/layer/1/output/dense/kernel"
+  assert plan[ffn_in].group_widths[-1] == 3 and plan[ffn_out].group_widths[-1] == 4
+  rng = np.random.default_rng(0)
+  bits = {p: np.asarray(rng.choice(choices, m.groups), np.int32) for p, m in plan.items()}
+  bits[ffn_in][-1] = 3  # The short groups alone in their blocks, and next to full ones.
+  bits[ffn_in][:-1] = np.where(bits[ffn_in][:-1] == 3, 4, bits[ffn_in][:-1])
+  bits[ffn_out] = np.asarray([1, 0, 2, 8, 1], np.int32)
+  policy = quant.Policy(bits={p: jnp.asarray(b) for p, b in bits.items()},
+                        matrices=tuple(plan.values()), activation_bits=activation_bits).validate()
+  qparams = quant.init_qparams(spec, params)
+  qapply = quant.transform(model.apply, spec)
+  ids = jnp.asarray(np.random.default_rng(2).integers(1000, 5000, (16, 12)), jnp.int32)
+  kwargs = dict(attention_mask=jnp.ones_like(ids), deterministic=True)
+  if activation_bits < 32:
+    _, qparams = qapply(params, qparams, policy, ids, update_act_stats=True, **kwargs)
+  fake = qapply(params, qparams, policy, ids, **kwargs)
+
+  packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
+  packed_bytes = _packed_bytes_by_hand(policy)
+  assert quant.size_report(params, policy,
+                           layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == packed_bytes
+  assert export.packed_nbytes(packed, part="matrices") == packed_bytes
+
+  # The short FFN-input group: its 3 columns (77..79) alone at 3 bits, ceil(32 / 10) = 4 words
+  # each, with the codes of its own grid (float64, from its stored scale and zero point).
+  entry = packed.matrices[ffn_in]
+  assert entry["b3/words"].shape == (4, 3) and entry["b3/scale"].shape == (1,)
+  codes = np.asarray(kernels.unpack(entry["b3/words"], 3, 32, signed=quantizer != "index"))
+  w = np.asarray(quant.flatten_params(params)[ffn_in], np.float64)[:, 77:]
+  scale = float(entry["b3/scale"][0])
+  if quantizer == "index":
+    want = np.round((w - w.min()) / scale)
+    np.testing.assert_allclose(entry["b3/zero"], [-w.min() / scale], rtol=1e-5)
+  else:
+    want = np.clip(np.round(w / scale), -4, 3)
+  np.testing.assert_array_equal(codes, want)
+
+  loaded = export.load_packed(export.save_packed(packed, tmp_path / "uneven.npz"))
+  served = _served(loaded, ids, **kwargs)
+  np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
 
 
 @functools.partial(jax.jit, static_argnames=("deterministic",))

@@ -147,6 +147,40 @@ def test_average_traces_divide_by_the_weights_counted():
   np.testing.assert_allclose(per_group["layer/1/a/kernel"], [1.0, 1.5, 2.0, 2.5])
 
 
+def test_uneven_groups_traces_errors_and_averages_count_their_own_columns():
+  """A [3, 5] matrix in 2 sub-groups of 3 and 2 columns: Hutchinson's traces (exact for a
+  diagonal Hessian), the Fisher-weighted quantization errors against float64 per column block,
+  and the averages over each group's own 9 and 6 weights."""
+  rng = np.random.default_rng(6)
+  path, blocks = "m/kernel", (slice(0, 3), slice(3, 5))
+  curvature = rng.uniform(0.5, 2.0, size=(3, 5))
+  w = rng.normal(size=(3, 5)).astype(np.float32)
+  params = {"m": {"kernel": jnp.asarray(w)}}
+  loss = lambda p, d: 0.5 * jnp.sum(d * p["m"]["kernel"] ** 2)
+  plan = {path: MatrixSpec(path=path, shape=(3, 5), groups=2, quantizer="symmetric",
+                           bit_choices=(2, 4))}
+  assert plan[path].group_widths == (3, 2)
+  traces = search.hutchinson_traces(loss, params, [jnp.asarray(curvature, jnp.float32)], plan,
+                                    samples=2)
+  exact = [curvature[:, b].sum() for b in blocks]
+  np.testing.assert_allclose(traces[path], [exact, exact], rtol=1e-5)
+  np.testing.assert_allclose(search.average_traces(traces, plan, per_group=True)[path],
+                             [exact[0] / 9, exact[1] / 6], rtol=1e-5)
+  np.testing.assert_allclose(search.average_traces(traces, plan)[path], [sum(exact) / 15],
+                             rtol=1e-5)
+
+  scale = np.array([[0.3, 0.2], [0.05, 0.1]], np.float32)  # [bit choice, group]
+  errors = search.quantization_errors(params, plan, {path: {"scale": jnp.asarray(scale)}},
+                                      {path: jnp.asarray(curvature, jnp.float32)})
+  for k, bits in enumerate((2, 4)):
+    q_neg, q_pos = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
+    for g, b in enumerate(blocks):
+      block = w[:, b].astype(np.float64)
+      w_hat = scale[k, g] * np.clip(np.round(block / scale[k, g]), -q_neg, q_pos)
+      np.testing.assert_allclose(errors[path][g, k], np.sum(curvature[:, b] * (w_hat - block) ** 2),
+                                 rtol=1e-5)
+
+
 TINY = models.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
                          num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
 

@@ -403,9 +403,184 @@ def test_prune_is_exact_zero_without_gradient():
   assert not np.any(jax.grad(lambda v: jnp.sum(quant.prune(v) + 0.0))(w))
 
 
-def test_group_view_rejects_uneven_split():
-  with pytest.raises(ValueError, match="equal sub-groups"):
-    quant.group_view(jnp.ones((4, 10)), 3)
+def test_group_view_rejects_an_empty_last_group():
+  with pytest.raises(ValueError, match=r"9 columns into 4 sub-groups.*Use 3 or 5 groups"):
+    quant.group_view(jnp.ones((4, 9)), 4)
+  with pytest.raises(ValueError, match=r"3 columns into 5 sub-groups.*Use 3 groups"):
+    quant.group_view(jnp.ones((4, 3)), 5)  # more groups than columns
+  with pytest.raises(ValueError, match=r"^m: cannot split 9 columns into 4 sub-groups"):
+    quant.MatrixSpec(path="m", shape=(4, 9), groups=4, quantizer="symmetric", bit_choices=(2,))
+
+
+# ---------------------------------------------------------------- uneven sub-groups
+
+
+def column_blocks(out: int, groups: int) -> list[slice]:
+  """The sub-groups as the issue defines them: block g holds the columns
+  [g * w, min((g + 1) * w, out)), w = ceil(out / groups)."""
+  width = -(-out // groups)
+  return [slice(g * width, min((g + 1) * width, out)) for g in range(groups)]
+
+
+UNEVEN = [((5, 10), 4), ((2, 3, 80), 12), ((4, 11), 3)]  # last blocks of 1, 3 and 3 columns
+
+
+@pytest.mark.parametrize("out,groups", [(10, 4), (10, 3), (80, 12), (11, 6), (13, 5)])
+def test_uneven_groups_are_ceil_width_blocks_and_reductions_skip_the_padding(out, groups):
+  blocks = column_blocks(out, groups)
+  assert quant.grid.group_widths(out, groups) == tuple(b.stop - b.start for b in blocks)
+  rng = np.random.default_rng(out * groups)
+  x = rng.normal(size=(2, 3, out)).astype(np.float32)
+  view = quant.group_view(jnp.asarray(x), groups)
+  assert view.shape == (2, 3, groups, blocks[0].stop)
+  for g, b in enumerate(blocks):
+    np.testing.assert_array_equal(view[..., g, :b.stop - b.start], x[..., b])
+  np.testing.assert_array_equal(quant.grid.ungroup(view, out), x)
+  # All of one sign: a padded 0 would be the short group's max (or min) and lower its mean.
+  for x in (rng.uniform(1, 2, (2, 3, out)), -rng.uniform(1, 2, (2, 3, out))):
+    view = quant.group_view(jnp.asarray(x, jnp.float32), groups)
+    for name, reduce in (("sum", np.sum), ("max", np.max), ("min", np.min), ("mean", np.mean)):
+      got = getattr(quant.grid, f"group_{name}")(view, out)
+      want = [reduce(x[..., b]) for b in blocks]
+      np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("shape,groups", UNEVEN)
+@pytest.mark.parametrize("kind", ["symmetric", "symmetric_init", "index", "xnor", "sign"])
+def test_uneven_groups_quantize_each_column_block_as_float64(shape, groups, kind):
+  """Every quantizer and scale init on an uneven split against float64 NumPy over each column
+  block on its own (the references of the even tests, with one group per block)."""
+  rng = np.random.default_rng(7)
+  w = rng.normal(size=shape).astype(np.float32)
+  wj, blocks = jnp.asarray(w), column_blocks(shape[-1], groups)
+  w64 = w.astype(np.float64)
+  if kind == "symmetric":
+    scale = rng.uniform(0.05, 0.4, groups).astype(np.float32)  # some |w| / s beyond the grid
+    for bits in (1, 2, 3, 8):
+      got = np.asarray(quant.quantize_symmetric(wj, jnp.asarray(scale), bits))
+      for g, b in enumerate(blocks):
+        if bits == 1:
+          np.testing.assert_array_equal(got[..., b], ref_scaled_sign(w[..., b], scale[g:g + 1]))
+        else:
+          want = ref_symmetric(w[..., b], scale[g:g + 1], bits)
+          ok = np.isclose(got[..., b], want, rtol=1e-6, atol=1e-7) | near_ties(w[..., b] / scale[g])
+          assert ok.all(), (bits, g)
+  elif kind == "symmetric_init":
+    for bits in (1, 2, 4):
+      q_pos = 1.0 if bits == 1 else 2.0 ** (bits - 1) - 1
+      for method in ("absmax", "lsq", "mse"):
+        got = np.asarray(quant.init_symmetric_scale(wj, groups, bits, method), np.float64)
+        for g, b in enumerate(blocks):
+          block = w64[..., b]
+          if bits == 1:  # mean|w| whatever the method
+            want = np.abs(block).mean()
+          elif method == "absmax":
+            want = np.abs(block).max() / q_pos
+          elif method == "lsq":
+            want = 2 * np.abs(block).mean() / np.sqrt(q_pos)
+          else:  # The best of the 100 fractions of the block's own absmax scale.
+            fractions = np.linspace(0.01, 1.0, 100) * np.abs(block).max() / q_pos
+            errors = [np.sum((ref_symmetric(block, np.array([s]), bits) - block) ** 2)
+                      for s in fractions]
+            error = np.sum((ref_symmetric(block, np.array([got[g]]), bits) - block) ** 2)
+            assert error <= min(errors) * (1 + 1e-5) + 1e-12, (bits, g)
+            assert np.min(np.abs(fractions - got[g])) <= 1e-5 * got[g], (bits, g)
+            continue
+          np.testing.assert_allclose(got[g], want, rtol=1e-5, err_msg=f"{method} {bits} {g}")
+  elif kind == "index":
+    lo, hi = (np.asarray(v) for v in quant.minmax_range(wj, groups))
+    np.testing.assert_array_equal(lo, [w[..., b].min() for b in blocks])
+    np.testing.assert_array_equal(hi, [w[..., b].max() for b in blocks])
+    for bits in (1, 3, 8):
+      got = np.asarray(quant.quantize_index(wj, jnp.asarray(lo), jnp.asarray(hi), bits))
+      grid = quant.grid.index(wj, jnp.asarray(lo), jnp.asarray(hi), bits)
+      for g, b in enumerate(blocks):
+        want = ref_index(w[..., b], 1, bits)
+        step = (hi[g] - lo[g]) / (2**bits - 1)
+        codes = (w64[..., b] - lo[g]) / step
+        assert np.all(np.isclose(got[..., b], want, atol=1e-5) | near_ties(codes)), (bits, g)
+        assert np.all((np.asarray(grid.codes)[..., b] == np.round(codes)) | near_ties(codes))
+  elif kind == "xnor":
+    got = np.asarray(quant.binarize_xnor(wj, groups))
+    scale = np.asarray(quant.xnor_scale(wj, groups))
+    for g, b in enumerate(blocks):
+      alpha = np.abs(w64[..., b]).mean()
+      np.testing.assert_allclose(scale[g], alpha, rtol=1e-5)
+      np.testing.assert_allclose(got[..., b], alpha * np.where(w[..., b] >= 0, 1.0, -1.0),
+                                 rtol=1e-5)
+  else:
+    grid = quant.grid.signs(wj, groups=groups)
+    assert grid.scale.shape == (groups,)
+    np.testing.assert_array_equal(grid.dequantize(), np.where(w >= 0, 1.0, -1.0))
+
+
+def test_uneven_groups_gradients_count_each_group_over_its_own_columns():
+  """LSQ's step-size gradient (1/sqrt(n * q_pos) with n the short group's own count), the 1-bit
+  scale's sum(c * sign(w)), a learned index range's and XNOR's mean|w| gradients, each against
+  float64 per column block; 10 columns in 4 groups leave the last one a single column."""
+  rng = np.random.default_rng(11)
+  groups, blocks = 4, column_blocks(10, 4)
+  w = rng.normal(size=(5, 10)).astype(np.float32)
+  cotangent = rng.normal(size=w.shape)
+  c32 = jnp.asarray(cotangent, jnp.float32)
+  counts = np.array([w[:, b].size for b in blocks])
+  assert counts.tolist() == [15, 15, 15, 5]
+
+  scale = np.asarray([0.3, 0.45, 0.6, 0.2], np.float32)
+  bits, q_pos = 3, 3.0
+  loss = lambda v, s, b: jnp.sum(quant.quantize_symmetric(v, s, b) * c32)
+  grad_w, grad_s = jax.grad(loss, (0, 1))(jnp.asarray(w), jnp.asarray(scale), bits)
+  for g, b in enumerate(blocks):
+    want = central_difference(lambda s: lsq_surrogate(w[:, b], cotangent[:, b], s,
+                                                      scale[g:g + 1], bits), scale[g:g + 1])
+    np.testing.assert_allclose(grad_s[g], want[0] / np.sqrt(counts[g] * q_pos), rtol=1e-4)
+    v = w[:, b] / scale[g]
+    np.testing.assert_allclose(grad_w[:, b], np.where((v >= -4) & (v <= 3), cotangent[:, b], 0),
+                               rtol=1e-6)
+  assert np.all(np.abs(grad_s) > 1e-3)
+
+  one_bit = jax.grad(loss, 1)(jnp.asarray(w), jnp.asarray(scale), 1)
+  want = [np.sum(cotangent[:, b] * np.where(w[:, b] >= 0, 1.0, -1.0)) / np.sqrt(counts[g])
+          for g, b in enumerate(blocks)]
+  np.testing.assert_allclose(one_bit, want, rtol=1e-5)
+
+  lo = np.asarray([-0.8, -0.5, -1.0, -0.3], np.float32)
+  hi = np.asarray([0.7, 1.1, 0.9, 0.4], np.float32)
+  index_loss = lambda v, a, h: jnp.sum(quant.quantize_index(v, a, h, bits) * c32)
+  got = jax.grad(index_loss, (0, 1, 2))(jnp.asarray(w), jnp.asarray(lo), jnp.asarray(hi))
+  for g, b in enumerate(blocks):
+    frozen = (w[:, b], lo[g:g + 1], hi[g:g + 1])
+    surrogate = lambda v, a, h: index_surrogate(v, cotangent[:, b], a, h, frozen, bits)
+    want = (central_difference(lambda v: surrogate(v, *frozen[1:]), w[:, b]),
+            central_difference(lambda a: surrogate(w[:, b], a, hi[g:g + 1]), lo[g:g + 1]),
+            central_difference(lambda h: surrogate(w[:, b], lo[g:g + 1], h), hi[g:g + 1]))
+    for name, have, ref in zip(("w", "lo", "hi"), (got[0][:, b], got[1][g:g + 1],
+                                                   got[2][g:g + 1]), want):
+      np.testing.assert_allclose(np.asarray(have), ref, rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{name} {g}")
+
+  # XNOR: d/dw sum(c * alpha_g sign(w)) = c alpha_g [|w| <= 1] + sign(w) sum_g(c sign(w)) / n_g.
+  xnor = jax.grad(lambda v: jnp.sum(quant.binarize_xnor(v, groups) * c32))(jnp.asarray(w))
+  for g, b in enumerate(blocks):
+    signs = np.where(w[:, b] >= 0, 1.0, -1.0)
+    alpha = np.abs(w[:, b].astype(np.float64)).mean()
+    want = (cotangent[:, b] * alpha * (np.abs(w[:, b]) <= 1)
+            + signs * np.sum(cotangent[:, b] * signs) / counts[g])
+    np.testing.assert_allclose(xnor[:, b], want, rtol=1e-4, atol=1e-6)
+
+
+def test_uneven_mixture_weighs_each_column_block_by_its_groups_probabilities():
+  rng = np.random.default_rng(12)
+  w = jnp.asarray(rng.normal(size=(3, 80)), jnp.float32)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(12, 3)), jnp.float32))
+  quantize = lambda v, k: v * (k + 1.0)  # stand-ins whose mixture is known in closed form
+  mixed = np.asarray(quant.mix(w, probs, quantize))
+  grad = jax.grad(lambda p: jnp.sum(quant.mix(w, p, quantize)))(probs)
+  p64, w64 = np.asarray(probs, np.float64), np.asarray(w, np.float64)
+  for g, b in enumerate(column_blocks(80, 12)):
+    np.testing.assert_allclose(mixed[:, b], w64[:, b] * (p64[g] @ [1.0, 2.0, 3.0]), rtol=1e-6)
+    np.testing.assert_allclose(grad[g], w64[:, b].sum() * np.array([1.0, 2.0, 3.0]), rtol=1e-5,
+                               atol=1e-5)
 
 
 # ---------------------------------------------------------------- activation quantizer
@@ -572,12 +747,14 @@ def test_storage_bits_count_packed_words_and_scales_by_hand():
                             bit_choices=(0, 1, 2, 3, 4, 8))
   by_hand = {0: 0, 1: 12 * 32 * 128 + 32, 2: 24 * 32 * 128 + 32, 3: 39 * 32 * 128 + 32,
              4: 48 * 32 * 128 + 32, 8: 96 * 32 * 128 + 32}
-  assert matrix.choice_bits == tuple(by_hand[b] for b in (0, 1, 2, 3, 4, 8))
+  np.testing.assert_array_equal(matrix.choice_bits,  # [G, K]: every sub-group alike here
+                                np.tile([by_hand[b] for b in (0, 1, 2, 3, 4, 8)], (12, 1)))
   for b in (1, 2, 4, 8):  # exactly b bits per weight when the word count divides K
-    assert matrix.code_bits(b) == b * matrix.group_size
+    np.testing.assert_array_equal(matrix.code_bits(b), np.full(12, b * 384 * 128))
   tiny = quant.MatrixSpec(path="k", shape=(32, 8), groups=2, quantizer="index",
                           bit_choices=(3,))
-  assert tiny.storage_bits(3) == 4 * 32 * 4 + 2 * 32  # ceil(32 / 10) = 4 words; (lo, hi) floats
+  # ceil(32 / 10) = 4 words per column, 4 columns; (lo, hi) floats.
+  np.testing.assert_array_equal(tiny.storage_bits(3), [4 * 32 * 4 + 2 * 32] * 2)
   policy = quant.Policy(bits={"k": np.array([3, 0, 1, 8, 2, 4, 3, 3, 0, 0, 1, 8], np.int32)},
                         matrices=(matrix,)).validate()
   bits = [3, 0, 1, 8, 2, 4, 3, 3, 0, 0, 1, 8]
@@ -663,6 +840,47 @@ def test_size_accounting_equals_hand_count_on_a_tiny_model():
   assert emb8_other * 8 * 2**20 == other * 32 - saved
 
 
+def test_uneven_groups_size_accounting_equals_hand_count():
+  """An FFN of 80 (12 groups: 11 of 7 columns and 3) and FFN outputs of 32 (5 groups: 4 of 7
+  and 4): each sub-group stores its own columns' packed words plus one scale."""
+  config = models.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=80,
+                             max_position_embeddings=16, type_vocab_size=2)
+  params = abstract_params(config)
+  spec = models.bert_encoder_spec(groups={"qkv": 4, "attention_output": 3, "ffn_in": 12,
+                                         "ffn_out": 5}, bit_choices=(0, 1, 2, 3, 4, 8))
+  plan = spec.plan(params)
+  ffn_in = "bert/encoder/layer/0/intermediate/dense/kernel"  # [32, 80]
+  ffn_out = "bert/encoder/layer/1/output/dense/kernel"  # [80, 32]
+  attention_output = "bert/encoder/layer/1/attention/output/dense/kernel"  # [32, 32]: 11, 11, 10
+  assert plan[ffn_in].group_widths == (7,) * 11 + (3,)
+  assert plan[ffn_out].group_widths == (7, 7, 7, 7, 4)
+  assert plan[attention_output].group_widths == (11, 11, 10)
+  # 32-bit words per column: K = 32 rows at 1, 2, 3, 4, 8 bits take 1, 2, 4, 4, 8 words; K = 80
+  # rows take 3, 5, 8, 10, 20 (32, 16, 10, 8 and 4 codes to a word).
+  words_32 = {0: 0, 1: 1, 2: 2, 3: 4, 4: 4, 8: 8}
+  choices = (0, 1, 2, 3, 4, 8)
+  group = lambda columns, words: 0 if words == 0 else columns * words * 32 + 32
+  np.testing.assert_array_equal(plan[ffn_in].choice_bits,
+                                [[group(7, words_32[b]) for b in choices]] * 11
+                                + [[group(3, words_32[b]) for b in choices]])
+
+  bits = {p: np.zeros((m.groups,), np.int32) for p, m in plan.items()}
+  bits[ffn_in] = np.array([8] + [0] * 10 + [3], np.int32)
+  bits[ffn_out] = np.array([0, 2, 0, 0, 1], np.int32)
+  bits[attention_output] = np.array([0, 0, 4], np.int32)
+  policy = quant.Policy(bits=bits, matrices=tuple(plan.values())).validate()
+  codes = 7 * 8 * 32 + 3 * 4 * 32 + 7 * 5 * 32 + 4 * 3 * 32 + 10 * 4 * 32
+  report = quant.size_report(params, policy, layout=models.BERT_LAYOUT)
+  assert report["size_mb"] * 8 * 2**20 == codes + 5 * 32
+  weights = 2 * (4 * 32 * 32 + 2 * 32 * 80)
+  assert report["avg_bits"] * weights == codes
+  # Uniform 2 bits: 2 bits per weight (16 codes to a word divide K = 32 and 80), and one scale
+  # per group: 4 * 3 (Q, K, V) + 3 + 12 + 5 = 32 groups per layer.
+  uniform = quant.size_report(params, quant.uniform_policy(plan, 2), layout=models.BERT_LAYOUT)
+  assert uniform["size_mb"] * 8 * 2**20 == 2 * weights + 2 * 32 * 32
+
+
 def test_policy_json_round_trip_and_validation(tmp_path):
   params = abstract_params(TINY)
   plan = models.bert_encoder_spec(groups=2).plan(params)
@@ -711,8 +929,10 @@ def test_spec_errors_name_the_problem():
     quant.Rule(pattern="x", bit_choices=(0, 1, 9))
   with pytest.raises(ValueError, match="num_heads"):
     models.bert_encoder_spec(groups="head")
-  with pytest.raises(ValueError, match="do not split"):
-    models.bert_encoder_spec(groups=5).plan(abstract_params(TINY))
+  # 12 groups of 32 columns: 11 of ceil(32 / 12) = 3 take 33, the last would be empty.
+  with pytest.raises(ValueError, match=r"output/dense/kernel: cannot split 32 columns into 12 "
+                                       r"sub-groups.*last one empty\. Use 11 or 16 groups"):
+    models.bert_encoder_spec(groups=12).plan(abstract_params(TINY))
   with pytest.raises(ValueError, match="no kernel of the model matches"):
     quant.QuantSpec(rules=(quant.Rule(pattern="decoder"),),
                     layout=models.BERT_LAYOUT).plan(abstract_params(TINY))

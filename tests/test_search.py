@@ -50,8 +50,8 @@ def test_expected_size_of_one_hot_probabilities_is_the_policy_size(encoder_param
   assert float(search.expected_size_mb(one_hot, plan)) == pytest.approx(exact, rel=1e-6)
   # Uniform probabilities: the mean over choices of each group's storage, by hand.
   uniform = {p: jnp.full((m.groups, 4), 0.25) for p, m in plan.items()}
-  by_hand = sum(m.groups * np.mean([b * m.group_size + (32 if b else 0) for b in (0, 2, 4, 8)])
-                for m in plan.values()) / (8 * 2**20)
+  by_hand = sum(m.groups * np.mean([b * m.group_sizes[0] + (32 if b else 0)
+                                    for b in (0, 2, 4, 8)]) for m in plan.values()) / (8 * 2**20)
   assert float(search.expected_size_mb(uniform, plan)) == pytest.approx(by_hand, rel=1e-6)
 
 
@@ -149,11 +149,92 @@ def test_derivation_gives_way_where_the_search_was_least_decided(encoder_params)
   arch[undecided] = arch[undecided].at[1].set(jnp.array([0.0, 0.0, 9.9, 10.0]))
   all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8),
                            layout=models.BERT_LAYOUT)["size_mb"]
-  shrink = plan[undecided].group_size * 4 / (8 * 2**20)  # one group from 8 to 4 bits
+  shrink = plan[undecided].group_sizes[0] * 4 / (8 * 2**20)  # one group from 8 to 4 bits
   band = search.SizeBand(all8 - shrink, tolerance=0.3 * shrink / all8)
   policy = search.derive_policy(arch, plan, band)
   assert np.asarray(policy.bits[undecided]).tolist() == [8, 4, 8, 8]
   assert all(np.all(np.asarray(policy.bits[p]) == 8) for p in plan if p != undecided)
+
+
+UNEVEN_GROUPS = {"qkv": 3, "attention_output": 6, "ffn_in": 5, "ffn_out": 6}
+
+
+def _storage_by_hand(k: int, columns: int, bits: int) -> int:
+  """One sub-group of `columns` output columns and K rows: ceil(K / floor(32 / b)) 32-bit words
+  per column plus a 32-bit scale; nothing when pruned."""
+  return 0 if bits == 0 else columns * -(-k // (32 // bits)) * 32 + 32
+
+
+def _widths_by_hand(n: int, groups: int) -> list[int]:
+  """Columns of sub-group g: [g * w, min((g + 1) * w, n)), w = ceil(n / groups)."""
+  width = -(-n // groups)
+  return [min((g + 1) * width, n) - g * width for g in range(groups)]
+
+
+def test_uneven_groups_size_range_uniform_and_expected_sizes_by_hand(encoder_params):
+  """Hidden 16 and FFN 32 in 6 groups: 5 of 3 columns and 1, or 5 of 6 and 2."""
+  choices = (0, 2, 3, 4, 8)
+  plan = _plan(encoder_params, groups=6, bit_choices=choices)
+  ffn_in = "encoder/layer/0/intermediate/dense/kernel"  # [16, 32]
+  assert plan[ffn_in].group_widths == (6, 6, 6, 6, 6, 2)
+  np.testing.assert_array_equal(plan[ffn_in].choice_bits[-1],  # 2 columns of K = 16
+                                [0, 2 * 1 * 32 + 32, 2 * 2 * 32 + 32, 2 * 2 * 32 + 32,
+                                 2 * 4 * 32 + 32])
+  # 8 and 3 bits: 8 bits per weight; 2 (K = 16) or 4 (K = 32) words per column at 3 bits. Two
+  # layers of 4 * 16 * 16 + 16 * 32 + 32 * 16 = 2048 weights and 6 * 6 = 36 sub-groups.
+  low, high = search.size_range_mb(encoder_params, plan, layout=models.BERT_LAYOUT)
+  assert low == 0.0 and high * 8 * 2**20 == 8 * 4096 + 72 * 32
+  per_layer_3 = 4 * 16 * 2 * 32 + 32 * 2 * 32 + 16 * 4 * 32
+  assert search.uniform_size_mb(encoder_params, plan, 3,
+                                layout=models.BERT_LAYOUT) * 8 * 2**20 == 2 * per_layer_3 + 72 * 32
+  uniform = {p: jnp.full((m.groups, len(choices)), 1 / len(choices)) for p, m in plan.items()}
+  by_hand = sum(np.mean([_storage_by_hand(m.shape[0], c, b) for b in choices])
+                for m in plan.values() for c in _widths_by_hand(m.shape[1], m.groups))
+  assert float(search.expected_size_mb(uniform, plan)) * 8 * 2**20 == pytest.approx(by_hand,
+                                                                                  rel=1e-6)
+
+
+def test_derivation_moves_the_short_group_when_only_its_size_fits(encoder_params):
+  """All 8 bits but for a move of 64 bits: the 1-column last group of an attention output
+  (16 columns in 6 groups) from 8 to 4 bits (4 -> 2 words). A full group's move, 192 bits, would
+  leave the band, so the short one gives way although a full group is less decided."""
+  plan = _plan(encoder_params, groups=6, bit_choices=(0, 2, 3, 4, 8))
+  matrix = "encoder/layer/0/attention/output/dense/kernel"
+  assert plan[matrix].group_widths == (3, 3, 3, 3, 3, 1)
+  arch = {p: jnp.tile(jnp.array([0.0, 0.0, 0.0, 0.0, 10.0]), (m.groups, 1))
+          for p, m in plan.items()}
+  arch[matrix] = (arch[matrix].at[0].set(jnp.array([0.0, 0.0, 0.0, 9.95, 10.0]))
+                  .at[5].set(jnp.array([0.0, 0.0, 0.0, 9.9, 10.0])))
+  all8 = quant.size_report(encoder_params, quant.uniform_policy(plan, 8),
+                           layout=models.BERT_LAYOUT)["size_mb"]
+  band = search.SizeBand(all8 - 64 / (8 * 2**20), tolerance=32 / (8 * 2**20) / all8)
+  policy = search.derive_policy(arch, plan, band)
+  assert np.asarray(policy.bits[matrix]).tolist() == [8, 8, 8, 8, 8, 4]
+  assert all(np.all(np.asarray(policy.bits[p]) == 8) for p in plan if p != matrix)
+  assert quant.size_report(encoder_params, policy,
+                           layout=models.BERT_LAYOUT)["size_mb"] == band.target_mb
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), position=st.floats(0.05, 0.95),
+       tolerance=st.floats(0.001, 0.05), groups=st.sampled_from([3, 6, UNEVEN_GROUPS]))
+def test_derived_policy_on_uneven_groups_lands_in_the_band(encoder_params, seed, position,
+                                                           tolerance, groups):
+  plan = _plan(encoder_params, groups=groups, bit_choices=(0, 2, 3, 4, 8))
+  assert any(len(set(m.group_widths)) > 1 for m in plan.values())
+  low, high = search.size_range_mb(encoder_params, plan, layout=models.BERT_LAYOUT)
+  band = search.SizeBand(low + position * (high - low), tolerance)
+  rng = np.random.default_rng(seed)
+  arch = {p: rng.normal(size=(m.groups, 5)) * rng.uniform(0.1, 5) for p, m in plan.items()}
+  try:
+    policy = search.derive_policy(arch, plan, band)
+  except ValueError as e:
+    assert "cannot derive" in str(e)
+    return
+  size = quant.size_report(encoder_params, policy, layout=models.BERT_LAYOUT)["size_mb"]
+  assert band.lower <= size <= band.target_mb
+  one_hot = {p: quant.one_hot_bits(policy.bits[p], m.bit_choices) for p, m in plan.items()}
+  assert float(search.expected_size_mb(one_hot, plan)) == pytest.approx(size, rel=1e-6)
 
 
 def test_pruning_limit_keeps_every_matrix_alive(encoder_params):
@@ -231,7 +312,7 @@ def test_search_prunes_the_sub_groups_the_task_does_not_need():
   plan = spec.plan(params)
   (path, matrix), = plan.items()
   fixed = search.float_matrix_bits(params, plan, layout=models.BERT_LAYOUT)
-  group_bits = lambda b: matrix.group_size * b + (32 if b else 0)
+  group_bits = lambda b: matrix.group_sizes[0] * b + (32 if b else 0)
   band = search.SizeBand((fixed + len(useful) * group_bits(8)) / quant.BITS_PER_MB, 0.002)
 
   rng = np.random.default_rng(0)

@@ -1,12 +1,14 @@
 """Packed checkpoints of quantized models and inference on them through the kernels.
 
-`packed`: the format, `export_packed`, `load_packed` and `PackedModel.apply`. A finished run's
-directory becomes a packed file with `python -m mpqbert.export --workdir=RUN --out=FILE`
+`packed`: the format, `export_packed`, `load_packed` and `PackedModel.apply`. `integer`: a packed
+model laid out once for int8 x int8 -> int32 matmuls on the CPU (`lay_out(packed, "int8")`). A
+finished run's directory becomes a packed file with `python -m mpqbert.export --workdir=RUN --out=FILE`
 (`mpqbert.methods.export_run`, which sits above this package: nothing here imports the runs).
 """
 
 from mpqbert.export.packed import (PackedModel, bit_blocks, export_packed, half_dtype, load_packed,
                                    packed_apply, packed_nbytes, save_packed)
+from mpqbert.export.integer import IntegerModel, input_kinds, lay_out
 
-__all__ = ["PackedModel", "bit_blocks", "export_packed", "half_dtype", "load_packed",
-           "packed_apply", "packed_nbytes", "save_packed"]
+__all__ = ["IntegerModel", "PackedModel", "bit_blocks", "export_packed", "half_dtype",
+           "input_kinds", "lay_out", "load_packed", "packed_apply", "packed_nbytes", "save_packed"]

@@ -2,7 +2,8 @@
 
 `export_packed(params, policy, qparams)` stores what the policy says and nothing more: the codes
 are those of the `quant.QArray` (`quant.weight_grid`) that training dequantized. Each
-quantized matrix `[K, N]` is split by bit-width: the sub-groups (column blocks) at b bits are
+quantized matrix `[K, N]` is split by bit-width: the sub-groups (column blocks of
+`MatrixSpec.group_widths`, the last one narrower when G does not divide N) at b bits are
 gathered, in order, into one block packed along K (`kernels.packing`), stored as
 
   `b{b}/words`   uint32 `[K_w, N_b]`: signed codes (symmetric, sign, xnor; at 1 bit the sign
@@ -31,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -91,8 +92,21 @@ def bit_blocks(policy: Policy, path: str) -> list[tuple[int, np.ndarray]]:
           if b > 0]
 
 
-def _columns(groups: np.ndarray, group_width: int) -> np.ndarray:
-  return (groups[:, None] * group_width + np.arange(group_width)).reshape(-1)
+def _columns(groups: np.ndarray, matrix: quant.MatrixSpec) -> np.ndarray:
+  """The output columns of sub-groups `groups` (in order): contiguous blocks of
+  `matrix.group_widths`, the last one narrower when the groups are uneven."""
+  widths = np.asarray(matrix.group_widths, np.int64)
+  starts = np.cumsum(widths) - widths
+  return np.concatenate([np.zeros((0,), np.int64)] +
+                        [np.arange(starts[g], starts[g] + widths[g]) for g in groups])
+
+
+def _per_column(values: Array, groups: np.ndarray, matrix: quant.MatrixSpec) -> Array:
+  """Per-sub-group values `[len(groups)]` repeated over each sub-group's columns."""
+  widths = np.asarray(matrix.group_widths)[groups]
+  if len(set(widths.tolist())) == 1:
+    return jnp.repeat(values, int(widths[0]))
+  return jnp.repeat(values, widths, total_repeat_length=int(widths.sum()))
 
 
 def _check_supported(policy: Policy) -> None:
@@ -112,11 +126,9 @@ def _check_supported(policy: Policy) -> None:
 def _pack_matrix(w: Array, matrix: quant.MatrixSpec, bits_per_group: np.ndarray,
                  qparams: Mapping[str, Any] | None, policy: Policy) -> dict[str, Array]:
   """The stored arrays of one quantized matrix (module docstring)."""
-  k, n = w.shape
-  width = n // matrix.groups
   entry = {}
   for b, groups in bit_blocks(policy, matrix.path):
-    cols = _columns(groups, width)
+    cols = _columns(groups, matrix)
     # The grid training dequantized (`quant.weight_grid`), restricted to this block's sub-groups.
     qarray = quant.weight_grid(w, matrix, qparams or {}, matrix.bit_choices.index(b))
     if matrix.quantizer != "sign":
@@ -180,7 +192,6 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
   """One packed Dense layer `x [..., K] -> [..., N]`: a kernel call per bit-width block, the
   blocks' columns put back in order, pruned columns 0."""
   k, n = matrix.shape
-  width = n // matrix.groups
   x2 = x.reshape(-1, k)
   input_bits = matrix.input_bits(policy.activation_bits)
   if 1 < input_bits < FULL_PRECISION:
@@ -191,17 +202,18 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
     words = entry[f"b{b}/words"]
     scale = entry.get(f"b{b}/scale")
     scale = (jnp.ones((len(groups),), jnp.float32) if scale is None else scale)
-    scale = jnp.repeat(scale, width)
+    scale = _per_column(scale, groups, matrix)
     if input_bits == 1 and b == 1 and signed:  # Binary x binary (sign, xnor, 1-bit symmetric).
       y = kernels.xnor_matmul(kernels.pack_signs(x2), words, k, scale=scale, backend=backend)
     else:  # Binarized inputs are sign(x), sign(0) = +1, as quant.sign_ste.
       xb = quant.grid.sign_codes(x2) if input_bits == 1 else x2
       zero = entry.get(f"b{b}/zero")
+      zero = None if zero is None else _per_column(zero, groups, matrix)
       y = kernels.packed_matmul(xb.astype(half_dtype()), words, scale, bits=b, signed=signed,
-                                zero_points=None if zero is None else jnp.repeat(zero, width),
+                                zero_points=zero,
                                 out_dtype=jnp.float32, backend=backend)
     outputs.append(y)
-    columns.append(_columns(groups, width))
+    columns.append(_columns(groups, matrix))
   order = np.concatenate(columns) if columns else np.zeros((0,), np.int64)
   if len(order) < n:  # Pruned sub-groups: zero columns.
     outputs.append(jnp.zeros((x2.shape[0], n - len(order)), jnp.float32))
@@ -213,10 +225,13 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
 
 
 def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "auto",
-                 **kwargs) -> Any:
+                 dense: Callable[..., Array] | None = None, **kwargs) -> Any:
   """`model.apply` on a packed model: packed kernels run through `_dense`, int8 tables are
   gathered then dequantized; every other parameter is computed in float32. Pure and jit-able.
-  `backend`: the kernels' (`kernels.compat`; "auto" is the pure-jnp reference on CPU)."""
+  `backend`: the kernels' (`kernels.compat`; "auto" is the pure-jnp reference on CPU). `dense`:
+  what runs a packed matrix instead of `_dense`, same arguments (`export.integer` passes its
+  int8 layer with an `IntegerModel` as `packed`)."""
+  dense = dense or _dense
   policy = packed.policy
   plan = policy.plan
   params = jax.tree.map(lambda v: v if v.dtype == jnp.int8 else v.astype(jnp.float32),
@@ -229,8 +244,8 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "a
     if isinstance(module, QuantizableDense):
       path = "/".join((*module.path, "kernel"))
       if path in packed.matrices:
-        return _dense(call_args[0], packed.matrices[path], policy, plan[path],
-                      module.get_variable("params", "bias"), backend)
+        return dense(call_args[0], packed.matrices[path], policy, plan[path],
+                     module.get_variable("params", "bias"), backend)
     if isinstance(module, nn.Embed):
       path = "/".join((*module.path, "embedding"))
       if path in packed.tables:

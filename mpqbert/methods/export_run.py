@@ -5,17 +5,18 @@ packed model's dev predictions against the fake-quantized model it came from.
 
 reads the run's `config.json`, `policy.json` and the newest checkpoint of its final stage
 (`retrain/`, or SensiMix's last `stage<i>/`), writes the packed file and `<out>.json` with its
-sizes against the run's `size_mb`, and (with `check_dev`) the packed model's dev predictions
-against the fake-quantized model's. It lives with the pipelines, above `mpqbert.export` (the
-format and the kernels' inference), which imports nothing of the runs.
+sizes against the run's `size_mb`, and (with `check_dev`, `check_int8`) the packed model's, or its
+int8 CPU layout's (`export.lay_out`), dev predictions against the fake-quantized model's. It lives
+with the pipelines, above `mpqbert.export` (the format and the kernels' inference), which imports
+nothing of the runs.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,12 @@ def spec_from_policy(policy: quant.Policy) -> quant.QuantSpec:
                          embedding_quantizer=policy.embedding_quantizer)
 
 
-def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
-               ) -> dict[str, Any]:
+def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False,
+               check_int8: bool = False) -> dict[str, Any]:
   """Packs the final model of the run in `workdir` into `out`; returns (and writes to
-  `<out>.json`) the file's bytes against the run's reported sizes."""
+  `<out>.json`) the file's bytes against the run's reported sizes. `check_dev`: the packed
+  model's dev predictions against the fake-quantized model's; `check_int8`: the same for its int8
+  CPU layout (`export.lay_out`), under "int8"."""
   workdir, out = Path(workdir), Path(out)
   if not (workdir / "results.json").is_file():
     raise FileNotFoundError(f"{workdir}/results.json is missing: the run is not finished (or "
@@ -82,35 +85,53 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False
             "all_bytes": export.packed_nbytes(packed),
             "size_mb_total_bytes": size["size_mb_total"] * 2**20}
   report["matrix_bytes_over_size_mb"] = report["matrix_bytes"] / report["size_mb_bytes"]
-  if check_dev:
-    report.update(packed_agreement(common.make_context(config), jax.device_get(packed),
-                                   spec_from_policy(policy), params, qparams))
+  if check_dev or check_int8:
+    ctx, spec = common.make_context(config), spec_from_policy(policy)
+    fake = fake_predictions(ctx, spec, params, qparams, policy)
+    packed = jax.device_get(packed)
+    if check_dev:
+      report.update(packed_agreement(ctx, packed, spec, params, qparams, fake=fake))
+    if check_int8:
+      report["int8"] = {"input_kinds": dict(Counter(export.input_kinds(packed).values())),
+                        **packed_agreement(ctx, export.lay_out(packed, "int8"), spec, params,
+                                           qparams, fake=fake)}
   Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n")
   return report
 
 
-def predict_packed(ctx: common.TaskContext, packed: export.PackedModel,
+def predict_packed(ctx: common.TaskContext, served: export.PackedModel | export.IntegerModel,
                    dataset: data.TokenizedDataset) -> np.ndarray:
-  """Dev predictions of a packed model (`export.packed_apply`, the kernels of this backend)."""
-  def logits_fn(packed, batch):
-    return apply_to_batch(functools.partial(export.packed_apply, ctx.model), (packed,), batch,
+  """Dev predictions of a packed model (`PackedModel.apply`, the kernels of this backend) or of
+  its int8 layout (`IntegerModel.apply`)."""
+  def logits_fn(served, batch):
+    return apply_to_batch(lambda *args, **kwargs: served.apply(*args, **kwargs), (), batch,
                           deterministic=True)
 
   eval_step = make_eval_step(logits_fn, ctx.task.is_regression, "packed_eval_step")
-  return loop.predict(eval_step, packed, dataset, ctx.config, ctx.mesh)[0]
+  return loop.predict(eval_step, served, dataset, ctx.config, ctx.mesh)[0]
 
 
-def packed_agreement(ctx: common.TaskContext, packed: export.PackedModel, spec: quant.QuantSpec,
-                     params: Any, qparams: Any) -> dict[str, Any]:
-  """Dev predictions of the packed model against the fake-quantized model it was exported from:
-  the share of equal labels (regression: |difference| <= 0.05) and the packed model's metrics."""
-  dev = ctx.eval_sets[ctx.dev_split]
+def fake_predictions(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any, qparams: Any,
+                     policy: quant.Policy) -> np.ndarray:
+  """Dev predictions of the fake-quantized model (`quant.transform`) a run trained."""
   eval_step = make_eval_step(qat.quantized_logits(quant.transform(ctx.model.apply, spec)),
                              ctx.task.is_regression, "quant_eval_step")
-  fake = np.asarray(loop.predict(eval_step, (params, qparams, packed.policy), dev, ctx.config,
+  dev = ctx.eval_sets[ctx.dev_split]
+  return np.asarray(loop.predict(eval_step, (params, qparams, policy), dev, ctx.config,
                                  ctx.mesh)[0])
+
+
+def packed_agreement(ctx: common.TaskContext, served: export.PackedModel | export.IntegerModel,
+                     spec: quant.QuantSpec, params: Any, qparams: Any, *,
+                     fake: np.ndarray | None = None) -> dict[str, Any]:
+  """Dev predictions of a packed model (or its int8 layout) against the fake-quantized model it
+  was exported from (`fake`: its predictions, when already computed): the share of equal labels
+  (regression: |difference| <= 0.05) and the served model's metrics."""
+  if fake is None:
+    fake = fake_predictions(ctx, spec, params, qparams, served.policy)
+  dev = ctx.eval_sets[ctx.dev_split]
   start = time.time()
-  served = np.asarray(predict_packed(ctx, packed, dev))
+  served = np.asarray(predict_packed(ctx, served, dev))
   out = {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
          "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels)}
   if ctx.task.is_regression:

@@ -1,7 +1,7 @@
 """The integer grid of every weight quantizer: one `QArray` from training to disk.
 
 A `QArray` holds integer codes with a scale and a zero point per sub-group (the last axis split
-into `G` equal column blocks, as everywhere in `quant`):
+into `G` contiguous column blocks, as everywhere in `quant`; `group_widths`):
 
     value = scale * (codes - zero)
 
@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -31,18 +33,98 @@ Array = jax.Array
 MIN_SCALE = 1e-12
 
 
+def group_widths(out: int, groups: int) -> tuple[int, ...]:
+  """Columns of each of `groups` sub-groups of `out` columns: ceil(out / groups) each, the last
+  one what remains (smaller when `groups` does not divide `out`).
+
+  Raises when the last sub-group would be empty (e.g. 9 columns in 4 groups of 3), naming the
+  nearest counts that work.
+  """
+  out, groups = int(out), int(groups)
+  if groups < 1 or out < 1:
+    raise ValueError(f"cannot split {out} columns into {groups} sub-groups; use a count from 1 "
+                     f"to {max(out, 1)}.")
+  width = -(-out // groups)
+  last = out - (groups - 1) * width
+  if last <= 0:
+    fits = lambda g: out - (g - 1) * -(-out // g) > 0
+    below = max(g for g in range(1, groups) if fits(g))
+    above = next((g for g in range(groups + 1, out + 1) if fits(g)), None)
+    nearest = f"{below}" + ("" if above is None else f" or {above}")
+    raise ValueError(f"cannot split {out} columns into {groups} sub-groups: the first "
+                     f"{groups - 1}, of ceil({out} / {groups}) = {width} columns each, take "
+                     f"{(groups - 1) * width} >= {out} and leave the last one empty. Use {nearest} "
+                     f"groups (any count G with (G - 1) * ceil({out} / G) < {out}, e.g. a divisor "
+                     f"of {out}).")
+  return (width,) * (groups - 1) + (last,)
+
+
 def group_view(w: Array, groups: int) -> Array:
-  """`[..., out] -> [..., groups, out // groups]`; the inverse is a reshape to `w.shape`."""
+  """`[..., out] -> [..., groups, width]`, width = ceil(out / groups); the inverse is `ungroup`.
+
+  A reshape when `groups` divides `out`; otherwise the last sub-group is zero-padded to `width`
+  columns, which elementwise work may touch but per-group reductions (`group_sum`, `group_max`,
+  `group_min`, `group_mean`) skip and `ungroup` drops.
+  """
   out = w.shape[-1]
-  if groups < 1 or out % groups:
-    raise ValueError(f"cannot split the last axis of size {out} into {groups} equal sub-groups; "
-                     f"choose a group count that divides {out}.")
-  return w.reshape(*w.shape[:-1], groups, out // groups)
+  width = group_widths(out, groups)[0]
+  if groups * width != out:
+    w = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, groups * width - out)])
+  return w.reshape(*w.shape[:-1], groups, width)
+
+
+def ungroup(view: Array, out: int) -> Array:
+  """A group view back to `[..., out]`, without the padding of an uneven last sub-group."""
+  flat = view.reshape(*view.shape[:-2], view.shape[-2] * view.shape[-1])
+  return flat if flat.shape[-1] == out else flat[..., :out]
 
 
 def per_group(values: Array) -> Array:
   """`[G]` -> `[G, 1]`, broadcastable against a group view."""
   return jnp.asarray(values)[..., None]
+
+
+def _reduce_axes(view: Array) -> tuple[int, ...]:
+  """Axes of a group view that a per-group reduction runs over (all but the group axis)."""
+  return tuple(i for i in range(view.ndim) if i != view.ndim - 2)
+
+
+def _padding(view: Array, out: int) -> np.ndarray | None:
+  """`[G, width]` True on the padding of a group view of `out` columns; None when there is none."""
+  groups, width = view.shape[-2:]
+  if groups * width == out:
+    return None
+  return (np.arange(groups * width) >= out).reshape(groups, width)
+
+
+def group_sum(view: Array, out: int) -> Array:
+  """`[G]`: the sum of each sub-group of a group view of `out` columns (padding excluded)."""
+  pad = _padding(view, out)
+  return jnp.sum(view if pad is None else jnp.where(pad, 0.0, view), axis=_reduce_axes(view))
+
+
+def group_max(view: Array, out: int) -> Array:
+  """`[G]`: the max of each sub-group; the padding takes a real value of its group (its first
+  column, never padding), so it cannot win."""
+  pad = _padding(view, out)
+  return jnp.max(view if pad is None else jnp.where(pad, view[..., :1], view),
+                 axis=_reduce_axes(view))
+
+
+def group_min(view: Array, out: int) -> Array:
+  """`[G]`: the min of each sub-group (padding as in `group_max`)."""
+  pad = _padding(view, out)
+  return jnp.min(view if pad is None else jnp.where(pad, view[..., :1], view),
+                 axis=_reduce_axes(view))
+
+
+def group_mean(view: Array, out: int) -> Array:
+  """`[G]`: the mean of each sub-group over its own element count (padding excluded)."""
+  if _padding(view, out) is None:
+    return jnp.mean(view, axis=_reduce_axes(view))
+  rows = math.prod(view.shape[:-2])
+  count = rows * np.asarray(group_widths(out, view.shape[-2]), np.float32)
+  return group_sum(view, out) / count
 
 
 def symmetric_levels(bits: int) -> tuple[float, float]:
@@ -81,7 +163,7 @@ class QArray:
   def dequantize(self) -> Array:
     """`scale * (codes - zero)` per sub-group, `codes`' shape."""
     cg = group_view(self.codes, self.groups)
-    return (per_group(self.scale) * (cg - per_group(self.zero))).reshape(self.codes.shape)
+    return ungroup(per_group(self.scale) * (cg - per_group(self.zero)), self.codes.shape[-1])
 
   def int_codes(self) -> Array:
     """The codes as int32 (what `kernels.pack` takes)."""
@@ -106,7 +188,7 @@ def symmetric(w: Array, scale: Array, bits: int) -> QArray:
     return signs(w, scale)
   q_neg, q_pos = symmetric_levels(bits)
   wg = group_view(w, scale.shape[-1])
-  codes = jnp.round(jnp.clip(wg / per_group(scale), -q_neg, q_pos)).reshape(w.shape)
+  codes = ungroup(jnp.round(jnp.clip(wg / per_group(scale), -q_neg, q_pos)), w.shape[-1])
   return QArray(codes, scale, jnp.zeros_like(scale), bits, True)
 
 
@@ -115,6 +197,6 @@ def index(w: Array, lo: Array, hi: Array, bits: int) -> QArray:
   span = jnp.maximum(hi - lo, MIN_SCALE)
   scale = span / (2.0**bits - 1.0)
   wg = group_view(w, lo.shape[-1])
-  codes = jnp.round((jnp.clip(wg, per_group(lo), per_group(hi)) - per_group(lo)) /
-                    per_group(scale)).reshape(w.shape)
+  codes = ungroup(jnp.round((jnp.clip(wg, per_group(lo), per_group(hi)) - per_group(lo)) /
+                            per_group(scale)), w.shape[-1])
   return QArray(codes, scale, -lo / scale, bits, False)

@@ -9,12 +9,12 @@ policy and post-training quantization share one code path.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mpqbert.quant.quantizers import group_view
+from mpqbert.quant.grid import group_view, ungroup
 
 Array = jax.Array
 
@@ -54,12 +54,13 @@ def mix(w: Array, probs: Array, quantize_choice: Callable[[Array, int], Array]) 
   mixed = 0.0
   for k in range(choices):
     mixed = mixed + group_view(quantize_choice(w, k), groups) * probs[:, k, None]
-  return jnp.reshape(mixed, w.shape)
+  return ungroup(mixed, w.shape[-1])
 
 
-def expected_bits(probs: Array, choice_bits: Sequence[int]) -> Array:
-  """Expected storage in bits of one matrix: `sum_g sum_k p_gk * choice_bits[k]`, with
-  `choice_bits` a sub-group's storage per bit choice (`MatrixSpec.choice_bits`).
+def expected_bits(probs: Array, choice_bits: Any) -> Array:
+  """Expected storage in bits of one matrix: `sum_g sum_k p_gk * choice_bits[g, k]`, with
+  `choice_bits` each sub-group's storage per bit choice `[G, K]` (`MatrixSpec.choice_bits`;
+  sub-groups of different widths store different bits), or `[K]` shared by every sub-group.
 
   Differentiable in `probs`; with one-hot `probs` it equals the policy's exact size.
   """

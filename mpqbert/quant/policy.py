@@ -160,13 +160,11 @@ class Policy:
 
   def weight_bits(self, path: str) -> int:
     """Storage bits of one quantized matrix's packed codes (no scales)."""
-    matrix = self.plan[path]
-    return sum(matrix.code_bits(int(b)) for b in np.asarray(self.bits[path]))
+    return int(self.plan[path].code_bits(np.asarray(self.bits[path])).sum())
 
   def matrix_bits(self, path: str) -> int:
     """Storage bits of one quantized matrix: packed codes plus the scales of kept groups."""
-    matrix = self.plan[path]
-    return sum(matrix.storage_bits(int(b)) for b in np.asarray(self.bits[path]))
+    return int(self.plan[path].storage_bits(np.asarray(self.bits[path])).sum())
 
 
 def uniform_policy(plan: Plan, bits: int, *, embedding_bits: int = FULL_PRECISION,

@@ -1,7 +1,9 @@
 """Quantizers: pure functions `(w, qparams...) -> w_hat` over any array, per sub-group.
 
-Sub-groups split the LAST axis (a Dense kernel's output neurons, `[in, out]`) into `G` equal,
-contiguous blocks: `[..., out] -> [..., G, out // G]`. A per-group quantity (scale, range, bits)
+Sub-groups split the LAST axis (a Dense kernel's output neurons, `[in, out]`) into `G`
+contiguous blocks of ceil(out / G) columns, the last one what remains (`grid.group_widths`):
+`[..., out] -> [..., G, ceil(out / G)]`, the uneven last block padded in the view and left out of
+every per-group statistic (`grid.group_sum` etc.). A per-group quantity (scale, range, bits)
 has shape `[G]`. G = 1 is per-tensor, G = out is per-neuron; with Hugging Face's head-major layout
 G = num_heads makes one group per attention head of Q, K and V.
 
@@ -22,17 +24,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mpqbert.quant import grid
-from mpqbert.quant.grid import MIN_SCALE, group_view, per_group, symmetric_levels
+from mpqbert.quant.grid import (MIN_SCALE, group_max, group_mean, group_min, group_sum,
+                                group_view, group_widths, per_group, symmetric_levels, ungroup)
 from mpqbert.quant.ste import round_ste, scale_grad, sign_ste
 
 Array = jax.Array
-
-
-def _reduce_axes(wg: Array) -> tuple[int, ...]:
-  """Axes of a group view that a per-group reduction sums over (all but the group axis)."""
-  return tuple(i for i in range(wg.ndim) if i != wg.ndim - 2)
 
 
 def _lsq_code_max(bits: int) -> float:
@@ -49,8 +48,9 @@ def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = Tr
     scale: `[G]` positive step sizes.
     bits: 1..8. 1 bit is `s * sign(w)` with sign(0) = +1 (`_scaled_sign`): the codes {-1, +1}
       of the sign / xnor quantizers, with a learned scale like the other widths.
-    lsq_grad: scale the step size's gradient by 1/sqrt(n * Q_P), n = elements per group, Q_P the
-      largest positive code (`_lsq_code_max`; 1 at 1 bit) (LSQ).
+    lsq_grad: scale the step size's gradient by 1/sqrt(n * Q_P), n = elements of the group (its
+      own count in an uneven last group), Q_P the largest positive code (`_lsq_code_max`; 1 at
+      1 bit) (LSQ).
   Gradients, 2..8 bits (`_lsq_bwd`): to `w` identity inside the grid range, 0 outside; to `scale`
   LSQ's `round(w/s) - w/s` inside, `-q_neg` / `q_pos` outside, summed over the group.
   1 bit (`_scaled_sign_bwd`): to `w` identity where |w| <= s, 0 outside; to `scale` the exact
@@ -60,9 +60,19 @@ def quantize_symmetric(w: Array, scale: Array, bits: int, *, lsq_grad: bool = Tr
     raise ValueError(f"symmetric quantization supports 1..8 bits, got {bits}; use prune for 0.")
   groups = scale.shape[-1]
   if lsq_grad:
-    scale = scale_grad(scale, 1.0 / math.sqrt(w.size // groups * _lsq_code_max(bits)))
+    scale = scale_grad(scale, _lsq_grad_factor(w.shape, groups, bits))
   scale = positive_step(scale)
   return _scaled_sign(w, scale) if bits == 1 else _lsq(w, scale, bits)
+
+
+def _lsq_grad_factor(shape: tuple[int, ...], groups: int, bits: int) -> float | np.ndarray:
+  """LSQ's 1/sqrt(n * Q_P) per sub-group: one float when the groups are equal, else `[G]`."""
+  widths = group_widths(shape[-1], groups)
+  rows = math.prod(shape[:-1])
+  if len(set(widths)) == 1:
+    return 1.0 / math.sqrt(rows * widths[0] * _lsq_code_max(bits))
+  return (1.0 / np.sqrt(rows * np.asarray(widths, np.float64) * _lsq_code_max(bits))
+          ).astype(np.float32)
 
 
 @jax.custom_vjp
@@ -94,9 +104,9 @@ def _lsq_bwd(bits, residuals, g):
   v = wg / per_group(scale)
   inside = (v >= -q_neg) & (v <= q_pos)
   code = jnp.round(jnp.clip(v, -q_neg, q_pos))
-  grad_w = jnp.where(inside, gg, 0.0).reshape(w.shape)
+  grad_w = ungroup(jnp.where(inside, gg, 0.0), w.shape[-1])
   per_element = gg * jnp.where(inside, code - v, code)
-  grad_s = jnp.sum(per_element, axis=_reduce_axes(wg))
+  grad_s = group_sum(per_element, w.shape[-1])
   return grad_w.astype(w.dtype), grad_s.astype(scale.dtype)
 
 
@@ -118,8 +128,8 @@ def _scaled_sign_bwd(residuals, g):
   # range (the hard-tanh STE of BinaryConnect, in units of s). To s: d(s sign(w))/ds = sign(w).
   w, scale = residuals
   wg, gg, s = group_view(w, scale.shape[-1]), group_view(g, scale.shape[-1]), per_group(scale)
-  grad_w = jnp.where(jnp.abs(wg) <= s, gg, 0.0).reshape(w.shape)
-  grad_s = jnp.sum(gg * grid.sign_codes(wg), axis=_reduce_axes(wg))
+  grad_w = ungroup(jnp.where(jnp.abs(wg) <= s, gg, 0.0), w.shape[-1])
+  grad_s = group_sum(gg * grid.sign_codes(wg), w.shape[-1])
   return grad_w.astype(w.dtype), grad_s.astype(scale.dtype)
 
 
@@ -150,7 +160,7 @@ def _index_surrogate(w: Array, lo: Array, hi: Array, bits: int) -> Array:
   wg = group_view(w, lo.shape[-1])
   lo_g, hi_g = per_group(lo), per_group(hi)
   q = (2.0**bits - 1.0) / jnp.maximum(hi_g - lo_g, MIN_SCALE)
-  return (round_ste(q * (jnp.clip(wg, lo_g, hi_g) - lo_g)) / q + lo_g).reshape(w.shape)
+  return ungroup(round_ste(q * (jnp.clip(wg, lo_g, hi_g) - lo_g)) / q + lo_g, w.shape[-1])
 
 
 def _index_fwd(w, lo, hi, bits):
@@ -168,8 +178,7 @@ _index.defvjp(_index_fwd, _index_bwd)
 def minmax_range(w: Array, groups: int) -> tuple[Array, Array]:
   """Per-group (min, max) of `w`, without gradient: the range of min-max index quantization."""
   wg = jax.lax.stop_gradient(group_view(w, groups))
-  axes = _reduce_axes(wg)
-  return jnp.min(wg, axis=axes), jnp.max(wg, axis=axes)
+  return group_min(wg, w.shape[-1]), group_max(wg, w.shape[-1])
 
 
 def binarize_sign(w: Array, clip: float = 1.0) -> Array:
@@ -187,8 +196,7 @@ def xnor_scale(w: Array, groups: int) -> Array:
   difference could otherwise flip a sign and the prediction. The cut keeps
   `24 - ceil(log2(K + 1))` significant bits (12 for K = 1536); the gradient is straight-through.
   """
-  wg = group_view(w, groups)
-  alpha = jnp.mean(jnp.abs(wg), axis=_reduce_axes(wg))
+  alpha = group_mean(jnp.abs(group_view(w, groups)), w.shape[-1])
   length = math.prod(w.shape[:-1])
   bits = 24 - math.ceil(math.log2(length + 1))
   mantissa, exponent = jnp.frexp(jax.lax.stop_gradient(alpha))
@@ -200,7 +208,7 @@ def binarize_xnor(w: Array, groups: int, clip: float = 1.0) -> Array:
   """`xnor_scale` * sign(w) per sub-group (XNOR-Net); the scale's gradient flows to `w` too."""
   wg = group_view(w, groups)
   # The forward value is grid.signs(w, xnor_scale) dequantized: sign_ste's codes times the scale.
-  return (per_group(xnor_scale(w, groups)) * sign_ste(wg, clip)).reshape(w.shape)
+  return ungroup(per_group(xnor_scale(w, groups)) * sign_ste(wg, clip), w.shape[-1])
 
 
 def prune(w: Array) -> Array:
@@ -250,14 +258,14 @@ def init_symmetric_scale(w: Array, groups: int, bits: int, method: str = "mse") 
   """
   if method not in ("lsq", "absmax", "mse"):
     raise ValueError(f"unknown scale init {method!r}; use 'lsq', 'absmax' or 'mse'.")
+  out = w.shape[-1]
   wg = jax.lax.stop_gradient(group_view(w, groups))
-  axes = _reduce_axes(wg)
   if bits == 1:
-    return jnp.maximum(jnp.mean(jnp.abs(wg), axis=axes), MIN_SCALE)
+    return jnp.maximum(group_mean(jnp.abs(wg), out), MIN_SCALE)
   _, q_pos = symmetric_levels(bits)
-  absmax = jnp.max(jnp.abs(wg), axis=axes)
+  absmax = group_max(jnp.abs(wg), out)
   if method == "lsq":
-    return jnp.maximum(2.0 * jnp.mean(jnp.abs(wg), axis=axes) / math.sqrt(q_pos), MIN_SCALE)
+    return jnp.maximum(2.0 * group_mean(jnp.abs(wg), out) / math.sqrt(q_pos), MIN_SCALE)
   if method == "absmax":
     return jnp.maximum(absmax / q_pos, MIN_SCALE)
   # "mse": a grid search over fractions of the absmax scale.
@@ -267,7 +275,7 @@ def init_symmetric_scale(w: Array, groups: int, bits: int, method: str = "mse") 
   def error(fraction):
     scale = jnp.maximum(fraction * absmax / q_pos, MIN_SCALE)
     w_hat = quantize_symmetric(w_fixed, scale, bits, lsq_grad=False)
-    return jnp.sum(jnp.square(group_view(w_hat - w_fixed, groups)), axis=axes)
+    return group_sum(jnp.square(group_view(w_hat - w_fixed, groups)), out)
 
   errors = jax.lax.map(error, fractions)  # [100, G]
   return jnp.maximum(fractions[jnp.argmin(errors, axis=0)] * absmax / q_pos, MIN_SCALE)

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mpqbert.quant import grid
 from mpqbert.quant.layout import EMBEDDING_QUANTIZERS, ModelLayout
 from mpqbert.quant.registry import QUANTIZER_BITS, SCALES_PER_GROUP
 
@@ -78,7 +79,8 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatrixSpec:
-  """One quantized kernel: its path, shape and sub-group partition, and the rule's settings."""
+  """One quantized kernel: its path, shape and sub-group partition (`groups` blocks of output
+  columns, `group_widths`), and the rule's settings."""
 
   path: str
   shape: tuple[int, ...]
@@ -88,40 +90,53 @@ class MatrixSpec:
   learn_range: bool = False
   activation_bits: int | None = None
 
+  def __post_init__(self):
+    try:  # An empty last sub-group, from a rule or a policy file, is refused when made.
+      grid.group_widths(self.shape[-1], self.groups)
+    except ValueError as e:
+      raise ValueError(f"{self.path}: {e}") from None
+
   def input_bits(self, default: int) -> int:
     """Bits of this matrix's input, given the global activation bits."""
     return default if self.activation_bits is None else self.activation_bits
 
   @property
-  def group_size(self) -> int:
-    """Weights per sub-group."""
-    return math.prod(self.shape) // self.groups
+  def group_widths(self) -> tuple[int, ...]:
+    """Output columns of each sub-group: ceil(N / G), the last one what remains."""
+    return grid.group_widths(self.shape[-1], self.groups)
+
+  @property
+  def group_sizes(self) -> np.ndarray:
+    """Weights of each sub-group `[G]` (its columns times the K rows)."""
+    return math.prod(self.shape[:-1]) * np.asarray(self.group_widths, np.int64)
 
   @property
   def scale_floats(self) -> int:
     """float32 scale values stored per kept sub-group."""
     return SCALES_PER_GROUP[self.quantizer]
 
-  def code_bits(self, bits: int) -> int:
-    """Storage bits of one sub-group's codes at `bits`: each of its output columns packs K codes
-    into ceil(K / floor(32 / b)) words. That is b * group_size when floor(32 / b) divides K (1, 2,
-    4, 8 bits on BERT's K = 384, 768, ...); 3-bit codes, 10 to a word, cost 3.2 bits and more."""
-    if bits == 0:
-      return 0
+  def code_bits(self, bits: Any) -> np.ndarray:
+    """Storage bits of each sub-group's codes `[G]`, sub-group g at `bits[g]` (one int: all at
+    it): each of its output columns packs K codes into ceil(K / floor(32 / b)) words. That is
+    b * group_sizes when floor(32 / b) divides K (1, 2, 4, 8 bits on BERT's K = 384, 768, ...);
+    3-bit codes, 10 to a word, cost 3.2 bits and more."""
+    bits = np.broadcast_to(np.asarray(bits, np.int64), (self.groups,))
     k = math.prod(self.shape[:-1])
-    words = -(-k // (WORD_BITS // bits))
-    return words * WORD_BITS * (self.shape[-1] // self.groups)
+    words = -(-k // (WORD_BITS // np.maximum(bits, 1)))
+    return np.where(bits == 0, 0, words * WORD_BITS * np.asarray(self.group_widths, np.int64))
 
-  def storage_bits(self, bits: int) -> int:
-    """Storage bits of one sub-group at `bits`: its packed codes plus its float32 scales (none
-    when pruned). The one formula of every size: policies, the search's expected size, the
-    knapsack, and the packed checkpoint's bytes."""
-    return self.code_bits(bits) + (SCALE_BITS * self.scale_floats if bits else 0)
+  def storage_bits(self, bits: Any) -> np.ndarray:
+    """Storage bits of each sub-group `[G]` at `bits` (as `code_bits`): its packed codes plus its
+    float32 scales (none when pruned). The one formula of every size: policies, the search's
+    expected size, the knapsack, and the packed checkpoint's bytes. Per sub-group, since an
+    uneven last sub-group is narrower and stores fewer codes."""
+    bits = np.broadcast_to(np.asarray(bits, np.int64), (self.groups,))
+    return self.code_bits(bits) + np.where(bits == 0, 0, SCALE_BITS * self.scale_floats)
 
   @property
-  def choice_bits(self) -> tuple[int, ...]:
-    """`storage_bits` of each bit choice."""
-    return tuple(self.storage_bits(b) for b in self.bit_choices)
+  def choice_bits(self) -> np.ndarray:
+    """`[G, K]`: `storage_bits` of each sub-group at each bit choice."""
+    return np.stack([self.storage_bits(b) for b in self.bit_choices], axis=-1)
 
   def to_json(self) -> dict[str, Any]:
     out = {"shape": list(self.shape), "groups": self.groups, "quantizer": self.quantizer,
@@ -202,9 +217,7 @@ class QuantSpec:
       if re.search(rule.pattern, path):
         out = int(shape[-1])
         groups = {"head": self.num_heads, "neuron": out}.get(rule.groups, rule.groups)
-        if out % groups:
-          raise ValueError(f"{path}: {out} output neurons do not split into {groups} sub-groups; "
-                           "choose groups that divide the output size.")
+        # Uneven is fine (the last group smaller); MatrixSpec refuses an empty last group.
         return MatrixSpec(path=path, shape=tuple(int(d) for d in shape), groups=int(groups),
                           quantizer=rule.quantizer, bit_choices=rule.bit_choices,
                           learn_range=rule.learn_range, activation_bits=rule.activation_bits)

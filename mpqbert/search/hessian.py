@@ -130,8 +130,7 @@ def qbert_sensitivity(eigenvalues: Mapping[str, np.ndarray]) -> dict[str, float]
 
 def _group_sums(x: jax.Array, groups: int) -> jax.Array:
   """`[..., out] -> [groups]`: the sum over each sub-group of output columns."""
-  view = quant.group_view(x, groups)
-  return jnp.sum(view, axis=tuple(i for i in range(view.ndim) if i != view.ndim - 2))
+  return quant.grid.group_sum(quant.group_view(x, groups), x.shape[-1])
 
 
 def hutchinson_traces(loss_fn: LossFn, params: Any, batches: Sequence[Any], plan: Plan, *,
@@ -176,8 +175,8 @@ def average_traces(traces: Mapping[str, np.ndarray], plan: Plan, *,
   out = {}
   for path, matrix in plan.items():
     trace = np.asarray(traces[path], np.float64).mean(0)
-    out[path] = (trace / matrix.group_size if per_group
-                 else np.array([trace.sum() / (matrix.group_size * matrix.groups)]))
+    out[path] = (trace / matrix.group_sizes if per_group
+                 else np.array([trace.sum() / matrix.group_sizes.sum()]))
   return out
 
 

@@ -54,24 +54,23 @@ def float_matrix_bits(params: Any, plan: Plan, *, layout: ModelLayout) -> int:
 
 def choice_bits_per_group(plan: Plan, paths: list[str]) -> np.ndarray:
   """`[sub-groups, K]`: the storage bits of every sub-group of `paths` (in order) at each of its
-  matrix's bit choices (`MatrixSpec.choice_bits`)."""
-  return np.concatenate([np.tile(np.asarray(plan[p].choice_bits, np.int64), (plan[p].groups, 1))
-                         for p in paths])
+  matrix's bit choices (`MatrixSpec.choice_bits`, per sub-group: widths may differ)."""
+  return np.concatenate([plan[p].choice_bits for p in paths])
 
 
 def size_range_mb(params: Any, plan: Plan, *, layout: ModelLayout) -> tuple[float, float]:
   """The smallest and largest `size_mb` any policy over `plan` can have."""
   low = high = float_matrix_bits(params, plan, layout=layout)
   for matrix in plan.values():
-    low += matrix.groups * min(matrix.choice_bits)
-    high += matrix.groups * max(matrix.choice_bits)
+    low += int(matrix.choice_bits.min(axis=1).sum())
+    high += int(matrix.choice_bits.max(axis=1).sum())
   return low / BITS_PER_MB, high / BITS_PER_MB
 
 
 def uniform_size_mb(params: Any, plan: Plan, bits: int, *, layout: ModelLayout) -> float:
   """`size_mb` of the policy with every sub-group of `plan` at `bits` (scales included)."""
-  total = float_matrix_bits(params, plan, layout=layout) + sum(m.groups * m.storage_bits(bits)
-                                                for m in plan.values())
+  total = float_matrix_bits(params, plan, layout=layout) + sum(
+      int(m.storage_bits(bits).sum()) for m in plan.values())
   return total / BITS_PER_MB
 
 
