@@ -51,15 +51,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mpqbert import kernels, quant
 from mpqbert.export.packed import PackedModel, bit_blocks, packed_apply
-from mpqbert.models.config import BertConfig
-from mpqbert.models.pretrained import build_model
 from mpqbert.quant import FULL_PRECISION, Policy
 from mpqbert.quant.quantizers import positive_step
 
@@ -70,27 +67,11 @@ _DOT = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class IntegerModel:
-  """A packed model laid out for integer inference (`lay_out`).
-
-  `params`: the Flax tree without the packed kernels, float32 (index tables stay int8 codes);
-  `matrices`: per packed kernel path its laid-out arrays (`lay_out_matrix`); `tables`: (scale,
-  zero) of index tables; `policy`, `config`, `num_labels` (static) as in `PackedModel`.
-  """
-
-  params: Any
-  matrices: dict[str, dict[str, Array]]
-  tables: dict[str, dict[str, Array]]
-  policy: Policy = dataclasses.field(metadata=dict(static=True))
-  config: BertConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
-  num_labels: int | None = dataclasses.field(default=None, metadata=dict(static=True))
-
-  def model(self) -> nn.Module:
-    """The Flax model these parameters belong to."""
-    if self.config is None:
-      raise ValueError("this IntegerModel carries no BertConfig; export the packed model with "
-                       "config= (export_packed) before laying it out.")
-    return build_model(self.config, self.num_labels)
+class IntegerModel(PackedModel):
+  """A packed model laid out for integer inference (`lay_out`): the fields of `PackedModel`, with
+  `matrices` holding per packed kernel path its laid-out arrays (`lay_out_matrix`) and `params`
+  in float32 (index tables stay int8 codes). In memory only: `save_packed` stores the packed
+  model it came from."""
 
   def apply(self, *args, **kwargs) -> Any:
     """The model's forward pass (arguments as `BertForSequenceClassification`, as

@@ -260,6 +260,9 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "a
 
 def save_packed(packed: PackedModel, path: str | Path) -> Path:
   """One uncompressed .npz: the arrays under their paths; policy and model config as JSON."""
+  if type(packed) is not PackedModel:
+    raise TypeError(f"save_packed stores a PackedModel, not a {type(packed).__name__}; save the "
+                    "packed model that `lay_out` was given.")
   arrays = {f"params/{p}": v for p, v in quant.flatten_params(packed.params).items()}
   for kind, tree in (("matrices", packed.matrices), ("tables", packed.tables)):
     for p, entry in tree.items():
