@@ -98,15 +98,8 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
   bits[ffn_out] = np.asarray([1, 2, 1, 0], np.int32)
   policy = quant.Policy(bits={p: jnp.asarray(b) for p, b in bits.items()},
                         matrices=tuple(plan.values()), activation_bits=activation_bits).validate()
-  qparams = quant.init_qparams(spec, params)
-  qapply = quant.transform(model.apply, spec)
-  ids = jnp.asarray(np.random.default_rng(2).integers(1000, 5000, (16, 12)), jnp.int32)
-  kwargs = dict(attention_mask=jnp.ones_like(ids), deterministic=True)
-  if activation_bits < 32:
-    _, qparams = qapply(params, qparams, policy, ids, update_act_stats=True, **kwargs)
-  fake = qapply(params, qparams, policy, ids, **kwargs)
-
-  packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
+  ids, kwargs, fake, packed = _fake_and_packed(model, params, spec, policy, config,
+                                               activation_bits)
   # size_mb counts the packed words, so the bytes on disk are the reported size, 3-bit included.
   packed_bytes = _packed_bytes_by_hand(policy)
   assert quant.size_report(params, policy,
@@ -165,15 +158,8 @@ def test_uneven_groups_export_matches_fake_quantized_model(tmp_path, quantizer, 
   bits[ffn_out] = np.asarray([1, 0, 2, 8, 1], np.int32)
   policy = quant.Policy(bits={p: jnp.asarray(b) for p, b in bits.items()},
                         matrices=tuple(plan.values()), activation_bits=activation_bits).validate()
-  qparams = quant.init_qparams(spec, params)
-  qapply = quant.transform(model.apply, spec)
-  ids = jnp.asarray(np.random.default_rng(2).integers(1000, 5000, (16, 12)), jnp.int32)
-  kwargs = dict(attention_mask=jnp.ones_like(ids), deterministic=True)
-  if activation_bits < 32:
-    _, qparams = qapply(params, qparams, policy, ids, update_act_stats=True, **kwargs)
-  fake = qapply(params, qparams, policy, ids, **kwargs)
-
-  packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
+  ids, kwargs, fake, packed = _fake_and_packed(model, params, spec, policy, config,
+                                               activation_bits)
   packed_bytes = _packed_bytes_by_hand(policy)
   assert quant.size_report(params, policy,
                            layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == packed_bytes
@@ -196,6 +182,20 @@ def test_uneven_groups_export_matches_fake_quantized_model(tmp_path, quantizer, 
   loaded = export.load_packed(export.save_packed(packed, tmp_path / "uneven.npz"))
   served = _served(loaded, ids, **kwargs)
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
+
+
+def _fake_and_packed(model, params, spec, policy, config, activation_bits):
+  """Inputs, the fake-quantized logits (activation scales calibrated on the inputs when they are
+  quantized) and the packed model of `policy`."""
+  qparams = quant.init_qparams(spec, params)
+  qapply = quant.transform(model.apply, spec)
+  ids = jnp.asarray(np.random.default_rng(2).integers(1000, 5000, (16, 12)), jnp.int32)
+  kwargs = dict(attention_mask=jnp.ones_like(ids), deterministic=True)
+  if activation_bits < 32:
+    _, qparams = qapply(params, qparams, policy, ids, update_act_stats=True, **kwargs)
+  fake = qapply(params, qparams, policy, ids, **kwargs)
+  return ids, kwargs, fake, export.export_packed(params, policy, qparams, config=config,
+                                                 num_labels=2)
 
 
 @functools.partial(jax.jit, static_argnames=("deterministic",))
