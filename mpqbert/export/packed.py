@@ -25,6 +25,10 @@ block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GP
 1-bit block with binarized inputs runs `kernels.xnor_matmul`. The bytes of the packed matrices are
 the policy's `size_mb` (`packed_nbytes`): sizes count the packed words (`MatrixSpec.storage_bits`),
 so 3-bit codes, 10 to a word, cost what they take on disk.
+
+Why one module over 300 lines: the file format is written (`export_packed`, `save_packed`), read
+(`load_packed`) and served (`packed_apply`) here; the three must agree on every array's name and
+layout, which is easiest to check side by side. The int8 layout lives apart (`integer.py`).
 """
 
 from __future__ import annotations
