@@ -7,14 +7,16 @@
 # 2. runs the kernel tests compiled (MPQBERT_KERNEL_BACKEND=triton on GPU, mosaic_tpu on TPU: the
 #    whole correctness matrix of tests/test_kernels.py against float64 NumPy) and the export tests
 #    (packed models through the compiled kernels against the fake-quantized model);
-# 3. runs experiments/kernel_bench.py (8/4/2-bit and XNOR against bf16 jnp.dot, M 1..512,
-#    BERT-base shapes and 4096x4096) -> RESULTS_DIR/kernel_bench.{md,csv};
+# 3. runs experiments/kernel_bench.py (XLA's int8 W8A8, packed 8/4/2-bit and XNOR against bf16
+#    jnp.dot, M 1..512, BERT-base shapes and 4096x4096) -> RESULTS_DIR/kernel_bench.{md,csv};
 # 4. runs experiments/bench_packed_inference.py on a random BERT-base-shaped model (float32,
-#    bfloat16, uniform 8/4/2-bit and SensiMix packed models; batch 1, 8, 32 at 128 tokens)
+#    bfloat16, uniform 8/4/2-bit and SensiMix packed models, each also laid out as int8; batch 1,
+#    8, 32 at 128 tokens)
 #    -> RESULTS_DIR/packed_inference_<backend>_bert_base_random.{md,json}.
 #
 # Each step has its own time limit, so one failure costs only its step; the summary at the end says
-# which passed. At most ~10 min (limits 150 + 200 + 240 s); on one H200 the tests took 80-90 s and
+# which passed. Knobs (environment): TESTS, TESTS_LIMIT_S, BENCH_METHODS, BENCH_MS, BENCH_BUDGET_S,
+# BENCH_LIMIT_S, INFERENCE_BATCHES, INFERENCE_LIMIT_S. At most ~10 min (limits 150 + 200 + 240 s); on one H200 the tests took 80-90 s and
 # the packed-inference bench more than 140 s (mostly compilation). Needs the repository and
 # JAX with CUDA, flax, optax, chex, orbax, absl-py, pytest (+ pytest-xdist); nothing is downloaded
 # and no model files or data are read. ml-collections (imported by the export tests) may come as
@@ -66,13 +68,15 @@ step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, logs 
 
 # Tests in 8 processes that share the GPU: no process takes most of its memory up front.
 XLA_PYTHON_CLIENT_PREALLOCATE=false MPQBERT_KERNEL_BACKEND=$KERNEL \
-  step tests "${TESTS_LIMIT_S:-150}" $PY -m pytest -q -p no:cacheprovider -n 8 \
+  step tests "${TESTS_LIMIT_S:-150}" $PY -m pytest -v -p no:cacheprovider -n 8 \
   ${TESTS:-tests/test_kernels.py tests/test_export.py}
 step kernel_bench "${BENCH_LIMIT_S:-200}" $PY experiments/kernel_bench.py \
-  --shapes=4096x4096,768x768,768x3072,3072x768 --methods="${BENCH_METHODS:-bf16,packed8,packed4,packed2,xnor,xnor+pack}" \
+  --shapes=4096x4096,768x768,768x3072,3072x768 --methods="${BENCH_METHODS:-bf16,int8,packed8,packed4,packed2,xnor,xnor+pack}" \
+  --ms="${BENCH_MS:-1,8,32,128,512}" \
   --budget_s="${BENCH_BUDGET_S:-150}" --out="$DIR"
 step packed_inference "${INFERENCE_LIMIT_S:-240}" $PY experiments/bench_packed_inference.py \
-  --model=bert_base_random --batch_sizes=1,8,32 --seq_len=128 --rounds=3 --repeats=3 \
+  --model=bert_base_random --batch_sizes="${INFERENCE_BATCHES:-1,8,32}" --seq_len=128 \
+  --rounds=3 --repeats=3 --int8 \
   --out="$DIR/packed_inference_${BACKEND}_bert_base_random"
 
 echo "=== summary ($DEVICE)"

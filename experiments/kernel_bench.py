@@ -8,6 +8,9 @@ For each weight shape K x N (BERT-base: 768x768, 768x3072, 3072x768; and 4096x40
   xnor       kernels.xnor_matmul(x words [M, K/32], w words [K/32, N], K): activations already
              packed into sign words (the timed call is the matmul only)
   xnor+pack  the same with pack_signs(x bf16) inside the timed call
+  int8       W8A8 through XLA: x bf16 quantized to int8 with one scale, an int8 [K, N] weight,
+             lax.dot_general int8 x int8 -> int32, one epilogue scaling to bf16 (what
+             export.lay_out(packed, "int8") runs per matrix; tensor-core IMMA on GPUs)
 
 Timing: every method's call is jitted into a block of R calls on R distinct (x, w) pairs, chained
 by optimization barriers (each call waits for the previous one's output, as layers of a model do,
@@ -68,7 +71,7 @@ from mpqbert.kernels.lowbit import dequantize, packed_matmul  # noqa: E402
 
 SHAPES = "768x768,768x3072,3072x768,4096x4096"
 MS = "1,8,32,128,512"
-METHODS = ("bf16", "packed8", "packed4", "packed2", "xnor", "xnor+pack")
+METHODS = ("bf16", "int8", "packed8", "packed4", "packed2", "xnor", "xnor+pack")
 CHECK_MS = "1,8"
 CHECK_SHAPES = "768x768"
 TILE_KEYS = ("block_m", "block_n", "block_k_words")
@@ -93,13 +96,15 @@ class Case:
 
   @property
   def bits(self) -> int:
-    return {"bf16": 16, "packed8": 8, "packed4": 4, "packed2": 2}.get(self.method, 1)
+    return {"bf16": 16, "int8": 8, "packed8": 8, "packed4": 4, "packed2": 2}.get(self.method, 1)
 
   def nbytes(self) -> dict[str, int]:
     """Bytes of the weight operand, the activations and the output of one call."""
     k, n, m = self.k, self.n, self.m
     if self.method == "bf16":
       return {"weight": 2 * k * n, "act": 2 * m * k, "out": 2 * m * n}
+    if self.method == "int8":
+      return {"weight": k * n + 4 * n, "act": 2 * m * k, "out": 2 * m * n}
     words = packing.word_rows(k, self.bits)
     if self.method.startswith("packed"):
       return {"weight": 4 * words * n + 4 * n, "act": 2 * m * k, "out": 2 * m * n}
@@ -187,6 +192,8 @@ def _call(case: Case, backend: str, tiles: dict[str, int]) -> Callable:
   """`call(x, w, aux)` of one GEMM of the case's method."""
   if case.method == "bf16":
     return lambda x, w, aux: jnp.dot(x, w)
+  if case.method == "int8":
+    return w8a8_matmul
   if case.method.startswith("packed"):
     return lambda x, w, s: packed_matmul(x, w, s, bits=case.bits, backend=backend, **tiles)
   xt = {k: v for k, v in tiles.items() if k != "block_k_words"}
@@ -194,6 +201,14 @@ def _call(case: Case, backend: str, tiles: dict[str, int]) -> Callable:
     return lambda xw, w, aux: binary.xnor_matmul(xw, w, case.k, backend=backend, **xt)
   return lambda x, w, aux: binary.xnor_matmul(binary.pack_signs(x, -1), w, case.k,
                                               backend=backend, **xt)
+
+
+def w8a8_matmul(x: jax.Array, w: jax.Array, aux: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """bf16 x [M, K] -> int8 with the scalar scale aux[0]; int8 dot with w [K, N]; x aux[1] [N]."""
+  act_scale, col_scales = aux
+  xq = jnp.clip(jnp.round(x.astype(jnp.float32) / act_scale), -127, 127).astype(jnp.int8)
+  acc = jax.lax.dot_general(xq, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+  return (acc.astype(jnp.float32) * (act_scale * col_scales)).astype(jnp.bfloat16)
 
 
 def _inputs(case: Case, count: int, seed: int = 0) -> tuple[list, list, Any, Any]:
@@ -211,6 +226,12 @@ def _inputs(case: Case, count: int, seed: int = 0) -> tuple[list, list, Any, Any
     ws = [jax.random.normal(keys[count + i], (k, n), jnp.bfloat16) / math.sqrt(k)
           for i in range(count)]
     return xs, ws, None, None
+  if case.method == "int8":
+    ws = [jax.random.randint(keys[count + i], (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+          for i in range(count)]
+    aux = (jnp.float32(4.0 / 127),  # Standard-normal activations: clip at 4 sigma.
+           jax.random.uniform(keys[-2], (n,), jnp.float32, 0.5, 1.5) / (math.sqrt(k) * 127))
+    return xs, ws, aux, ws[0]
   lo, hi = packing.code_range(case.bits, True)
   codes = jax.random.randint(keys[-1], (k, n), lo, hi + 1, jnp.int32)
   if case.bits == 1:
@@ -242,6 +263,14 @@ def check(case: Case, y: Any, x0: Any, w0: Any, aux: Any, codes: Any) -> tuple[b
   if case.method == "bf16":
     return True, "baseline"
   y = np.asarray(y, np.float32)
+  if case.method == "int8":  # float64 NumPy: the same quantized activations, exact integer dot.
+    act_scale, col_scales = (np.asarray(a, np.float64) for a in aux)
+    x64 = np.asarray(jnp.asarray(x0, jnp.float32), np.float64)
+    xq = np.clip(np.round(x64 / act_scale), -127, 127)
+    ref = (xq @ np.asarray(codes, np.float64)) * (act_scale * col_scales)
+    err, scale = float(np.max(np.abs(y - ref))), float(np.max(np.abs(ref)))
+    ok = bool(np.all(np.isfinite(y))) and y.shape == ref.shape and err <= REL_TOL * scale
+    return ok, f"max err {err:.3g} vs max |ref| {scale:.3g} (tol {REL_TOL:.0%})"
   if case.method.startswith("packed"):
     ref = np.asarray(packed_matmul(x0, w0, aux, bits=case.bits, backend="reference",
                                    out_dtype=jnp.float32))
