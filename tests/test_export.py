@@ -14,6 +14,9 @@ import pytest
 from conftest import TINY_BERT
 from mpqbert import export, kernels, models, quant
 
+# Logits of two float paths compared to ~1e-5: full float32 matmuls on GPUs and TPUs too.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 
 def _mixed_policy(plan: quant.Plan, rng: np.random.Generator, activation_bits: int) -> quant.Policy:
   bits = {p: jnp.asarray(rng.choice(m.bit_choices, m.groups), jnp.int32) for p, m in plan.items()}

@@ -17,6 +17,9 @@ from mpqbert import export, models, quant
 from mpqbert.export import integer
 from mpqbert.methods import sensimix
 
+# Logits of two float paths compared to ~1e-5: full float32 matmuls on GPUs and TPUs too.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 K, N, GROUPS = 64, 48, 6
 PATH = "layer/kernel"
 
