@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,6 +131,36 @@ def test_gradients_reach_weights_scales_and_logits(tiny):
   assert np.any(grads[0]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"])
   assert np.any(grads[1][QUERY]["scale"][1:]) and np.any(grads[1][QUERY]["act_scale"])
   assert np.any(grads[2][QUERY])
+
+
+def _primitives(jaxpr) -> set[str]:
+  """Names of every primitive in `jaxpr` and the jaxprs nested in it (pjit, custom_vjp, ...)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+def test_quantized_forward_and_backward_hold_no_conditional(tiny):
+  """No `cond` in a quantized step: on a GPU each conditional copies its predicate to the host,
+  which would be one synchronisation per quantized input per step."""
+  model, params, ids, mask = tiny
+  spec = models.bert_encoder_spec(groups=4, num_heads=4, activation_bits=8,
+                                  activation_mode="learned")
+  qparams = quant.init_qparams(spec, params)
+  arch = quant.init_arch(spec, params)
+  qapply = quant.transform(model.apply, spec)
+
+  def loss(p, q, a):
+    return jnp.sum(qapply(p, q, a, ids, attention_mask=mask, key=jax.random.key(0), tau=1.0,
+                          deterministic=True) ** 2)
+
+  names = _primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(params, qparams,
+                                                                       arch).jaxpr)
+  assert "round" in names  # The quantizers are in the program.
+  assert not names & {"cond", "while"}, sorted(names)
 
 
 def test_pruned_sub_groups_are_zero_and_get_no_gradient(tiny):

@@ -289,3 +289,30 @@ def test_an_unfinished_teacher_workdir_is_refused(tmp_path):
     common.check_finished_teacher(tmp_path, "sst2", "minilm")
   (tmp_path / "results.json").write_text(json.dumps({"task": "sst2", "model": "minilm"}))
   common.check_finished_teacher(tmp_path, "sst2", "minilm")
+
+
+def test_predict_returns_every_example_in_order_after_one_transfer(monkeypatch):
+  """`loop.predict` over several batches: each example's prediction (here the sum of its token
+  ids, by NumPy) lands at its dataset position, and the outputs come back in one `fetch`."""
+  import jax
+  import ml_collections
+  from mpqbert import data
+  from mpqbert.train import loop, sharding
+
+  rng = np.random.default_rng(3)
+  ids = [rng.integers(1, 500, rng.integers(3, 40)).astype(np.int32) for _ in range(37)]
+  dataset = data.TokenizedDataset(ids, [np.zeros_like(i) for i in ids],
+                                  np.zeros(len(ids), np.int32))
+  config = ml_collections.ConfigDict({"train": {"eval_batch_size": 8},
+                                      "data": {"max_seq_length": 64, "pad_multiple": 8}})
+  eval_step = jax.jit(lambda params, b: {
+      "predictions": jnp.sum(b["input_ids"], axis=1),
+      "loss_sum": jnp.sum(b["weights"] * params)})
+  fetches = []
+  real_fetch = sharding.fetch
+  monkeypatch.setattr(sharding, "fetch", lambda tree: fetches.append(1) or real_fetch(tree))
+  predictions, loss_sum = loop.predict(eval_step, jnp.float32(0.5), dataset, config,
+                                       sharding.make_mesh())
+  np.testing.assert_array_equal(predictions, [int(i.sum()) for i in ids])
+  assert loss_sum == pytest.approx(0.5 * len(ids))
+  assert len(fetches) == 1

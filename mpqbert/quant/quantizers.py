@@ -228,12 +228,15 @@ def quantize_activation(x: Array, scale: Array, bits: int = 8, *, learned: bool 
   scale = jnp.asarray(scale, jnp.float32)
   if not learned:
     scale = jax.lax.stop_gradient(scale)
-  # A branch, not an elementwise select: the select and its gradient were two extra passes over
-  # every activation. The grid is computed in float32 and returned in x's dtype (bfloat16 runs).
-  return jax.lax.cond(
-      scale != 0,
-      lambda x, s: quantize_symmetric(x, s.reshape(1), bits, lsq_grad=learned).astype(x.dtype),
-      lambda x, s: x, x, scale)
+  # An elementwise select on the scalar "calibrated" flag, not `lax.cond`: a conditional on a
+  # GPU copies its predicate to the host, once per quantized input per step. XLA fuses the select
+  # into the quantizer's own pass; on CPU it timed as fast as the branch, with identical values
+  # and gradients (the uncalibrated side takes a dummy step of 1). The grid is computed in float32
+  # and returned in x's dtype (bfloat16 runs).
+  calibrated = scale != 0
+  x_hat = quantize_symmetric(x, jnp.where(calibrated, scale, 1.0).reshape(1), bits,
+                             lsq_grad=learned).astype(x.dtype)
+  return jnp.where(calibrated, x_hat, x)
 
 
 def absmax_scale(x: Array, bits: int) -> Array:
