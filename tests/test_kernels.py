@@ -506,7 +506,8 @@ def test_xnor_matmul_exact(m: int, k: int, n: int):
   want = np.where(x >= 0, 1, -1).astype(np.int64) @ np.where(wt >= 0, 1, -1).astype(np.int64)
   xw, ww = _pack_signs_jit(jnp.asarray(x)), _pack_signs_jit(jnp.asarray(wt), axis=0)
   assert xw.shape == (m, -(-k // 32)) and ww.shape == (-(-k // 32), n)
-  backends = (KERNEL_BACKEND, "reference") + (("triton",) if jax.default_backend() == "gpu" else ())
+  backends = (KERNEL_BACKEND, "tpu_interpret", "reference") + (
+      ("triton",) if jax.default_backend() == "gpu" else ())
   for got in (binary.xnor_matmul(xw, ww, k, backend=b) for b in backends):
     assert got.dtype == jnp.int32 and got.shape == (m, n)
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -553,30 +554,62 @@ def test_xnor_matmul_rejects_bad_inputs():
 # ------------------------------------------------------------------- lowering without the device
 
 
+# The custom call each accelerator lowering must emit: the kernel itself, not a fallback.
+KERNEL_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+def _export_text(fn, platform: str, *args: jax.ShapeDtypeStruct) -> str:
+  """`jax.export` of `fn` for `platform` (on any host), as StableHLO text. The Triton call has no
+  serialization-compatibility guarantee, so its check is disabled: the module is only read."""
+  checks = ([jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALLS["cuda"])]
+            if platform == "cuda" else [])
+  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+  return exported.mlir_module()
+
+
+def _export_cases() -> list[tuple]:
+  """(bits, signed, m, k, n, dtype, scale rows, zero points, group size) of every configuration the
+  correctness tests run: the whole (bits, signedness, M) matrix with its shapes and dtypes, each
+  with per-channel zero points, and the K-group cases."""
+  cases = []
+  for bits in BITS:
+    for signed in (True, False):
+      for m in (1, 7, 128):
+        _, _, _, k, n, dtype = matrix_case(bits, signed, m).values
+        cases += [(bits, signed, m, k, n, dtype, 1, False, None),
+                  (bits, signed, m, k, n, dtype, 1, True, None)]
+  for bits, signed, k, group_size, zeros, dtype in [
+      (4, True, 512, 64, False, jnp.bfloat16), (4, False, 512, 32, True, jnp.float32),
+      (8, True, 256, 16, True, jnp.float16), (3, False, 392, 8, True, jnp.float32)]:
+    cases.append((bits, signed, 7, k, 200, dtype, k // group_size, zeros, group_size))
+  return cases
+
+
 @pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
-def test_kernels_lower_for_gpu_and_tpu_on_any_host(platform: str, backend: str):
-  """Pallas -> Triton / Mosaic lowering runs on the host, so an op or shape the GPU or TPU
-  lowering rejects fails here even without the device (compilation itself is not covered)."""
-  k, n, m = 768, 256, 8
-  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-  for bits in packing.SUPPORTED_BITS:
-    rows = packing.word_rows(k, bits)
-    w = jax.ShapeDtypeStruct((rows, n), jnp.uint32)
-    per_channel = jax.ShapeDtypeStruct((n,), jnp.float32)
-    cases = [(per_channel, None, None), (per_channel, per_channel, None)]
-    # K-group scales index their rows dynamically; Mosaic needs the TPU's kind for that.
-    if k % packing.values_per_word(bits) == 0 and platform == "cuda":
-      grouped = jax.ShapeDtypeStruct((k // rows, n), jnp.float32)
-      cases.append((grouped, grouped, rows))
-    for scales, zeros, group_size in cases:
-      def call(x, w, s, z, bits=bits, group_size=group_size):
-        return kernels.packed_matmul(x, w, s, bits=bits, signed=z is None, zero_points=z,
-                                     group_size=group_size, backend=backend)
-      jax.jit(call).trace(x, w, scales, zeros).lower(lowering_platforms=(platform,))
-  words = packing.word_rows(k, 1)
-  jax.jit(lambda a, b: kernels.xnor_matmul(a, b, k, backend=backend)).trace(
-      jax.ShapeDtypeStruct((m, words), jnp.uint32),
-      jax.ShapeDtypeStruct((words, n), jnp.uint32)).lower(lowering_platforms=(platform,))
+def test_every_kernel_configuration_exports_for_gpu_and_tpu(platform: str, backend: str):
+  """`jax.export` for CUDA and TPU of every kernel configuration the correctness tests run (and
+  xnor_matmul), on any host: an op, shape or dtype the Triton or Mosaic lowering rejects fails
+  here without the device, and each module holds the kernel's custom call. Compilation by the
+  device's compiler is not covered (experiments/accelerator_check.sh runs that on a device)."""
+  struct = jax.ShapeDtypeStruct
+  for bits, signed, m, k, n, dtype, scale_rows, zeros, group_size in _export_cases():
+    if group_size is not None and platform == "tpu":
+      continue  # K-group scales index their rows dynamically: Mosaic needs the TPU's kind.
+    scales = struct((scale_rows, n) if group_size else (n,), jnp.float32)
+
+    def call(x, w, s, z, bits=bits, signed=signed, group_size=group_size):
+      return kernels.packed_matmul(x, w, s, bits=bits, signed=signed, zero_points=z,
+                                   group_size=group_size, backend=backend)
+
+    text = _export_text(call, platform, struct((m, k), dtype),
+                        struct((packing.word_rows(k, bits), n), jnp.uint32), scales,
+                        scales if zeros else None)
+    assert KERNEL_CALLS[platform] in text, (bits, signed, m, k, n, dtype, group_size)
+  for m, k, n in [(1, 40, 130), (7, 384, 50), (128, 100, 72)]:
+    words = packing.word_rows(k, 1)
+    text = _export_text(lambda a, b, k=k: binary.xnor_matmul(a, b, k, backend=backend), platform,
+                        struct((m, words), jnp.uint32), struct((words, n), jnp.uint32))
+    assert KERNEL_CALLS[platform] in text, ("xnor", m, k, n)
 
 
 def test_popcount32_counts_set_bits():
