@@ -470,3 +470,37 @@ def test_length_over_max_seq_length_raises():
   ds = _synthetic(4, max_len=128)
   with pytest.raises(ValueError, match="tokenize with the same"):
     list(data.eval_batches(ds, 4, max_seq_length=16))
+
+
+def test_prefetch_keeps_order_raises_where_the_source_failed_and_stops_on_close():
+  import threading
+  items = [{"step": i, "x": np.full(3, i)} for i in range(25)]
+  got = list(data.prefetch(iter(items), depth=3))
+  assert [g["step"] for g in got] == list(range(25))
+
+  def failing():
+    yield 1
+    yield 2
+    raise RuntimeError("torn file")
+
+  stream = data.prefetch(failing())
+  assert next(stream) == 1 and next(stream) == 2
+  with pytest.raises(RuntimeError, match="torn file"):
+    next(stream)
+
+  produced = []
+
+  def endless():
+    i = 0
+    while True:
+      produced.append(i)
+      yield i
+      i += 1
+
+  stream = data.prefetch(endless(), depth=2)
+  assert [next(stream) for _ in range(5)] == list(range(5))
+  stream.close()
+  assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+  assert len(produced) <= 5 + 2 + 1  # At most `depth` items ahead (+ the one being made).
+  with pytest.raises(ValueError, match="depth must be >= 1"):
+    next(data.prefetch(iter(items), depth=0))

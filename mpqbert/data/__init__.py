@@ -11,6 +11,7 @@ from mpqbert.data.batching import restore_order
 from mpqbert.data.batching import tokenize
 from mpqbert.data.batching import train_batches
 from mpqbert.data.batching import train_batches_from
+from mpqbert.data.prefetch import prefetch
 from mpqbert.data.glue import Examples
 from mpqbert.data.glue import GLUE_DIR_ENV_VAR
 from mpqbert.data.glue import GlueTask
@@ -47,6 +48,7 @@ __all__ = [
     "pad_to_length",
     "random_batch",
     "pearson",
+    "prefetch",
     "read_tsv",
     "resolve_glue_dir",
     "restore_order",

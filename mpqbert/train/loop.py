@@ -135,7 +135,7 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
     logging.info("%s: resuming %s from step %d", name, workdir, start_step)
   log = results.MetricsLog(workdir, start_step)
   _precompile(train_step, state, batches(start_step), total_steps - start_step, mesh)
-  stream = batches(start_step)
+  stream = data.prefetch(batches(start_step))
   eval_metrics: dict[str, dict[str, float]] = {}
   window, window_start, window_examples = [], time.time(), 0
   progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
@@ -167,6 +167,7 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
                      " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if save_now:
       checkpoint.save(manager, done, state, force=True)
+  stream.close()  # Stops the prefetching thread.
   manager.wait_until_finished()
   progress.close()
   if not eval_metrics:  # Resumed after the last step: evaluate the restored final state.
