@@ -136,6 +136,7 @@ def make_steppers(config, dtype: str, seq_len: int, kinds: list[str]
         seed=config.seed)
     state = search.SearchState.create(fresh(), quant.init_qparams(spec, params),
                                       quant.init_arch(spec, params), weight_opt, arch_opt)
+    step = step.at(0)  # Bilevel from the first step.
     out["search"] = Stepper(step.bind(params), step, state,
                             (batch, data.random_batch(_BATCH.value, seq_len, seed=seq_len + 1)))
   return out, extras

@@ -333,7 +333,7 @@ def test_search_prunes_the_sub_groups_the_task_does_not_need():
                                           warmup_epochs=0.0),
       arch_start_step=0)
   for _ in range(300):
-    state, metrics = step(state, (batch, batch))
+    state, metrics = step.at(0)(state, (batch, batch))
   bits = np.asarray(quant.policy_from_logits(state.arch, plan).bits[path])
   useless = [g for g in range(groups) if g not in useful]
   assert np.all(bits[useless] == 0), bits
@@ -365,7 +365,7 @@ def _one_search_step(second_order: bool, inner_lr: float):
       weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer,
       tau_fn=lambda s: jnp.float32(1.0), arch_start_step=0, second_order=second_order,
       inner_lr=inner_lr)
-  return jax.device_get(step(state, batches)[0].arch)
+  return jax.device_get(step.at(0)(state, batches)[0].arch)
 
 
 def test_second_order_step_runs_on_the_quantized_model_and_reduces_to_first_order():
@@ -449,7 +449,7 @@ def test_architecture_gradient_matches_float64_finite_difference(second_order: b
       size_weight=0.0, weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer,
       tau_fn=lambda s: jnp.float32(TAU), arch_start_step=0, entropy_weight=ENTROPY_WEIGHT,
       second_order=second_order, inner_lr=inner_lr)
-  new_state, _ = step(state, (f32(train), f32(search_batch)))
+  new_state, _ = step.at(0)(state, (f32(train), f32(search_batch)))
   got = np.asarray(new_state.arch_opt_state["m"], np.float64)
 
   def finite_difference(xi: float) -> np.ndarray:
@@ -466,3 +466,37 @@ def test_architecture_gradient_matches_float64_finite_difference(second_order: b
   if inner_lr:  # the inner step matters here: the first-order gradient is far from it
     first = finite_difference(0.0)
     assert np.abs(first - want).max() > 0.1 * np.abs(want).max()
+
+
+def test_warm_up_steps_leave_the_logits_and_the_bilevel_steps_move_them():
+  """`make_search_step(..., arch_start_step=2)`: the host picks the weights-only program for
+  steps 0 and 1 (logits untouched, the reported loss the task loss of the weights it was given),
+  the bilevel one from step 2; neither program holds a conditional."""
+  rng = np.random.default_rng(8)
+  w, b, a = rng.normal(size=(2, 2)), rng.normal(size=2) * 0.5, rng.normal(size=(2, 3))
+  batch = {"x": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+           "y": jnp.asarray(rng.normal(size=6), jnp.float32)}
+  f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  weight_optimizer, arch_optimizer = optax.sgd(0.1), optax.sgd(1.0)
+  state = search.SearchState.create(f32({"w": w}), f32({"b": b}), f32({"m": a}),
+                                    weight_optimizer, arch_optimizer)
+  step = search.make_search_step(
+      _small_problem_loss, plan={}, target_mb=1.0, fixed_bits=quant.BITS_PER_MB,
+      size_weight=0.0, weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer,
+      tau_fn=lambda s: jnp.float32(TAU), arch_start_step=2)
+  assert step.at(0) is step.at(1) and step.at(2) is step.at(5) and step.at(1) is not step.at(2)
+  for program in (step.at(0), step.at(2)):
+    text = program.jitted.lower(state, (batch, batch)).as_text()
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text
+  for i in range(4):
+    before = jax.device_get(state)
+    state, metrics = step.at(i)(state, (batch, batch))
+    moved = not np.allclose(np.asarray(state.arch["m"]), before.arch["m"])
+    assert moved == (i >= 2), i
+    if i < 2:
+      loss = lambda w, b: float(_small_problem_loss(
+          {"params": {"w": w}, "qparams": {"b": b}}, before.arch, batch, None, None, TAU,
+          False, None)[0])
+      assert float(metrics["loss"]) == pytest.approx(loss(before.weights["params"]["w"],
+                                                          before.weights["qparams"]["b"]))
+      assert float(metrics["search_loss"]) == 0.0

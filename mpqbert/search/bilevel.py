@@ -14,6 +14,7 @@ share one optax optimizer, the logits have their own; all randomness comes from
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -23,7 +24,7 @@ import optax
 
 from mpqbert.quant import Plan, sample_probs
 from mpqbert.search.size import expected_size_mb, size_loss
-from mpqbert.train.compiled import Jit
+from mpqbert.train.compiled import Jit, Phased
 from mpqbert.train.losses import task_loss
 from mpqbert.train.steps import apply_to_batch
 
@@ -102,9 +103,10 @@ def make_search_step(loss_fn: LossFn, *, plan: Plan, target_mb: float, fixed_bit
                      tau_fn: Callable[[Array], Array], arch_start_step: int,
                      entropy_weight: float = 0.0, hard: bool = False,
                      second_order: bool = False, inner_lr: float = 0.0, seed: int = 0
-                     ) -> Jit:
-  """The jitted step `(state, (train_batch, search_batch), teacher_params=None) ->
-  (state, metrics)`.
+                     ) -> Phased:
+  """The jitted steps `(state, (train_batch, search_batch), teacher_params=None) ->
+  (state, metrics)`: `.at(step)` is the weights-only warm-up step below `arch_start_step` and the
+  bilevel step from it on (two programs, chosen on the host: no conditional inside the step).
 
   The architecture objective is `loss_fn` on the search batch + `size_loss` of the size of the
   very bit-choice sample that loss saw (Gumbel-softmax at temperature tau, or its hard
@@ -128,26 +130,21 @@ def make_search_step(loss_fn: LossFn, *, plan: Plan, target_mb: float, fixed_bit
     return search_loss + penalty + entropy_weight * entropy, {
         "search_loss": search_loss, "size_loss": penalty, "sampled_size_mb": sampled_size}
 
-  def step_fn(state: SearchState, batches: tuple[Batch, Batch], teacher_params: Any = None):
+  def step_fn(state: SearchState, batches: tuple[Batch, Batch], teacher_params: Any = None, *,
+              update_arch: bool = True):
     train_batch, search_batch = batches
     keys = jax.random.split(jax.random.fold_in(base_key, state.step), 6)
     tau = tau_fn(state.step)
-
-    def arch_update(_):
-      grads, aux = jax.grad(arch_objective, has_aux=True)(state.arch, state.weights, train_batch,
-                                                          search_batch, keys[:4], tau,
-                                                          teacher_params)
-      updates, opt_state = arch_optimizer.update(grads, state.arch_opt_state, state.arch)
-      return optax.apply_updates(state.arch, updates), opt_state, aux
-
-    def hold(_):
+    arch, arch_opt_state = state.arch, state.arch_opt_state
+    if update_arch:
+      grads, arch_metrics = jax.grad(arch_objective, has_aux=True)(
+          state.arch, state.weights, train_batch, search_batch, keys[:4], tau, teacher_params)
+      updates, arch_opt_state = arch_optimizer.update(grads, state.arch_opt_state, state.arch)
+      arch = optax.apply_updates(state.arch, updates)
+    else:  # Warm-up: the weights train under the initial logits.
       zero = jnp.zeros((), jnp.float32)
-      return state.arch, state.arch_opt_state, {
-          "search_loss": zero, "size_loss": zero,
-          "sampled_size_mb": size_of(sample_probs(state.arch, keys[2], tau, hard))}
-
-    arch, arch_opt_state, arch_metrics = jax.lax.cond(state.step >= arch_start_step, arch_update,
-                                                      hold, None)
+      arch_metrics = {"search_loss": zero, "size_loss": zero,
+                      "sampled_size_mb": size_of(sample_probs(state.arch, keys[2], tau, hard))}
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.weights, arch, train_batch, keys[5], keys[4], tau, hard, teacher_params)
     updates, weight_opt_state = weight_optimizer.update(grads, state.weight_opt_state,
@@ -162,4 +159,6 @@ def make_search_step(loss_fn: LossFn, *, plan: Plan, target_mb: float, fixed_bit
                        "expected_size_mb": size_of(softmax),
                        "argmax_size_mb": size_of(argmax_probs(arch)), **arch_metrics}
 
-  return Jit(step_fn, "search_step", donate_argnums=0)
+  warmup = functools.partial(step_fn, update_arch=False)
+  return Phased(Jit(warmup, "search_warmup_step", donate_argnums=0),
+                Jit(step_fn, "search_step", donate_argnums=0), arch_start_step)

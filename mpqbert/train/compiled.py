@@ -120,6 +120,32 @@ class BoundJit:
     self.jit.precompile([(*args, *self.trailing) for args in arg_sets])
 
 
+@dataclasses.dataclass(frozen=True)
+class Phased:
+  """Two compiled steps, the host choosing by step number: `before` for the steps below
+  `switch_step`, `after` from it on (the search's weights-only warm-up, then bilevel steps).
+
+  A choice on the host instead of a `lax.cond` on the state's step inside one program: on a GPU a
+  conditional copies its predicate to the host and waits for it, every step.
+  """
+
+  before: Jit | BoundJit
+  after: Jit | BoundJit
+  switch_step: int
+
+  def at(self, step: int) -> Jit | BoundJit:
+    return self.after if step >= self.switch_step else self.before
+
+  def phases(self, start: int, stop: int) -> list[tuple[Jit | BoundJit, int]]:
+    """(step function, number of steps) of the steps `start..stop-1`, in order."""
+    split = min(max(self.switch_step, start), stop)
+    return [(fn, count) for fn, count in ((self.before, split - start), (self.after, stop - split))
+            if count > 0]
+
+  def bind(self, *trailing: Any) -> "Phased":
+    return Phased(self.before.bind(*trailing), self.after.bind(*trailing), self.switch_step)
+
+
 def enable_persistent_cache(cache_dir: str | os.PathLike | None) -> Path | None:
   """Turns on JAX's on-disk compilation cache in `cache_dir` (None or "": leave it off).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 import time
@@ -15,7 +16,7 @@ from absl import logging
 from tqdm import tqdm
 
 from mpqbert import data, models, quant
-from mpqbert.train import checkpoint, optim, results, sharding
+from mpqbert.train import checkpoint, compiled, optim, results, sharding
 from mpqbert.train.steps import TrainState, make_eval_step, make_train_step, model_logits
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -99,19 +100,25 @@ def _num_examples(batch: Any) -> int:
   return int(first["weights"].sum())
 
 
-def _precompile(train_step: Any, state: Any, stream, count: int, mesh) -> None:
-  """Compiles `train_step` for every batch shape of the next `count` batches at once.
+def _precompile(train_step: Any, state: Any, stream, start: int, stop: int, mesh) -> None:
+  """Compiles `train_step` for every batch shape of the steps `start..stop-1` at once.
 
   A stage sees a few sequence lengths; compiled one after the other as they first appear, they
-  cost one core each while the other idles. `train_step.precompile` (a `compiled.Jit`) compiles
-  them in parallel before the first step.
+  cost one core each while the other idles. `precompile` (a `compiled.Jit`) compiles them in
+  parallel before the first step; the programs of a `compiled.Phased` step compile side by side,
+  each for the shapes of its own steps.
   """
-  if not hasattr(train_step, "precompile"):
-    return
-  examples = {}
-  for batch in itertools.islice(stream, count):
-    examples.setdefault(tuple(np.shape(x) for x in jax.tree.leaves(batch)), batch)
-  train_step.precompile([(state, _shard(batch, mesh)) for batch in examples.values()])
+  phases = (train_step.phases(start, stop) if isinstance(train_step, compiled.Phased)
+            else [(train_step, stop - start)])
+  jobs = []
+  for fn, count in phases:
+    examples = {}
+    for batch in itertools.islice(stream, count):
+      examples.setdefault(tuple(np.shape(x) for x in jax.tree.leaves(batch)), batch)
+    if hasattr(fn, "precompile"):
+      jobs.append((fn, [(state, _shard(batch, mesh)) for batch in examples.values()]))
+  with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
+    list(pool.map(lambda job: job[0].precompile(job[1]), jobs))
 
 
 def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, batches: Callable,
@@ -123,7 +130,8 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
   `state` has a `step` field and is the whole checkpointed state; `batches(start_step)` yields
   the batches from a step on (a dict, or a tuple of dicts); `train_step(state, batch)` returns
   `(state, metrics)` with a scalar "loss" among them (a `compiled.Jit` is first compiled for
-  every batch shape of the stage, in parallel); `evaluate_fn(state)` returns metrics per
+  every batch shape of the stage, in parallel; a `compiled.Phased` picks its program by the
+  step number); `evaluate_fn(state)` returns metrics per
   eval split. Resumes from the newest checkpoint in `workdir/checkpoints`; rows of
   `workdir/metrics.jsonl` past it are dropped. Returns the final state and its eval metrics.
   """
@@ -134,7 +142,7 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
   if start_step:
     logging.info("%s: resuming %s from step %d", name, workdir, start_step)
   log = results.MetricsLog(workdir, start_step)
-  _precompile(train_step, state, batches(start_step), total_steps - start_step, mesh)
+  _precompile(train_step, state, batches(start_step), start_step, total_steps, mesh)
   stream = data.prefetch(batches(start_step))
   eval_metrics: dict[str, dict[str, float]] = {}
   window, window_start, window_examples = [], time.time(), 0
@@ -143,7 +151,8 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
   for step in progress:
     batch = next(stream)
     window_examples += _num_examples(batch)
-    state, step_metrics = train_step(state, _shard(batch, mesh))
+    step_fn = train_step.at(step) if isinstance(train_step, compiled.Phased) else train_step
+    state, step_metrics = step_fn(state, _shard(batch, mesh))
     window.append(step_metrics)
     done = step + 1
     save_now = done % config.checkpoint.every_steps == 0 or done == total_steps
