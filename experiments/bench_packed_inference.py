@@ -19,7 +19,7 @@ a forward does not depend on the values) and any exported runs given with --pack
 timed rounds alternate between the models; ratios of median times are reported.
 
   python experiments/bench_packed_inference.py --batch_sizes=1,8,32 --seq_len=128 \
-      --packed=workdirs/exports_int8/sst2_automp16_seed0.npz  # CPU: int8 rows too
+      --packed=workdirs/exports_int8/sst2_automp16_seed0.safetensors  # CPU: int8 rows too
   python experiments/bench_packed_inference.py --model=bert_base_random --batch_sizes=1,8,32  # GPU
 
 Writes experiments/results/packed_inference_<backend>[_bert_base_random].{json,md}. About 3 min
@@ -54,8 +54,9 @@ _MODEL = flags.DEFINE_enum("model", "minilm", ["minilm", "bert_base_random"],
 _LAYERS = flags.DEFINE_integer("num_layers", 12, "Encoder layers of --model=bert_base_random.")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Examples per forward.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
-_PACKED = flags.DEFINE_multi_string("packed", [], "Exported MiniLM runs (packed .npz files) to "
-                                    "time besides uniform 4-bit and SensiMix 3+3.")
+_PACKED = flags.DEFINE_multi_string("packed", [], "Exported MiniLM runs (packed .safetensors "
+                                    "files, or .npz of earlier versions) to time besides uniform "
+                                    "4-bit and SensiMix 3+3.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timed rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Forwards per timed round.")
 _OUT = flags.DEFINE_string("out", None, "Output path without extension (default: "
@@ -114,7 +115,7 @@ def _memory_bytes(tree) -> int:
 
 def _file_bytes(packed: export.PackedModel) -> int:
   with tempfile.TemporaryDirectory() as tmp:
-    return export.save_packed(packed, Path(tmp) / "m.npz").stat().st_size
+    return export.save_packed(packed, Path(tmp) / "m.safetensors").stat().st_size
 
 
 def _times(fn, *args) -> list[float]:

@@ -1,10 +1,12 @@
-"""Packed export of mixed-precision policies: bytes, column blocks, and agreement with the
-fake-quantized model."""
+"""Packed export of mixed-precision policies: bytes, column blocks, agreement with the
+fake-quantized model, and the file (safetensors, read by the `safetensors` package)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_BERT
-from mpqbert import export, kernels, models, quant
+from mpqbert import export, files, kernels, models, quant
 
 # Logits of two float paths compared to ~1e-5: full float32 matmuls on GPUs and TPUs too.
 pytestmark = pytest.mark.usefixtures("float32_matmuls")
@@ -51,7 +53,7 @@ def test_mixed_policy_export_matches_fake_quantized_model(tmp_path, activation_b
   first = next(iter(plan))
   stored = set(packed.matrices[first]) - {"act_scale"}
   assert stored == {"b8/words", "b8/scale", "b4/words", "b4/scale", "b2/words", "b2/scale"}
-  loaded = export.load_packed(export.save_packed(packed, tmp_path / "mixed.npz"))
+  loaded = export.load_packed(export.save_packed(packed, tmp_path / "mixed.safetensors"))
   served = jax.jit(lambda p, ids: p.apply(ids, **kwargs))(loaded, ids)
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
 
@@ -121,7 +123,8 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
   assert set(entry) - {"act_scale"} == {f"b{b}/{a}" for b in (8, 3, 1) for a in ("words",
                                                                                 "scale")}
 
-  loaded = export.load_packed(export.save_packed(packed, tmp_path / "one_bit.npz"))
+  path = export.save_packed(packed, tmp_path / "one_bit.safetensors")
+  loaded = export.load_packed(path)
   served = _served(loaded, ids, **kwargs)
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
   if binary_ffn_inputs and activation_bits == 8:
@@ -129,6 +132,8 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
     # references): packed_matmul at 8, 3, 2 and 1 bits and xnor_matmul end to end.
     interpreted = jax.jit(lambda p, ids: p.apply(ids, backend="interpret", **kwargs))(loaded, ids)
     np.testing.assert_allclose(np.asarray(interpreted), np.asarray(fake), rtol=1e-4, atol=1e-5)
+  # In the file, as the safetensors package reads it, the packed matrices take these bytes too.
+  assert _matrix_bytes(_tensors_of_file(path, packed)) == packed_bytes
 
 
 @pytest.mark.parametrize("quantizer,activation_bits,binary_ffn_inputs", [
@@ -182,9 +187,10 @@ def test_uneven_groups_export_matches_fake_quantized_model(tmp_path, quantizer, 
     want = np.clip(np.round(w / scale), -4, 3)
   np.testing.assert_array_equal(codes, want)
 
-  loaded = export.load_packed(export.save_packed(packed, tmp_path / "uneven.npz"))
-  served = _served(loaded, ids, **kwargs)
+  path = export.save_packed(packed, tmp_path / "uneven.safetensors")
+  served = _served(export.load_packed(path), ids, **kwargs)
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
+  assert _matrix_bytes(_tensors_of_file(path, packed)) == packed_bytes
 
 
 def _fake_and_packed(model, params, spec, policy, config, activation_bits):
@@ -248,10 +254,11 @@ def test_export_rejects_widths_the_kernels_do_not_pack():
     export.load_packed("/nonexistent/packed.npz")
 
 
-def test_matrices_a_policy_leaves_out_stay_float32_in_training_size_and_export():
+def test_matrices_a_policy_leaves_out_stay_float32_in_training_size_and_export(tmp_path):
   """A half-precision policy (other_bits 16) that quantizes only the FFN input matrices: the
-  attention matrices it leaves out are float32 in the export, as the fake-quantized model keeps
-  them and as `size_mb` counts them; biases and LayerNorms are float16. Bytes counted by hand."""
+  attention matrices it leaves out are float32 in the export and its file, as the fake-quantized
+  model keeps them and as `size_mb` counts them; biases and LayerNorms are float16. Bytes counted
+  by hand."""
   config = models.BertConfig(**TINY_BERT)
   model = models.build_model(config, 2)
   params = models.init_params(model, seed=3)
@@ -276,8 +283,160 @@ def test_matrices_a_policy_leaves_out_stay_float32_in_training_size_and_export()
   assert export.packed_nbytes(packed, part="matrices") == ffn_in + float_matrices
   assert quant.size_report(params, policy,
                            layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == ffn_in + float_matrices
+  tensors = _tensors_of_file(export.save_packed(packed, tmp_path / "half.safetensors"), packed)
+  assert _matrix_bytes(tensors) == ffn_in + float_matrices
+  assert tensors["params/" + query].dtype == np.float32
+  assert tensors["params/bert/encoder/layer/0/attention/self/query/bias"].dtype == np.float16
   fake = quant.transform(model.apply, spec)
   ids = jnp.asarray(np.random.default_rng(4).integers(1000, 5000, (4, 10)), jnp.int32)
   want = fake(params, quant.init_qparams(spec, params), policy, ids, deterministic=True)
   np.testing.assert_allclose(np.asarray(packed.apply(ids, deterministic=True)), np.asarray(want),
                              rtol=1e-4, atol=1e-5)
+
+
+def _named_arrays(packed: export.PackedModel) -> dict[str, np.ndarray]:
+  """The arrays of a packed model under their names in the file (`params/<path>`,
+  `matrices/<kernel path>/<name>`, `tables/<table path>/<name>`), as the module docstring says."""
+  named = {f"params/{p}": v for p, v in quant.flatten_params(packed.params).items()}
+  for kind, tree in (("matrices", packed.matrices), ("tables", packed.tables)):
+    named.update({f"{kind}/{p}/{k}": v for p, entry in tree.items() for k, v in entry.items()})
+  return {k: np.asarray(v) for k, v in named.items()}
+
+
+def _tensors_of_file(path, packed: export.PackedModel) -> dict[str, np.ndarray]:
+  """The tensors of a packed file as the `safetensors` package alone reads them, checked: every
+  array of `packed` under its name, equal and of its dtype; the metadata's policy, config and
+  num_labels those of `packed`; the file its header and these tensors' bytes, nothing more."""
+  safetensors = pytest.importorskip("safetensors")
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  tensors = load_file(str(path))
+  want = _named_arrays(packed)
+  assert set(tensors) == set(want)
+  for name, value in want.items():
+    assert tensors[name].dtype == value.dtype, name
+    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+  with safetensors.safe_open(str(path), framework="numpy") as f:
+    metadata = f.metadata()
+  assert metadata["format"] == "mpqbert-packed/3"
+  assert quant.Policy.from_json(json.loads(metadata["policy"])) == packed.policy
+  assert models.BertConfig(**json.loads(metadata["config"])) == packed.config
+  assert json.loads(metadata["num_labels"]) == packed.num_labels
+  raw = path.read_bytes()
+  header = 8 + int.from_bytes(raw[:8], "little")  # the length prefix, then the JSON header
+  assert header % 8 == 0 and raw[8:9] == b"{"
+  assert len(raw) - header == sum(v.nbytes for v in tensors.values())
+  return tensors
+
+
+def _matrix_bytes(tensors: dict[str, np.ndarray]) -> int:
+  """Bytes of a packed file's encoder matrices (what `size_mb` counts): the packed ones without
+  their input step sizes, and those the policy leaves out, kept under params/."""
+  return sum(v.nbytes for k, v in tensors.items()
+             if (k.startswith("matrices/") and not k.endswith("/act_scale"))
+             or (k.startswith("params/") and models.BERT_LAYOUT.is_matrix(k[len("params/"):])))
+
+
+@functools.cache
+def _index_packed() -> export.PackedModel:
+  """A small packed model of every stored kind: 4-bit index matrices on 8-bit inputs (words,
+  scale, zero point, act_scale), int8 index embedding tables with their scale and zero point,
+  float16 other parameters."""
+  config = models.BertConfig(**TINY_BERT)
+  params = models.init_params(models.build_model(config, 2), seed=1)
+  spec = models.bert_encoder_spec(quantizer="index", groups=2, bit_choices=(4,),
+                                 activation_bits=8)
+  policy = dataclasses.replace(
+      quant.uniform_policy(spec.plan(params), 4, embedding_bits=8, activation_bits=8),
+      embedding_quantizer="index", other_bits=16).validate()
+  return export.export_packed(params, policy, quant.init_qparams(spec, params), config=config,
+                              num_labels=2)
+
+
+def _assert_same_model(got: export.PackedModel, want: export.PackedModel) -> None:
+  assert jax.tree.structure(got) == jax.tree.structure(want)  # policy, config, num_labels too
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def test_packed_file_is_safetensors_with_every_kind_of_array(tmp_path):
+  """int8 tables, float16 parameters, index matrices: the safetensors package reads them all, and
+  load_packed gives the model back. The write leaves no temporary file; only .safetensors names
+  are written."""
+  packed = _index_packed()
+  path = export.save_packed(packed, tmp_path / "out" / "m.safetensors")
+  tensors = _tensors_of_file(path, packed)
+  assert {v.dtype for v in tensors.values()} == {np.dtype(t) for t in ("uint32", "float32",
+                                                                       "float16", "int8")}
+  assert any(k.startswith("tables/") for k in tensors)
+  assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]
+  _assert_same_model(export.load_packed(path), packed)
+  with pytest.raises(ValueError, match=r"name the file \*\.safetensors"):
+    export.save_packed(packed, tmp_path / "m.npz")
+
+
+def test_old_npz_packed_files_still_load(tmp_path):
+  """A packed file of the earlier format, written here with np.savez (the arrays under the same
+  names, the metadata as JSON in a uint8 `__meta__` entry), loads as the model it holds, whatever
+  its name: the reader tells the formats apart by content."""
+  packed = _index_packed()
+  meta = json.dumps({"format": "mpqbert-packed/3", "policy": packed.policy.to_json(),
+                     "config": packed.config.to_dict(), "num_labels": packed.num_labels})
+  for name in ("old.npz", "renamed.safetensors"):
+    with (tmp_path / name).open("wb") as f:
+      np.savez(f, __meta__=np.frombuffer(meta.encode(), np.uint8), **_named_arrays(packed))
+    _assert_same_model(export.load_packed(tmp_path / name), packed)
+
+
+def test_torn_packed_files_raise_a_clear_error(tmp_path):
+  """A file cut short (in the length prefix, the header or the data), with bytes after its
+  tensors, or whose header leaves a hole in the data raises a ValueError naming the file and
+  the fix."""
+  raw = export.save_packed(_index_packed(), tmp_path / "m.safetensors").read_bytes()
+  header = 8 + int.from_bytes(raw[:8], "little")
+  cases = {"length": raw[:5], "header": raw[:header // 2], "data": raw[:header + 100],
+           "end": raw[:-1], "trailing": raw + b"\0" * 8}
+  # By hand: one F32 tensor at bytes [4, 8) of 8 bytes of data, [0, 4) covered by none.
+  hole = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}).encode()
+  cases["hole"] = len(hole).to_bytes(8, "little") + hole + bytes(8)
+  for name, data in cases.items():
+    torn = tmp_path / f"{name}.safetensors"
+    torn.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(f"{torn} is not a complete safetensors file")
+                       + ".*export again"):
+      export.load_packed(torn)
+
+
+def test_safetensors_files_agree_with_the_safetensors_package(tmp_path):
+  """`files.write_safetensors` of every dtype NumPy and safetensors share (0-d, empty,
+  big-endian and strided arrays too) reads back through the package, and the package's files
+  through `files.read_safetensors`; bfloat16 is stored as the top 16 bits of float32."""
+  numpy_io = pytest.importorskip("safetensors.numpy")
+  rng = np.random.default_rng(0)
+  arrays = {t: rng.integers(-3, 100, (2, 3)).astype(t) for t in (
+      "float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint64", "uint32",
+      "uint16", "uint8", "bool")}
+  arrays.update({"scalar": np.asarray(2.5, np.float32), "empty": np.zeros((0, 3), np.int32)})
+  metadata = {"note": "ü, a str"}
+  # Only ours: the package's numpy writer stores a strided array's memory, not its values.
+  strided = np.arange(12, dtype=np.int16).reshape(3, 4).T
+  ours = files.write_safetensors(tmp_path / "ours.safetensors", {
+      **arrays, "big_endian": np.arange(3, dtype=">u4"), "strided": strided}, metadata)
+  got = numpy_io.load_file(str(ours))
+  numpy_io.save_file(arrays, str(tmp_path / "theirs.safetensors"), metadata=metadata)
+  theirs, their_metadata = files.read_safetensors(tmp_path / "theirs.safetensors")
+  assert their_metadata == metadata
+  np.testing.assert_array_equal(got.pop("big_endian"), [0, 1, 2])
+  np.testing.assert_array_equal(got.pop("strided"), strided)
+  for read in (got, theirs):
+    assert set(read) == set(arrays)
+    for name, value in arrays.items():
+      assert read[name].dtype == value.dtype and read[name].shape == value.shape, name
+      np.testing.assert_array_equal(read[name], value)
+
+  values = np.asarray([1.5, -2.0, 3.140625], np.float32)
+  raw = files.write_safetensors(tmp_path / "bf16.safetensors",
+                                {"x": values.astype(jnp.bfloat16)}, {}).read_bytes()
+  header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+  assert header["x"] == {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}
+  assert raw[-6:] == (values.view(np.uint32) >> 16).astype("<u2").tobytes()

@@ -220,7 +220,7 @@ def test_tiny_bert_int8_logits_match_fake_quantized_model(tmp_path, case):
   fake = np.asarray(qapply(params, qparams, policy, ids, **kwargs))
 
   packed = export.export_packed(params, policy, qparams, config=config, num_labels=3)
-  loaded = export.load_packed(export.save_packed(packed, tmp_path / "m.npz"))
+  loaded = export.load_packed(export.save_packed(packed, tmp_path / "m.safetensors"))
   assert set(export.input_kinds(loaded).values()) == EXPECTED_KINDS[case]
   served = np.asarray(_served(export.lay_out(loaded, "int8"), ids, **kwargs))
   scale = np.abs(fake).max()

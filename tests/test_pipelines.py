@@ -77,10 +77,13 @@ def test_automp_resumes_after_kill_9_as_if_uninterrupted(tmp_path, tiny_model_di
   # The finished run exports to a packed checkpoint of its size that predicts as it does.
   exported = subprocess.run(
       [sys.executable, "-m", "mpqbert.export", f"--workdir={reference_dir}",
-       f"--out={tmp_path / 'automp.npz'}", "--check_dev", "--check_int8"], cwd=REPO_ROOT,
+       f"--out={tmp_path / 'automp.safetensors'}", "--check_dev", "--check_int8"], cwd=REPO_ROOT,
       capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert exported.returncode == 0, exported.stderr[-3000:]
-  report = json.loads((tmp_path / "automp.npz.json").read_text())
+  report = json.loads((tmp_path / "automp.safetensors.json").read_text())
+  # The safetensors file: its header, the arrays, and a 4-byte input step size per matrix at most.
+  step_sizes = report["file_bytes"] - report["header_bytes"] - report["all_bytes"]
+  assert step_sizes % 4 == 0 and 0 <= step_sizes <= 4 * len(policy["matrices"])
   assert report["matrix_bytes"] == pytest.approx(report["size_mb_bytes"], rel=0.02)
   assert report["agreement"] >= 0.995
   assert report["int8"]["agreement"] >= 0.995  # its int8 CPU layout (export.lay_out) too

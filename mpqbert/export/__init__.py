@@ -2,8 +2,9 @@
 
 `packed`: the format, `export_packed`, `load_packed` and `PackedModel.apply`. `integer`: a packed
 model laid out once for int8 x int8 -> int32 matmuls on the CPU (`lay_out(packed, "int8")`). A
-finished run's directory becomes a packed file with `python -m mpqbert.export --workdir=RUN --out=FILE`
-(`mpqbert.methods.export_run`, which sits above this package: nothing here imports the runs).
+finished run's directory becomes a packed safetensors file with `python -m mpqbert.export
+--workdir=RUN --out=FILE.safetensors` (`mpqbert.methods.export_run`, which sits above this
+package: nothing here imports the runs).
 """
 
 from mpqbert.export.packed import (PackedModel, bit_blocks, export_packed, half_dtype, load_packed,

@@ -1,6 +1,6 @@
-r"""`python -m mpqbert.export --workdir=RUN --out=FILE [--check_dev] [--check_int8]`: a finished run
-to a packed checkpoint (see `mpqbert.methods.export_run`). Prints the file's bytes against the
-run's size_mb."""
+r"""`python -m mpqbert.export --workdir=RUN --out=FILE.safetensors [--check_dev] [--check_int8]`:
+a finished run to a packed checkpoint, safetensors (see `mpqbert.methods.export_run`). Prints the
+file's bytes against the run's size_mb."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from mpqbert.methods.export_run import export_run
 from mpqbert.train.results import quiet_library_info_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's --workdir.", required=True)
-_OUT = flags.DEFINE_string("out", None, "The packed .npz to write.", required=True)
+_OUT = flags.DEFINE_string("out", None, "The packed checkpoint to write: FILE.safetensors.",
+                           required=True)
 _CHECK_DEV = flags.DEFINE_bool("check_dev", False, "Also compare the packed model's dev "
                                "predictions with the fake-quantized model's (needs the data).")
 _CHECK_INT8 = flags.DEFINE_bool("check_int8", False, "Also compare the int8 CPU layout's "

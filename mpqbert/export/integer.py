@@ -1,7 +1,7 @@
 r"""Integer inference on the CPU: a packed model laid out once as int8 matrices, run with
 `int8 x int8 -> int32` matmuls.
 
-    integer = export.lay_out(export.load_packed("model.npz"), "int8")
+    integer = export.lay_out(export.load_packed("model.safetensors"), "int8")
     logits = jax.jit(lambda m, ids, mask: m.apply(ids, attention_mask=mask,
                                                   deterministic=True))(integer, ids, mask)
 

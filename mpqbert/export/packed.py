@@ -20,6 +20,15 @@ quantized to 2..8 bits also store `act_scale`. Embedding tables under an 8-bit i
 int8 codes (the index grid's codes - 128) with a float32 scale and zero point; every other
 parameter is kept at the policy's `other_bits` (encoder matrices it leaves out: float32).
 
+The file (`save_packed`) is safetensors, the format the Hugging Face ecosystem reads, written with
+NumPy alone (`files.write_safetensors`) and loadable by the `safetensors` package alone: every
+array under its name (`params/<path>`, `matrices/<kernel path>/b{b}/words` ..., `tables/<table
+path>/scale`, `.../zero`), and in the header's `__metadata__` (str -> str) `format`, `policy` (the
+policy JSON, `Policy.to_json`), `config` (the `BertConfig` as JSON, or "null") and `num_labels`.
+Its tensors are the arrays above and nothing else, so the file is their bytes plus the header.
+`load_packed` also reads the .npz files earlier versions wrote (same names, the metadata as JSON in
+a uint8 `__meta__` entry), told apart by content.
+
 Inference (`PackedModel.apply`, or `packed_apply`) runs one `kernels.packed_matmul` per bit-width
 block, in `half_dtype()` activations with float32 accumulation (FP16 GEMMs on GPU); a signed
 1-bit block with binarized inputs runs `kernels.xnor_matmul`. The bytes of the packed matrices are
@@ -44,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mpqbert import kernels, quant
+from mpqbert import files, kernels, quant
 from mpqbert.models.bert import QuantizableDense
 from mpqbert.models.config import BertConfig
 from mpqbert.models.layout import BERT_LAYOUT
@@ -262,54 +271,88 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "a
     return model.apply({"params": params}, *args, **kwargs)
 
 
-def save_packed(packed: PackedModel, path: str | Path) -> Path:
-  """One uncompressed .npz: the arrays under their paths; policy and model config as JSON."""
-  if type(packed) is not PackedModel:
-    raise TypeError(f"save_packed stores a PackedModel, not a {type(packed).__name__}; save the "
-                    "packed model that `lay_out` was given.")
+def _file_arrays(packed: PackedModel) -> dict[str, Array]:
+  """Every array of `packed` under its name in the file: `params/<path>`,
+  `matrices/<kernel path>/<name>` (`b{b}/words`, ...) and `tables/<table path>/<name>`."""
   arrays = {f"params/{p}": v for p, v in quant.flatten_params(packed.params).items()}
   for kind, tree in (("matrices", packed.matrices), ("tables", packed.tables)):
     for p, entry in tree.items():
       arrays.update({f"{kind}/{p}/{k}": v for k, v in entry.items()})
-  meta = json.dumps({"format": _FORMAT, "policy": packed.policy.to_json(),
-                     "config": None if packed.config is None else packed.config.to_dict(),
-                     "num_labels": packed.num_labels})
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    np.savez(f, __meta__=np.frombuffer(meta.encode(), np.uint8),
-             **{k: np.asarray(v) for k, v in arrays.items()})
-  return path
+  return arrays
 
 
-def load_packed(path: str | Path) -> PackedModel:
-  """A `save_packed` file back as a `PackedModel`; `.apply(...)` runs it."""
+def save_packed(packed: PackedModel, path: str | Path) -> Path:
+  """`packed` as one safetensors file (module docstring), written atomically: its arrays
+  (`_file_arrays`) and, in the metadata, `format`, `policy` and `config` (JSON) and
+  `num_labels` ("null" when absent). `path` must end in .safetensors."""
+  if type(packed) is not PackedModel:
+    raise TypeError(f"save_packed stores a PackedModel, not a {type(packed).__name__}; save the "
+                    "packed model that `lay_out` was given.")
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no packed model at {path}; write one with `python -m mpqbert.export "
-                            "--workdir=RUN --out=FILE` or save_packed.")
+  if path.suffix != ".safetensors":
+    raise ValueError(f"{path}: packed models are written as safetensors; name the file "
+                     "*.safetensors (old .npz exports still load).")
+  metadata = {"format": _FORMAT, "policy": json.dumps(packed.policy.to_json()),
+              "config": json.dumps(None if packed.config is None else packed.config.to_dict()),
+              "num_labels": json.dumps(packed.num_labels)}
+  return files.write_safetensors(path, {k: np.asarray(v) for k, v in
+                                        _file_arrays(packed).items()}, metadata)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Arrays and metadata (JSON values decoded) of a safetensors packed file."""
+  try:
+    arrays, metadata = files.read_safetensors(path)
+  except ValueError as e:
+    raise ValueError(f"{e} It is torn or truncated (a partial copy or download, a full disk) or "
+                     "not a packed model: export again, `python -m mpqbert.export --workdir=RUN "
+                     "--out=FILE.safetensors`.") from None
+  meta = {"format": metadata.get("format")}
+  try:
+    meta.update({k: json.loads(metadata[k]) for k in ("policy", "config", "num_labels")})
+  except (KeyError, json.JSONDecodeError):
+    if meta["format"] == _FORMAT:
+      raise ValueError(f"{path}: its metadata lacks a valid policy, config or num_labels; "
+                       "export again.") from None
+  return arrays, meta
+
+
+def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Arrays and metadata of a packed file of the old format: one .npz, the metadata as JSON in
+  a uint8 `__meta__` entry."""
   with np.load(path) as f:
     if "__meta__" not in f.files:
       raise ValueError(f"{path} is not an mpqbert packed model (no __meta__ entry).")
     meta = json.loads(bytes(f["__meta__"]).decode())
-    if meta.get("format") != _FORMAT:
-      raise ValueError(f"{path} has format {meta.get('format')!r}, expected {_FORMAT!r}; "
-                       "export the run again with this version.")
-    params, matrices, tables = {}, {}, {}
-    for key in f.files:
-      if key == "__meta__":
-        continue
-      kind, rest = key.split("/", 1)
-      value = jnp.asarray(f[key])
-      if kind == "params":
-        params[rest] = value
-      else:
-        if kind == "matrices":
-          matrix_path, name = rest.split("/kernel/", 1)
-          matrices.setdefault(matrix_path + "/kernel", {})[name] = value
-        else:
-          matrix_path, name = rest.rsplit("/", 1)
-          tables.setdefault(matrix_path, {})[name] = value
+    return {k: f[k] for k in f.files if k != "__meta__"}, meta
+
+
+def load_packed(path: str | Path) -> PackedModel:
+  """A packed file back as a `PackedModel`; `.apply(...)` runs it. Reads what `save_packed`
+  writes (safetensors) and the .npz files earlier versions wrote, told apart by their content
+  (a zip archive's first bytes), not by the file's name."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no packed model at {path}; write one with `python -m mpqbert.export "
+                            "--workdir=RUN --out=FILE.safetensors` or save_packed.")
+  with path.open("rb") as f:
+    is_zip = f.read(4) == b"PK\x03\x04"
+  arrays, meta = (_read_npz if is_zip else _read_safetensors)(path)
+  if meta.get("format") != _FORMAT:
+    raise ValueError(f"{path} has format {meta.get('format')!r}, expected {_FORMAT!r}; "
+                     "export the run again with this version.")
+  params, matrices, tables = {}, {}, {}
+  for key, value in arrays.items():
+    kind, rest = key.split("/", 1)
+    value = jnp.asarray(value)
+    if kind == "params":
+      params[rest] = value
+    elif kind == "matrices":
+      matrix_path, name = rest.split("/kernel/", 1)
+      matrices.setdefault(matrix_path + "/kernel", {})[name] = value
+    else:
+      table_path, name = rest.rsplit("/", 1)
+      tables.setdefault(table_path, {})[name] = value
   config = None if meta.get("config") is None else BertConfig(**meta["config"])
   return PackedModel(params=traverse_util.unflatten_dict(params, sep="/"), matrices=matrices,
                      tables=tables, policy=Policy.from_json(meta["policy"]), config=config,

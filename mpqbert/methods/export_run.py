@@ -1,12 +1,14 @@
 """A finished run (uniform, Q-BERT, HAWQ, AutoMPQ or SensiMix) to a packed checkpoint, and the
 packed model's dev predictions against the fake-quantized model it came from.
 
-  python -m mpqbert.export --workdir=workdirs/compression/mrpc/automp16 --out=/tmp/automp16.npz
+  python -m mpqbert.export --workdir=workdirs/compression/mrpc/automp16 \
+      --out=/tmp/automp16.safetensors
 
 reads the run's `config.json`, `policy.json` and the newest checkpoint of its final stage
-(`retrain/`, or SensiMix's last `stage<i>/`), writes the packed file and `<out>.json` with its
-sizes against the run's `size_mb`, and (with `check_dev`, `check_int8`) the packed model's, or its
-int8 CPU layout's (`export.lay_out`), dev predictions against the fake-quantized model's. It lives
+(`retrain/`, or SensiMix's last `stage<i>/`), writes the packed file (safetensors,
+`export.save_packed`) and `<out>.json` with its sizes against the run's `size_mb`, and (with
+`check_dev`, `check_int8`) the packed model's, or its int8 CPU layout's (`export.lay_out`), dev
+predictions against the fake-quantized model's. It lives
 with the pipelines, above `mpqbert.export` (the format and the kernels' inference), which imports
 nothing of the runs.
 """
@@ -24,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mpqbert import data, export, quant
+from mpqbert import data, export, files, quant
 from mpqbert.methods import common, qat
 from mpqbert.models.config import BertConfig
 from mpqbert.models.layout import BERT_LAYOUT
@@ -59,8 +61,11 @@ def spec_from_policy(policy: quant.Policy) -> quant.QuantSpec:
 
 def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False,
                check_int8: bool = False) -> dict[str, Any]:
-  """Packs the final model of the run in `workdir` into `out`; returns (and writes to
-  `<out>.json`) the file's bytes against the run's reported sizes. `check_dev`: the packed
+  """Packs the final model of the run in `workdir` into `out` (a .safetensors path); returns
+  (and writes to `<out>.json`) the file's bytes against the run's reported sizes: `file_bytes` =
+  `header_bytes` (safetensors' length prefix and JSON header, metadata included) + `all_bytes`
+  (the arrays; `matrix_bytes` of them the encoder matrices, what `size_mb` counts) + the input
+  step sizes (`act_scale`, 4 bytes per matrix with quantized inputs). `check_dev`: the packed
   model's dev predictions against the fake-quantized model's; `check_int8`: the same for its int8
   CPU layout (`export.lay_out`), under "int8"."""
   workdir, out = Path(workdir), Path(out)
@@ -80,6 +85,7 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False,
   size = quant.size_report(params, policy, layout=BERT_LAYOUT)
   report = {"workdir": str(workdir), "stage": stage.name, "file": str(path),
             "file_bytes": path.stat().st_size,
+            "header_bytes": files.safetensors_header_bytes(path),
             "matrix_bytes": export.packed_nbytes(packed, part="matrices"),
             "size_mb_bytes": size["size_mb"] * 2**20,
             "all_bytes": export.packed_nbytes(packed),

@@ -264,11 +264,12 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
 
 def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSpec,
                      policy: quant.Policy, params: Any, qparams: Any) -> dict[str, Any]:
-  """Writes `packed.npz` and compares its predictions with the fake-quantized model's on dev."""
+  """Writes `packed.safetensors` and compares its predictions with the fake-quantized model's on
+  dev."""
   params, qparams = jax.device_get((params, qparams))
   packed = export.export_packed(params, policy, qparams, config=ctx.model.config,
                                 num_labels=ctx.task.num_labels)
-  path = export.save_packed(packed, workdir / "packed.npz")
+  path = export.save_packed(packed, workdir / "packed.safetensors")
   check = export_run.packed_agreement(ctx, packed, spec, params, qparams)
   size = quant.size_report(params, policy, layout=spec.layout)
   logging.info("sensimix: packed model %s, %d bytes (%.0f expected), agreement with the "
