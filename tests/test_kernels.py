@@ -618,3 +618,21 @@ def test_popcount32_counts_set_bits():
   v[:4] = [0, 0xFFFFFFFF, 0x80000001, 0x55555555]
   want = np.array([bin(int(a)).count("1") for a in v])
   np.testing.assert_array_equal(np.asarray(binary.popcount32(jnp.asarray(v))), want)
+
+
+@pytest.mark.parametrize("k,n", [(768, 768), (768, 3072), (3072, 768), (4096, 4096)])
+def test_default_tiles_never_pad_the_weight_at_bert_shapes(k: int, n: int):
+  """At BERT-base shapes and 4096x4096, 1/2/4/8 bits, M 1..512, the default GPU tiles cover the
+  packed weight exactly (no per-call copy into a padded buffer) and fill the GPU: 64 programs or
+  more wherever K can be split that far. 3-bit rows (77 at K=768) are the exception:
+  no power-of-two tile divides them."""
+  from mpqbert.kernels import lowbit
+  for bits in (1, 2, 4, 8):
+    rows = packing.word_rows(k, bits)
+    for m in (1, 8, 32, 128, 512):
+      block_m, block_n, block_k_words, k_tiles, splits = lowbit.tiling(m, n, rows,
+                                                                       group_size=None, tpu=False)
+      assert block_k_words * k_tiles == rows and k_tiles % splits == 0, (bits, m)
+      assert n % block_n == 0
+      programs = -(-m // block_m) * (n // block_n) * splits
+      assert programs >= min(64, -(-m // block_m) * (n // block_n) * k_tiles), (bits, m, programs)

@@ -18,6 +18,7 @@ that are summed afterwards. M, N and K_w are padded to whole tiles and the paddi
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -108,25 +109,46 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits: int, signed: bool, plane
 
 
 def _default_block_k_words(rows: int, group_size: int | None, tpu: bool) -> int:
-  """Word rows per K tile: 128 on TPU (a lane width); on GPU the largest of 32 and 16 that
+  """Word rows per K tile: 128 on TPU (a lane width); on GPU the largest of 32, 16 and 8 that
   divides K_w (no weight padding), else 32. Within a K-group when there are groups."""
   if tpu:
     tile = 128
   else:
-    tile = next((t for t in (32, 16) if rows % t == 0), 32)
+    tile = next((t for t in (32, 16, 8) if rows % t == 0), 32)
   while group_size is not None and group_size % tile and tile > 1:
     tile //= 2
   return tile
 
 
 def _default_k_splits(output_tiles: int, k_tiles: int, tpu: bool, target: int = 128) -> int:
-  """K splits so that about `target` programs run (a GPU has ~100+ SMs); 1 on TPU."""
+  """K splits so that about `target` programs run (a GPU has ~100+ SMs; the closest in ratio);
+  1 on TPU. A divisor of `k_tiles`, so that every split gets whole tiles and the weight is never
+  padded per call (at K=768, 4 bits: 3 tiles; 2 splits padded 96 word rows to 128, a copy of the
+  whole weight)."""
   if tpu or output_tiles >= target:
     return 1
-  splits = 1
-  while splits * 2 <= k_tiles and output_tiles * splits * 2 <= target:
-    splits *= 2
-  return splits
+  divisors = [d for d in range(1, k_tiles + 1) if k_tiles % d == 0]
+  return min(divisors, key=lambda d: (abs(math.log(output_tiles * d / target)), d))
+
+
+def tiling(m: int, n: int, rows: int, *, group_size: int | None, tpu: bool,
+           block_m: int | None = None, block_n: int | None = None,
+           block_k_words: int | None = None, k_splits: int | None = None
+           ) -> tuple[int, int, int, int, int]:
+  """(block_m, block_n, block_k_words, K tiles, K splits) of an `[m, K] @ [rows words, n]` call:
+  the given tiles, defaults for the rest. K tiles cover the weight's rows, padded up to whole
+  tiles per split only when a given `block_k_words` or `k_splits` asks for it."""
+  block_m = block_m or min(compat.power_of_two_at_least(m, 8 if tpu else 16), 64)
+  block_n = block_n or min(compat.power_of_two_at_least(n, 128 if tpu else 16), 128)
+  block_k_words = block_k_words or _default_block_k_words(rows, group_size, tpu)
+  compat.check_tiles(block_m=block_m, block_n=block_n, block_k_words=block_k_words)
+  if group_size is not None and group_size % block_k_words:
+    raise ValueError(f"block_k_words={block_k_words} must divide group_size={group_size}.")
+  k_tiles = -(-rows // block_k_words)
+  splits = k_splits or _default_k_splits(-(-m // block_m) * -(-n // block_n), k_tiles, tpu)
+  if k_tiles % splits:
+    k_tiles += splits - k_tiles % splits  # Whole tiles per split; the extra ones are padding.
+  return block_m, block_n, block_k_words, k_tiles, splits
 
 
 def _pad_to(a: Array, axis: int, multiple: int) -> Array:
@@ -177,17 +199,9 @@ def packed_matmul(x: Array, w_packed: Array, scales: Array, *, bits: int, signed
   m = x2.shape[0]
   if m == 0:
     return jnp.zeros((*lead, n), out_dtype)
-  tpu = backend in ("mosaic_tpu", "tpu_interpret")
-  block_m = block_m or min(compat.power_of_two_at_least(m, 8 if tpu else 16), 64)
-  block_n = block_n or min(compat.power_of_two_at_least(n, 128 if tpu else 16), 128)
-  block_k_words = block_k_words or _default_block_k_words(rows, group_size, tpu)
-  compat.check_tiles(block_m=block_m, block_n=block_n, block_k_words=block_k_words)
-  if group_size is not None and group_size % block_k_words:
-    raise ValueError(f"block_k_words={block_k_words} must divide group_size={group_size}.")
-  k_tiles = -(-rows // block_k_words)
-  splits = k_splits or _default_k_splits(-(-m // block_m) * -(-n // block_n), k_tiles, tpu)
-  if k_tiles % splits:
-    k_tiles += splits - k_tiles % splits  # Whole tiles per split; the extra ones are padding.
+  block_m, block_n, block_k_words, k_tiles, splits = tiling(
+      m, n, rows, group_size=group_size, tpu=backend in ("mosaic_tpu", "tpu_interpret"),
+      block_m=block_m, block_n=block_n, block_k_words=block_k_words, k_splits=k_splits)
   # Activations in the weight's plane order: plane j holds x[:, j * rows:(j + 1) * rows].
   xp = jnp.pad(x2, ((0, 0), (0, planes * rows - k))).reshape(m, planes, rows).transpose(1, 0, 2)
   xp = _pad_to(_pad_to(xp, 1, block_m), 2, block_k_words * k_tiles)
