@@ -162,4 +162,4 @@ def make_search_step(loss_fn: LossFn, *, plan: Plan, target_mb: float, fixed_bit
                        "expected_size_mb": size_of(softmax),
                        "argmax_size_mb": size_of(argmax_probs(arch)), **arch_metrics}
 
-  return Jit(step_fn, "search_step", donate_argnums=0)
+  return Jit(step_fn, "search_step", donate_argnums=0, returns_state=True)
