@@ -24,6 +24,9 @@ def train_defaults(**overrides) -> config_dict.ConfigDict:
   train.max_grad_norm = 1.0
   train.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
   train.remat = False
+  # Devices that split each encoder matrix between them (Megatron-style, `train/sharding.py`);
+  # the devices / model_parallel groups of them are data parallel. 1: data parallelism alone.
+  train.model_parallel = 1
   train.log_every_steps = 50
   train.eval_every_steps = 0  # 0: evaluate at the end of every epoch.
   train.update(overrides)

@@ -45,6 +45,11 @@ class TaskContext:
   def dev_value(self, metrics: Metrics) -> float:
     return metrics[self.dev_split][self.task.main_metric]
 
+  def shard(self, tree: Any) -> Any:
+    """A copy of a state or weights on the mesh: BERT's matrices (and their quantizer parameters
+    and logits) split over its `model` axis (`train.model_parallel`), the rest replicated."""
+    return sharding.shard_state(tree, self.mesh, models.BERT_MODEL_PARALLEL)
+
   def evaluate(self, eval_step: Callable, variables: Any) -> Metrics:
     return {split: loop.evaluate(eval_step, variables, ds, self.task, self.config, self.mesh)
             for split, ds in self.eval_sets.items()}
@@ -56,7 +61,7 @@ def make_context(config: ml_collections.ConfigDict) -> TaskContext:
   model, params = models.load_pretrained(config.model, num_labels=task.num_labels,
                                          dtype=loop.compute_dtype(config.train.dtype),
                                          remat=config.train.remat, seed=config.seed)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(model_parallel=config.train.model_parallel)
   for size in (config.train.batch_size, config.train.eval_batch_size):
     sharding.check_batch_size(size, mesh)
   return TaskContext(config, task, model, params, train_set, eval_sets, mesh)

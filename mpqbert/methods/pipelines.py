@@ -168,8 +168,8 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
   start_summary = arch_summary(arch, plan, band, fixed, sc.max_pruned_fraction)
   logging.info("search start (prior %s): %s", sc.prior, start_summary)
   qparams = qat.calibrate_activations(ctx, qapply, teacher, qparams, arch)
-  state = sharding.replicate(search.SearchState.create(teacher, qparams, arch, weight_optimizer,
-                                                       arch_optimizer), ctx.mesh)
+  state = ctx.shard(search.SearchState.create(teacher, qparams, arch, weight_optimizer,
+                                              arch_optimizer))
   tau_fn = lambda step: search.temperature(step, steps_per_epoch, tau_start=sc.tau_start,
                                            tau_decay=sc.tau_decay, warmup_epochs=sc.warmup_epochs)
   distill = qat.distills(config.train)
@@ -181,7 +181,7 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
       weight_optimizer=weight_optimizer, arch_optimizer=arch_optimizer, tau_fn=tau_fn,
       arch_start_step=arch_start, second_order=sc.second_order, inner_lr=sc.weight_lr,
       seed=config.seed)
-  teacher_arg = sharding.replicate(teacher if distill else None, ctx.mesh)
+  teacher_arg = ctx.shard(teacher if distill else None)
   eval_step = make_eval_step(qat.quantized_logits(qapply), ctx.task.is_regression,
                              "quant_eval_step")
 

@@ -57,7 +57,7 @@ def calibrate_activations(ctx: common.TaskContext, qapply: Callable, params: Any
                           update_act_stats=True)[1]
 
   update = Jit(update, "calibrate_step")
-  params, qparams, bits_or_logits = sharding.replicate((params, qparams, bits_or_logits), ctx.mesh)
+  params, qparams, bits_or_logits = ctx.shard((params, qparams, bits_or_logits))
   stream = loop.batches_for(ctx.config, ctx.train_set, 0)
   for _ in range(ctx.config.quant.calibration_batches):
     batch = next(stream)
@@ -136,7 +136,7 @@ def make_qat_step(ctx: common.TaskContext, qapply: Callable, optimizer,
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state), {"loss": loss, **aux}
 
-  return Jit(step, "qat_step", donate_argnums=0)
+  return Jit(step, "qat_step", donate_argnums=0, returns_state=True)
 
 
 def train_quantized(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
@@ -164,13 +164,12 @@ def train_quantized(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
     optimizer, schedule = optim.make_optimizer(config.train, total_steps,
                                                mask=optim.weights_decay_mask)
     calibrated = calibrate_activations(ctx, qapply, params, qparams, policy)
-    state = sharding.replicate(
-        TrainState.create({"params": params, "qparams": calibrated}, optimizer), ctx.mesh)
+    state = ctx.shard(TrainState.create({"params": params, "qparams": calibrated}, optimizer))
     eval_step = make_eval_step(quantized_logits(qapply), ctx.task.is_regression,
                                "quant_eval_step")
     qat_step = make_qat_step(ctx, qapply, optimizer, regularizer)
-    frozen = sharding.replicate((teacher_params if distills(config.train) else None, policy),
-                                ctx.mesh)
+    frozen = (ctx.shard(teacher_params if distills(config.train) else None),
+              sharding.replicate(policy, ctx.mesh))
     state, dev_metrics = loop.train_loop(
         name=f"{stage.name} {ctx.task.name}", workdir=stage, state=state,
         train_step=qat_step.bind(*frozen),

@@ -31,6 +31,17 @@ BERT_MATRIX_KINDS = {
     "ffn_out": r"encoder/layer/\d+/output/dense/kernel$",
 }
 
+# Megatron-style model parallelism (`train.model_parallel`, `mpqbert.train.sharding`): Q, K, V
+# and the FFN's first matrix split by output columns (whole heads / FFN neurons per device), the
+# attention output and FFN output matrices by input rows, so each layer's attention and FFN block
+# needs one all-reduce of its output. (regex, "column" | "row") pairs.
+BERT_MODEL_PARALLEL = (
+    (BERT_MATRIX_KINDS["qkv"], "column"),
+    (BERT_MATRIX_KINDS["ffn_in"], "column"),
+    (BERT_MATRIX_KINDS["attention_output"], "row"),
+    (BERT_MATRIX_KINDS["ffn_out"], "row"),
+)
+
 
 def bert_encoder_spec(*, quantizer: str = "symmetric",
                       groups: quant.Groups | Mapping[str, quant.Groups] = 1,

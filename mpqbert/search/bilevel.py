@@ -160,5 +160,6 @@ def make_search_step(loss_fn: LossFn, *, plan: Plan, target_mb: float, fixed_bit
                        "argmax_size_mb": size_of(argmax_probs(arch)), **arch_metrics}
 
   warmup = functools.partial(step_fn, update_arch=False)
-  return Phased(Jit(warmup, "search_warmup_step", donate_argnums=0),
-                Jit(step_fn, "search_step", donate_argnums=0), arch_start_step)
+  return Phased(Jit(warmup, "search_warmup_step", donate_argnums=0, returns_state=True),
+                Jit(step_fn, "search_step", donate_argnums=0, returns_state=True),
+                arch_start_step)

@@ -13,6 +13,10 @@ from flax import traverse_util
 from mpqbert import files
 
 CONFIG_FILE = "config.json"
+# Config keys (last component) that only lay the run out on devices: a run may resume under
+# another value (Orbax restores the state onto the new mesh), and runs from before the key existed
+# resume too.
+_DEVICE_LAYOUT_KEYS = ("model_parallel",)
 
 
 def make_manager(workdir: str | Path, every_steps: int, keep: int) -> ocp.CheckpointManager:
@@ -64,14 +68,15 @@ def guard_workdir(workdir: str | Path, config_json: str) -> None:
   """Writes the run's config to the workdir, or checks it equals the one already there.
 
   Resuming a run with a different config would silently mix two experiments; the error lists the
-  keys that differ.
+  keys that differ. Device layout keys (`train.model_parallel`) are not compared.
   """
   path = Path(workdir) / CONFIG_FILE
   current = json.loads(config_json)
   if path.exists():
     previous = json.loads(path.read_text())
     old, new = _flat(previous), _flat(current)
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                  and k.rsplit(".", 1)[-1] not in _DEVICE_LAYOUT_KEYS)
     if diff:
       details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
       raise ValueError(

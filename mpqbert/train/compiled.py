@@ -60,11 +60,18 @@ class Jit:
   `precompile` compiles several signatures at once, in parallel threads (XLA compiles one
   program on one core). `compilations` lists (signature description, seconds) of every
   compilation, for tests and benchmarks; `fn` is the traced function, `jitted` its `jax.jit`.
+
+  `returns_state`: `fn(state, ...)` returns `(state, ...)`, and the new state is laid out like
+  the argument (its shardings, e.g. split over a `model` mesh axis), not as the partitioner
+  would pick: the next step then has the same signature, reuses this executable and the donated
+  buffers.
   """
 
-  def __init__(self, fn: Callable, name: str, *, donate_argnums: int | Sequence[int] = ()):
-    self.name, self.fn = name, fn
+  def __init__(self, fn: Callable, name: str, *, donate_argnums: int | Sequence[int] = (),
+               returns_state: bool = False):
+    self.name, self.fn, self.returns_state = name, fn, returns_state
     self.jitted = jax.jit(fn, donate_argnums=donate_argnums)
+    self._donate_argnums = donate_argnums
     self._executables: dict[Any, Any] = {}
     self.compilations: list[tuple[str, float]] = []
 
@@ -90,7 +97,7 @@ class Jit:
     def compile_one(item):
       key, args = item
       start = time.perf_counter()
-      executable = self.jitted.lower(*args).compile()
+      executable = self._jit_for(args).lower(*args).compile()
       return key, args, executable, time.perf_counter() - start
 
     with concurrent.futures.ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
@@ -100,6 +107,16 @@ class Jit:
         logging.info("compiled %s for %s in %.1f s%s", self.name, described, seconds,
                      f" ({len(todo)} in parallel)" if len(todo) > 1 else "")
         self._executables[key] = executable
+
+  def _jit_for(self, args: tuple) -> Any:
+    """`jitted`, or with `returns_state` and a state laid out on a mesh (`sharding.shard_state`)
+    a jit whose first output has the shardings of `args[0]` (the rest left to the partitioner)."""
+    leaves = jax.tree.leaves(args[0]) if args else []
+    on_mesh = lambda x: isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+    if not (self.returns_state and leaves and all(map(on_mesh, leaves))):
+      return self.jitted
+    layout = jax.tree.map(lambda x: x.sharding, args[0])
+    return jax.jit(self.fn, donate_argnums=self._donate_argnums, out_shardings=(layout, None))
 
   def bind(self, *trailing: Any) -> "BoundJit":
     """This function with its last arguments fixed (the teacher, the policy, ...)."""

@@ -222,17 +222,19 @@ def train_full_precision(config, workdir: Path, model, params: Any, task: data.G
                          eval_sets: dict[str, data.TokenizedDataset]
                          ) -> tuple[TrainState, dict[str, dict[str, float]], int]:
   """AdamW fine-tuning of `params` under `config.train`, checkpointed in `workdir`."""
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(model_parallel=config.train.model_parallel)
   sharding.check_batch_size(config.train.batch_size, mesh)
   sharding.check_batch_size(config.train.eval_batch_size, mesh)
   steps_per_epoch = data.num_train_batches(len(train_set), config.train.batch_size)
   total_steps = num_train_steps(config.train, steps_per_epoch)
   optimizer, schedule = optim.make_optimizer(config.train, total_steps)
-  state = sharding.replicate(TrainState.create(params, optimizer), mesh)
+  state = sharding.shard_state(TrainState.create(params, optimizer), mesh,
+                               models.BERT_MODEL_PARALLEL)
   train_step = make_train_step(model, optimizer, task.is_regression, dropout_seed=config.seed)
   eval_step = make_eval_step(model_logits(model), task.is_regression)
-  logging.info("finetune task=%s train=%d examples, %d steps/epoch, %d steps, %d devices",
-               task.name, len(train_set), steps_per_epoch, total_steps, mesh.size)
+  logging.info("finetune task=%s train=%d examples, %d steps/epoch, %d steps, %d devices %s",
+               task.name, len(train_set), steps_per_epoch, total_steps, mesh.size,
+               dict(mesh.shape))
   state, dev_metrics = train_loop(
       name=f"finetune {task.name}", workdir=workdir, state=state, train_step=train_step,
       batches=lambda start: batches_for(config, train_set, start),

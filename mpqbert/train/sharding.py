@@ -1,8 +1,16 @@
-"""Data-parallel sharding over all devices: batch split along the `data` mesh axis."""
+"""Sharding over a (`data`, `model`) device mesh: batches split along `data`; the encoder's
+weight matrices, with their quantizer parameters and logits, optionally split along `model`.
+
+With `model_parallel` = 1 (the default) the `model` axis has size 1 and every state is
+replicated: plain data parallelism. With `model_parallel` = N > 1 the big matrices are split
+Megatron-style over N devices (`state_shardings`), for models whose weights, optimizer moments,
+K quantized copies and logits crowd one device; XLA's partitioner inserts the collectives.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -12,6 +20,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
+# How a weight matrix is split over the `model` axis: by output columns (its bias too) or by
+# input rows (its bias replicated); a model's rules are (regex over parameter paths, split)
+# pairs, e.g. `mpqbert.models.BERT_MODEL_PARALLEL`.
+COLUMN, ROW = "column", "row"
+SplitRules = Sequence[tuple[str, str]]
 # Environment variables that mark a multi-host launch (set by the launcher, or by the user).
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -42,9 +56,23 @@ def maybe_initialize_distributed() -> None:
                jax.device_count())
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D data-parallel mesh, by default over every device of every host."""
-  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, model_parallel: int = 1) -> Mesh:
+  """A (`data`, `model`) mesh, by default over every device of every host.
+
+  `model_parallel` devices hold one copy of the model between them (the `model` axis, adjacent
+  devices, so within one host); the rest of the devices are data parallel.
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  count = devices.size
+  if model_parallel < 1 or count % model_parallel:
+    raise ValueError(f"train.model_parallel={model_parallel} does not divide the {count} devices; "
+                     f"use a divisor of {count} (1 for data parallelism alone).")
+  local = jax.local_device_count()
+  if jax.process_count() > 1 and local % model_parallel:
+    raise ValueError(f"train.model_parallel={model_parallel} does not divide the {local} devices "
+                     "of one process: the model axis must stay within a host (its collectives "
+                     f"run in every layer); use a divisor of {local}.")
+  return Mesh(devices.reshape(count // model_parallel, model_parallel), (DATA_AXIS, MODEL_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -56,13 +84,15 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  if batch_size % mesh.size:
-    raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices of the "
-                     f"data-parallel mesh; pick a multiple of {mesh.size}.")
+  """Refuses a batch that the `data` axis cannot split into equal rows."""
+  size = mesh.shape[DATA_AXIS]
+  if batch_size % size:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {size} data-parallel "
+                     f"replicas of the mesh; pick a multiple of {size}.")
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Global host batch -> arrays split over the `data` axis.
+  """Global host batch -> arrays split over the `data` axis (replicated over `model`).
 
   Every process builds the same global batch (the pipeline is deterministic) and contributes its
   own contiguous slice of rows.
@@ -89,10 +119,90 @@ def fetch(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """A replicated copy of `tree` on `mesh`.
+def _key_name(entry: Any) -> str:
+  for field in ("key", "name", "idx"):
+    if hasattr(entry, field):
+      return str(getattr(entry, field))
+  return str(entry)
+
+
+def _split_of(path: str, rules: SplitRules) -> str | None:
+  """COLUMN or ROW for a matrix path one of `rules` matches (`re.search`), else None."""
+  for pattern, split in rules:
+    if re.search(pattern, path):
+      return split
+  return None
+
+
+def _along(axis: int, ndim: int) -> PartitionSpec:
+  """`model` on `axis` of an ndim-array, nothing elsewhere."""
+  spec = [None] * ndim
+  spec[axis] = MODEL_AXIS
+  return PartitionSpec(*spec)
+
+
+def leaf_spec(keys: Sequence[str], shape: Sequence[int], rules: SplitRules,
+              model_size: int) -> PartitionSpec:
+  """The PartitionSpec of one leaf, from the names on its path and its shape.
+
+  Matrices (a path `rules` match, through nested dicts: the weights and their optimizer
+  moments): COLUMN ones `[in, out]` split on `out`, with their sibling `bias`; ROW ones on `in`.
+  Per-matrix trees of `mpqbert.quant` (a dict keyed by the whole matrix path: qparams, logits,
+  a policy's bits, their optimizer moments) follow their matrix's sub-groups, which are column
+  blocks, so only those of COLUMN matrices are split: the leaf at the path (logits `[G, K]`,
+  bits `[G]`) on its first axis, its named fields (`[K, G]` scales and ranges) on their last;
+  scalars (activation scales) stay whole. Any leaf whose axis `model_size` does not divide (an
+  odd G, say) is replicated, as is everything else (embeddings, norms, the head, step counts).
+  """
+  ndim = len(shape)
+  if model_size == 1 or ndim == 0:
+    return PartitionSpec()
+  axis = None
+  for i, key in enumerate(keys):  # quant's per-matrix trees: one key names the whole matrix.
+    split = _split_of(key, rules) if "/" in key else None
+    if split is not None:
+      if split == COLUMN:
+        axis = 0 if i == len(keys) - 1 else (ndim - 1 if ndim == 2 else None)
+      break
+  else:
+    path = "/".join(keys)
+    split = _split_of(path, rules)
+    if split == COLUMN and ndim >= 2:
+      axis = ndim - 1
+    elif split == ROW and ndim >= 2:
+      axis = ndim - 2
+    elif split is None and keys and keys[-1] == "bias":
+      kernel = "/".join([*keys[:-1], "kernel"])
+      axis = ndim - 1 if _split_of(kernel, rules) == COLUMN else None
+  if axis is None or shape[axis] % model_size:
+    return PartitionSpec()
+  return _along(axis, ndim)
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: SplitRules = ()) -> Any:
+  """`tree` (params, a train or search state, a teacher, ...) -> a NamedSharding per leaf on
+  `mesh`: split over its `model` axis where `leaf_spec` says, else replicated; never split over
+  `data` (every data-parallel replica holds the whole state). Pure: reads only names and shapes.
+  """
+  model_size = mesh.shape.get(MODEL_AXIS, 1)
+
+  def one(path, leaf):
+    keys = [_key_name(entry) for entry in path]
+    return NamedSharding(mesh, leaf_spec(keys, np.shape(leaf), rules, model_size))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_state(tree: Any, mesh: Mesh, rules: SplitRules = ()) -> Any:
+  """A copy of `tree` on `mesh`, laid out by `state_shardings` (no `rules`, or a `model` axis of
+  size 1: replicated on every device).
 
   Always a copy: train steps donate their state, and the caller's arrays (a teacher's weights,
   say) must survive that.
   """
-  return jax.device_put(tree, replicated(mesh), may_alias=False)
+  return jax.device_put(tree, state_shardings(tree, mesh, rules), may_alias=False)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """A replicated copy of `tree` on `mesh` (small trees: a policy, logits to evaluate)."""
+  return shard_state(tree, mesh)

@@ -55,7 +55,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, is_regressio
                               opt_state=opt_state)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  return Jit(train_step, "train_step", donate_argnums=0)
+  return Jit(train_step, "train_step", donate_argnums=0, returns_state=True)
 
 
 def make_eval_step(logits_fn: Callable[[Any, Batch], jax.Array], is_regression: bool,
