@@ -114,7 +114,8 @@ def search_run(mesh, state):  # A fresh search step (its own program), state, sh
   step = search.make_search_step(
       search.label_loss(qapply, is_regression=False), plan=plan, target_mb=target,
       fixed_bits=fixed, size_weight=1.0, weight_optimizer=weight_optimizer,
-      arch_optimizer=arch_optimizer, tau_fn=lambda s: jnp.float32(1.0), arch_start_step=0, seed=1)
+      arch_optimizer=arch_optimizer, tau_fn=lambda s: jnp.float32(1.0), arch_start_step=0,
+      seed=1).at(0)  # Bilevel from the first step.
   return step, state, [tuple(sharding.shard_batch(b, mesh) for b in pair) for pair in batches]
 
 def finetune_run(mesh):  # The float fine-tuning step, replicated on `mesh`.
