@@ -109,12 +109,14 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits: int, signed: bool, plane
 
 
 def _default_block_k_words(rows: int, group_size: int | None, tpu: bool) -> int:
-  """Word rows per K tile: 128 on TPU (a lane width); on GPU the largest of 32, 16 and 8 that
-  divides K_w (no weight padding), else 32. Within a K-group when there are groups."""
+  """Word rows per K tile: 128 on TPU (a lane width); on GPU the largest of 32 and 16 that
+  divides K_w (no weight padding), else 32. Not 8: Triton's dot needs K >= 16 (8-row tiles gave
+  twice the product on an H200, though the interpreter got them right). Within a K-group when
+  there are groups."""
   if tpu:
     tile = 128
   else:
-    tile = next((t for t in (32, 16, 8) if rows % t == 0), 32)
+    tile = next((t for t in (32, 16) if rows % t == 0), 32)
   while group_size is not None and group_size % tile and tile > 1:
     tile //= 2
   return tile
