@@ -9,7 +9,8 @@ r"""Packed models against the full-precision one: bytes on disk and inference la
           "int8")`: int8 x int8 -> int32 matmuls for matrices with quantized or binarized inputs
           (SensiMix's 1-bit FFNs: +-1 int8 instead of XNOR-popcount), float32 matmuls of the
           weights dequantized at load for those with float inputs (SensiMix's attention and
-          8-bit FFNs).
+          8-bit FFNs); "(int8, popcount)" rows, where a model has 1-bit layers with binarized
+          inputs and `lay_out`'s timing found XNOR-popcount faster for some: those by popcount.
 
 The packed models are the uniform 8/4/2-bit (8-bit inputs, their scales calibrated on one
 batch, as the study's uniform runs) and SensiMix (3+3 on 6 layers) exports of the
@@ -146,7 +147,10 @@ def main(argv):
   int8 = jax.default_backend() == "cpu" if _INT8.value is None else _INT8.value
   laid_out = {}
   for name, p in packed.items() if int8 else ():
-    laid_out[f"{name} (int8)"] = export.lay_out(p, "int8")
+    laid_out[f"{name} (int8)"] = export.lay_out(p, "int8", sign_matmul="int8")
+    faster = export.lay_out(p, "int8")  # Binarized layers by the faster of int8 and popcount.
+    if "popcount" in export.sign_matmuls(faster).values():
+      laid_out[f"{name} (int8, popcount)"] = faster
     kinds = Counter(export.input_kinds(p).values())
     print(f"{name} (int8): matrices by input kind {dict(kinds)}", flush=True)
   served.update({name: (serve, p) for name, p in laid_out.items()})
@@ -176,9 +180,9 @@ def main(argv):
     sizes[name] = {"file_bytes": _file_bytes(p),
                    "matrix_bytes": export.packed_nbytes(p, part="matrices"),
                    "memory_bytes": _memory_bytes(p)}
-    if f"{name} (int8)" in laid_out:  # The same file, laid out at load.
-      sizes[f"{name} (int8)"] = {**sizes[name],
-                                 "memory_bytes": _memory_bytes(laid_out[f"{name} (int8)"])}
+    for variant in (f"{name} (int8)", f"{name} (int8, popcount)"):  # The file laid out at load.
+      if variant in laid_out:
+        sizes[variant] = {**sizes[name], "memory_bytes": _memory_bytes(laid_out[variant])}
   backend, device = jax.default_backend(), jax.devices()[0].device_kind
   report = {"model": _MODEL.value, "config": config.to_dict(), "rows": rows, "sizes": sizes,
             "seq_len": _SEQ_LEN.value, "backend": backend,

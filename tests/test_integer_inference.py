@@ -239,12 +239,41 @@ def test_forward_has_one_int8_dot_per_matrix_and_no_unpacking():
   _, qparams = quant.transform(model.apply, spec)(params, qparams, policy, ids,
                                                   update_act_stats=True, deterministic=True)
   packed = export.export_packed(params, policy, qparams, config=config, num_labels=2)
-  laid = export.lay_out(packed)
+  laid = export.lay_out(packed, sign_matmul="int8")
   text = jax.jit(lambda m, ids: m.apply(ids, deterministic=True)).lower(laid, ids).as_text()
   int8_dots = re.findall(r"stablehlo\.dot_general.*tensor<[0-9x]+xi8>, tensor<[0-9x]+xi8>\)"
                          r" -> tensor<[0-9x]+xi32>", text)
   assert len(int8_dots) == len(policy.matrices)
   assert "shift_right" not in text and "xui32" not in text
+
+
+@pytest.mark.parametrize("case", ["index attention, binary FFN",
+                                  "SensiMix, float attention inputs"])
+def test_binary_layers_by_popcount_equal_the_int8_sign_dot(case):
+  """+-1 weights with binarized inputs: XNOR-popcount on sign words and the int8 dot of the signs
+  are the same integers, so the whole model's logits are equal bit for bit; "auto" picks one of
+  the two per matrix, and only matrices with binarized inputs."""
+  make_policy, calibrate = MODEL_CASES[case]
+  config, model, params = _tiny(seed=1, num_labels=3)
+  spec, policy = make_policy(params)
+  qparams = quant.init_qparams(spec, params)
+  ids = jnp.asarray(np.random.default_rng(4).integers(1000, 5000, (16, 12)), jnp.int32)
+  kwargs = dict(attention_mask=jnp.ones_like(ids), deterministic=True)
+  if calibrate:
+    _, qparams = quant.transform(model.apply, spec)(params, qparams, policy, ids,
+                                                    update_act_stats=True, **kwargs)
+  packed = export.export_packed(params, policy, qparams, config=config, num_labels=3)
+  by_int8 = export.lay_out(packed, sign_matmul="int8")
+  by_popcount = export.lay_out(packed, sign_matmul="popcount")
+  binary = {p for p, kind in export.input_kinds(packed).items() if kind == "sign"}
+  assert binary and set(export.sign_matmuls(by_popcount)) == binary
+  assert set(export.sign_matmuls(by_popcount).values()) == {"popcount"}
+  assert set(export.sign_matmuls(by_int8).values()) == {"int8"}
+  assert set(export.sign_matmuls(export.lay_out(packed))) == binary  # "auto"
+  np.testing.assert_array_equal(np.asarray(_served(by_popcount, ids, **kwargs)),
+                                np.asarray(_served(by_int8, ids, **kwargs)))
+  with pytest.raises(ValueError, match="unknown sign_matmul 'xnor'"):
+    export.lay_out(packed, sign_matmul="xnor")
 
 
 def test_lay_out_names_the_layouts_it_knows():

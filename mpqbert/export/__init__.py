@@ -9,7 +9,8 @@ package: nothing here imports the runs).
 
 from mpqbert.export.packed import (PackedModel, bit_blocks, export_packed, half_dtype, load_packed,
                                    packed_apply, packed_nbytes, save_packed)
-from mpqbert.export.integer import IntegerModel, input_kinds, lay_out
+from mpqbert.export.integer import IntegerModel, input_kinds, lay_out, sign_matmuls
 
 __all__ = ["IntegerModel", "PackedModel", "bit_blocks", "export_packed", "half_dtype",
-           "input_kinds", "lay_out", "load_packed", "packed_apply", "packed_nbytes", "save_packed"]
+           "input_kinds", "lay_out", "load_packed", "packed_apply", "packed_nbytes", "save_packed",
+           "sign_matmuls"]

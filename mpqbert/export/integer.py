@@ -27,8 +27,12 @@ The forward of a Dense layer `x [M, K] -> [M, N]`, by the kind of its input (`in
              `y = acc * a - rowsum(x_q) * (a * zero) + bias`
            (the middle term only for index matrices);
   "sign"   input binarized to sign(x) (sign(0) = +1; SensiMix's 1-bit FFNs): `x_q` = +-1 int8 and
-           the same int8 dot and epilogue with an activation scale of 1. 1-bit sign / xnor / 1-bit
-           symmetric weights are +-1 int8 codes: this replaces the packed path's XNOR-popcount.
+           the same int8 dot and epilogue with an activation scale of 1. Where every kept column
+           holds 1-bit weights (+-1), the product can instead be XNOR-popcount on sign words packed
+           32 to a uint32 (`kernels.xnor_matmul`): `lay_out(..., sign_matmul=)` picks "int8",
+           "popcount", or "auto", the faster of the two for the matrix's shape on this backend,
+           timed once at layout (on this project's CPU popcount won at K=384 and lost at K=1536,
+           `experiments/results/integer_inference_cpu.md`). Both give the same integers.
   "float"  input not quantized (input bits 32, e.g. SensiMix's attention and 8-bit FFNs), or an
            activation scale still 0 (never calibrated: the fake-quantized model passes such
            inputs through unchanged): no integer activations exist, so the weight is dequantized
@@ -49,6 +53,7 @@ are exact in float32, and `quant.xnor_scale` cuts its mantissa so that scale tim
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Mapping
 
 import jax
@@ -62,6 +67,8 @@ from mpqbert.quant.quantizers import positive_step
 
 Array = jax.Array
 LAYOUTS = ("int8",)
+SIGN_MATMULS = ("auto", "int8", "popcount")
+_PROBE_ROWS = 1024  # Rows of the probe input that times the two sign products at layout.
 _DOT = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
 
 
@@ -137,13 +144,15 @@ def code_shift(policy: Policy, matrix: quant.MatrixSpec) -> np.ndarray:
   return np.where(bits > 0, 2 ** np.maximum(bits - 1, 0), 0).astype(np.int32)
 
 
-def lay_out_matrix(entry: Mapping[str, Array], policy: Policy, matrix: quant.MatrixSpec
-                   ) -> dict[str, Array]:
+def lay_out_matrix(entry: Mapping[str, Array], policy: Policy, matrix: quant.MatrixSpec,
+                   sign_matmul: str = "int8") -> dict[str, Array]:
   """The arrays `integer_dense` runs one packed matrix with:
 
     "int" / "sign" inputs: `codes` int8 `[K, N']` (kept columns), `scale` float32 `[N']`
       (act_scale * column scale), `correction` `[N']` (scale * zero; index matrices only) and
-      `act_scale` (int inputs only);
+      `act_scale` (int inputs only); or, for "sign" inputs and +-1 weights under `sign_matmul`
+      "popcount" (or "auto" where popcount was faster), `sign_words` uint32 `[K/32, N']` in place
+      of `codes`;
     "float" inputs: `weight` float32 `[K, N]`, the dequantized matrix.
   """
   codes, scale, zero = unpack_matrix(entry, policy, matrix)
@@ -166,7 +175,42 @@ def lay_out_matrix(entry: Mapping[str, Array], policy: Policy, matrix: quant.Mat
     out["correction"] = jnp.asarray((scale * zero)[kept], jnp.float32)
   if act_scale is not None:
     out["act_scale"] = act_scale
+  if kind == "sign" and sign_matmul != "int8" and np.all(np.abs(codes[:, kept]) == 1):
+    words = kernels.pack_signs(jnp.asarray(codes[:, kept], jnp.float32), axis=0)
+    if sign_matmul == "popcount" or _faster_sign_matmul(out["codes"], words,
+                                                        matrix.shape[0]) == "popcount":
+      out["sign_words"] = words
+      del out["codes"]
   return out
+
+
+def _popcount_matmul(x: Array, words: Array, k: int) -> Array:
+  """int32 `sign(x) @ W` for +-1 weights packed as sign words `[K/32, N']`."""
+  return kernels.xnor_matmul(kernels.pack_signs(x), words, k, backend="reference")
+
+
+def _int8_sign_matmul(x: Array, codes: Array) -> Array:
+  return jax.lax.dot_general(quant.grid.sign_codes(x).astype(jnp.int8), codes, _DOT,
+                             preferred_element_type=jnp.int32)
+
+
+def _faster_sign_matmul(codes: Array, words: Array, k: int, repeats: int = 3) -> str:
+  """"int8" or "popcount", whichever multiplies a probe `[_PROBE_ROWS, K]` input by this
+  matrix faster here (minimum of `repeats` timed calls after a compiling one)."""
+  x = jax.random.normal(jax.random.key(0), (_PROBE_ROWS, k), jnp.float32)
+  candidates = {"int8": (jax.jit(_int8_sign_matmul), codes),
+                "popcount": (jax.jit(_popcount_matmul, static_argnums=2), words)}
+  best = {}
+  for name, (fn, weight) in candidates.items():
+    args = (x, weight, k) if name == "popcount" else (x, weight)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+    best[name] = min(times)
+  return min(best, key=best.get)
 
 
 def _input_codes(x: Array, entry: Mapping[str, Array], bits: int) -> Array:
@@ -197,8 +241,11 @@ def integer_dense(x: Array, entry: Mapping[str, Array], policy: Policy,
   if "weight" in entry:
     y = jnp.dot(x2.astype(jnp.float32), entry["weight"])
   else:
-    xq = _input_codes(x2, entry, matrix.input_bits(policy.activation_bits))
-    acc = jax.lax.dot_general(xq, entry["codes"], _DOT, preferred_element_type=jnp.int32)
+    if "sign_words" in entry:  # XNOR-popcount (+-1 weights, binarized inputs, no zero point).
+      acc = _popcount_matmul(x2, entry["sign_words"], k)
+    else:
+      xq = _input_codes(x2, entry, matrix.input_bits(policy.activation_bits))
+      acc = jax.lax.dot_general(xq, entry["codes"], _DOT, preferred_element_type=jnp.int32)
     y = acc.astype(jnp.float32) * entry["scale"]
     if "correction" in entry:
       rows = jnp.sum(xq, axis=1, keepdims=True, dtype=jnp.int32).astype(jnp.float32)
@@ -207,18 +254,30 @@ def integer_dense(x: Array, entry: Mapping[str, Array], policy: Policy,
   return (y + bias).reshape(*x.shape[:-1], n)
 
 
-def lay_out(packed: PackedModel, layout: str = "int8") -> IntegerModel:
+def lay_out(packed: PackedModel, layout: str = "int8", *, sign_matmul: str = "auto"
+            ) -> IntegerModel:
   """`packed` laid out for integer inference on the CPU (module docstring); `layout` is the one
-  layout there is, "int8". The packed model itself is unchanged."""
+  layout there is, "int8"; `sign_matmul` how binarized inputs meet +-1 weights ("auto": the
+  faster of "int8" and "popcount" per matrix, timed here). The packed model is unchanged."""
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}.")
+  if sign_matmul not in SIGN_MATMULS:
+    raise ValueError(f"unknown sign_matmul {sign_matmul!r}; choose one of {SIGN_MATMULS}.")
   plan = packed.policy.plan
-  matrices = {path: lay_out_matrix(entry, packed.policy, plan[path])
+  matrices = {path: lay_out_matrix(entry, packed.policy, plan[path], sign_matmul)
               for path, entry in packed.matrices.items()}
   params = jax.tree.map(lambda v: v if v.dtype == jnp.int8 else jnp.asarray(v, jnp.float32),
                         packed.params)
   return IntegerModel(params=params, matrices=matrices, tables=packed.tables,
                       policy=packed.policy, config=packed.config, num_labels=packed.num_labels)
+
+
+def sign_matmuls(model: IntegerModel) -> dict[str, str]:
+  """"int8" or "popcount" for each laid-out matrix with binarized inputs: what `lay_out` chose."""
+  plan = model.policy.plan
+  return {path: "popcount" if "sign_words" in entry else "int8"
+          for path, entry in model.matrices.items()
+          if plan[path].input_bits(model.policy.activation_bits) == 1}
 
 
 def input_kinds(packed: PackedModel) -> dict[str, str]:
