@@ -101,15 +101,8 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
   bits[paths[1]] = np.asarray([2, 1, 4, 3], np.int32)
   ffn_out = "bert/encoder/layer/1/output/dense/kernel"
   bits[ffn_out] = np.asarray([1, 2, 1, 0], np.int32)
-  policy = quant.Policy(bits={p: jnp.asarray(b) for p, b in bits.items()},
-                        matrices=tuple(plan.values()), activation_bits=activation_bits).validate()
-  ids, kwargs, fake, packed = _fake_and_packed(model, params, spec, policy, config,
-                                               activation_bits)
-  # size_mb counts the packed words, so the bytes on disk are the reported size, 3-bit included.
-  packed_bytes = _packed_bytes_by_hand(policy)
-  assert quant.size_report(params, policy,
-                           layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == packed_bytes
-  assert export.packed_nbytes(packed, part="matrices") == packed_bytes
+  policy, ids, kwargs, fake, packed, packed_bytes = _packed_under(
+      bits, plan, model, params, spec, config, activation_bits)
 
   # The 1-bit block: sign bits (K = 32: one word per column, bit k = row k, 1 = w >= 0) and the
   # per-group scale, mean|w| of the group (the "mse" init at 1 bit).
@@ -164,14 +157,8 @@ def test_uneven_groups_export_matches_fake_quantized_model(tmp_path, quantizer, 
   bits[ffn_in][-1] = 3  # The short groups alone in their blocks, and next to full ones.
   bits[ffn_in][:-1] = np.where(bits[ffn_in][:-1] == 3, 4, bits[ffn_in][:-1])
   bits[ffn_out] = np.asarray([1, 0, 2, 8, 1], np.int32)
-  policy = quant.Policy(bits={p: jnp.asarray(b) for p, b in bits.items()},
-                        matrices=tuple(plan.values()), activation_bits=activation_bits).validate()
-  ids, kwargs, fake, packed = _fake_and_packed(model, params, spec, policy, config,
-                                               activation_bits)
-  packed_bytes = _packed_bytes_by_hand(policy)
-  assert quant.size_report(params, policy,
-                           layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == packed_bytes
-  assert export.packed_nbytes(packed, part="matrices") == packed_bytes
+  policy, ids, kwargs, fake, packed, packed_bytes = _packed_under(
+      bits, plan, model, params, spec, config, activation_bits)
 
   # The short FFN-input group: its 3 columns (77..79) alone at 3 bits, ceil(32 / 10) = 4 words
   # each, with the codes of its own grid (float64, from its stored scale and zero point).
@@ -191,6 +178,21 @@ def test_uneven_groups_export_matches_fake_quantized_model(tmp_path, quantizer, 
   served = _served(export.load_packed(path), ids, **kwargs)
   np.testing.assert_allclose(np.asarray(served), np.asarray(fake), rtol=1e-4, atol=1e-5)
   assert _matrix_bytes(_tensors_of_file(path, packed)) == packed_bytes
+
+
+def _packed_under(bits, plan, model, params, spec, config, activation_bits):
+  """The policy of `bits`, and the fake-quantized and packed models under it; checks that size_mb
+  counts the packed words, so the bytes on disk are the reported size (3-bit included), both
+  against a count by hand. Returns (policy, ids, kwargs, fake logits, packed, packed bytes)."""
+  policy = quant.Policy(bits={p: jnp.asarray(b) for p, b in bits.items()},
+                        matrices=tuple(plan.values()), activation_bits=activation_bits).validate()
+  ids, kwargs, fake, packed = _fake_and_packed(model, params, spec, policy, config,
+                                               activation_bits)
+  packed_bytes = _packed_bytes_by_hand(policy)
+  assert quant.size_report(params, policy,
+                           layout=models.BERT_LAYOUT)["size_mb"] * 2**20 == packed_bytes
+  assert export.packed_nbytes(packed, part="matrices") == packed_bytes
+  return policy, ids, kwargs, fake, packed, packed_bytes
 
 
 def _fake_and_packed(model, params, spec, policy, config, activation_bits):

@@ -117,23 +117,34 @@ def test_knapsack_matches_brute_force(seed, items, choices, width, use_limit):
   assert scores[np.arange(items), got].sum() == pytest.approx(expected, abs=1e-9)
 
 
-@SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), position=st.floats(0.05, 0.95),
-       tolerance=st.floats(0.001, 0.05), groups=st.sampled_from([4, 8, 16]))
-def test_derived_policy_never_exceeds_the_target_and_lands_within_tolerance(
-    encoder_params, seed, position, tolerance, groups):
-  plan = _plan(encoder_params, groups=groups, bit_choices=(0, 2, 3, 4, 8))
+def _derived_in_band(encoder_params, plan, seed: int, position: float, tolerance: float):
+  """Random logits derived into the band at `position` of the plan's size range: (logits, band,
+  policy, its size), the size checked inside the band; None where no policy fits the window (the error
+  must say so)."""
   low, high = search.size_range_mb(encoder_params, plan, layout=models.BERT_LAYOUT)
   band = search.SizeBand(low + position * (high - low), tolerance)
   rng = np.random.default_rng(seed)
   arch = {p: rng.normal(size=(m.groups, 5)) * rng.uniform(0.1, 5) for p, m in plan.items()}
   try:
     policy = search.derive_policy(arch, plan, band)
-  except ValueError as e:  # Only when no policy at all fits the window: check by hand.
+  except ValueError as e:
     assert "cannot derive" in str(e)
-    return
+    return None
   size = quant.size_report(encoder_params, policy, layout=models.BERT_LAYOUT)["size_mb"]
   assert band.lower <= size <= band.target_mb
+  return arch, band, policy, size
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), position=st.floats(0.05, 0.95),
+       tolerance=st.floats(0.001, 0.05), groups=st.sampled_from([4, 8, 16]))
+def test_derived_policy_never_exceeds_the_target_and_lands_within_tolerance(
+    encoder_params, seed, position, tolerance, groups):
+  plan = _plan(encoder_params, groups=groups, bit_choices=(0, 2, 3, 4, 8))
+  derived = _derived_in_band(encoder_params, plan, seed, position, tolerance)
+  if derived is None:
+    return
+  arch, band, policy, size = derived
   # When the argmax already fits, it is the answer (it maximizes the log-probability).
   argmax = quant.policy_from_logits(arch, plan)
   if band.contains(quant.size_report(encoder_params, argmax, layout=models.BERT_LAYOUT)["size_mb"]):
@@ -222,17 +233,10 @@ def test_derived_policy_on_uneven_groups_lands_in_the_band(encoder_params, seed,
                                                            tolerance, groups):
   plan = _plan(encoder_params, groups=groups, bit_choices=(0, 2, 3, 4, 8))
   assert any(len(set(m.group_widths)) > 1 for m in plan.values())
-  low, high = search.size_range_mb(encoder_params, plan, layout=models.BERT_LAYOUT)
-  band = search.SizeBand(low + position * (high - low), tolerance)
-  rng = np.random.default_rng(seed)
-  arch = {p: rng.normal(size=(m.groups, 5)) * rng.uniform(0.1, 5) for p, m in plan.items()}
-  try:
-    policy = search.derive_policy(arch, plan, band)
-  except ValueError as e:
-    assert "cannot derive" in str(e)
+  derived = _derived_in_band(encoder_params, plan, seed, position, tolerance)
+  if derived is None:
     return
-  size = quant.size_report(encoder_params, policy, layout=models.BERT_LAYOUT)["size_mb"]
-  assert band.lower <= size <= band.target_mb
+  arch, band, policy, size = derived
   one_hot = {p: quant.one_hot_bits(policy.bits[p], m.bit_choices) for p, m in plan.items()}
   assert float(search.expected_size_mb(one_hot, plan)) == pytest.approx(size, rel=1e-6)
 
