@@ -46,6 +46,9 @@ def finetune_config() -> config_dict.ConfigDict:
   config.data.max_seq_length = 128
   config.data.pad_multiple = 32  # Batches pad to a multiple of this: few shapes, few recompiles.
   config.data.train_subset = 0  # >0: train on the first N examples of a seeded shuffle.
+  # Training batches draw batch_size / shards rows from each shard (example i % shards); each
+  # process tokenizes only its shards. 0: one per process. Fix it to compare process counts.
+  config.data.shards = 0
 
   config.train = train_defaults()
 

@@ -1,5 +1,6 @@
 """Tests for mpqbert.data.glue and mpqbert.data.batching."""
 
+import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -504,3 +505,118 @@ def test_prefetch_keeps_order_raises_where_the_source_failed_and_stops_on_close(
   assert len(produced) <= 5 + 2 + 1  # At most `depth` items ahead (+ the one being made).
   with pytest.raises(ValueError, match="depth must be >= 1"):
     next(data.prefetch(iter(items), depth=0))
+
+
+# --- Shards: each process tokenizes the shards whose batch rows it feeds. ---
+
+
+def test_shards_of_process_hand_computed():
+  assert [list(data.shards_of_process(4, p, 2)) for p in range(2)] == [[0, 1], [2, 3]]
+  assert [list(data.shards_of_process(2, p, 2)) for p in range(2)] == [[0], [1]]
+  assert [list(data.shards_of_process(1, p, 2)) for p in range(2)] == [[0], [0]]
+  assert [list(data.shards_of_process(2, p, 4)) for p in range(4)] == [[0], [0], [1], [1]]
+  assert list(data.shards_of_process(3, 0, 1)) == [0, 1, 2]
+  with pytest.raises(ValueError, match="multiple of 2"):
+    data.shards_of_process(3, 0, 2)
+
+
+def _as_shards(ds: data.TokenizedDataset, num_shards: int) -> data.TokenizedDataset:
+  return dataclasses.replace(ds, shards=np.arange(len(ds)) % num_shards, num_shards=num_shards)
+
+
+@pytest.mark.parametrize("n", [101, 97, 96])
+def test_sharded_epoch_draws_each_shards_rows_from_that_shard_once(n):
+  """4 shards of `n` examples, batch 16: rows 4s..4s+3 of every batch hold examples of shard s
+  (i % 4 == s), each real example once per epoch; a shard that runs out sends weight-0 rows."""
+  ds, bs, shards = _as_shards(_synthetic(n, seed=2), 4), 16, 4
+  steps = ds.steps_per_epoch(bs)
+  assert steps == max(-(-len(range(s, n, shards)) // 4) for s in range(shards))
+  batches = list(data.train_batches(ds, bs, seed=1, epoch=0, bucket_window=2))
+  assert len(batches) == steps
+  seen = []
+  for batch in batches:
+    _check_batch(batch, ds, bs)
+    ids = batch["input_ids"][:, 1] - 1000
+    for s in range(shards):
+      rows = slice(4 * s, 4 * s + 4)
+      assert (ids[rows] % shards == s).all()
+      real = batch["weights"][rows] > 0
+      assert not real[1:][~real[:-1]].any()  # real rows first, then dummies
+      seen += ids[rows][real].tolist()
+  assert sorted(seen) == list(range(n))
+  assert sum(int(b["weights"].sum()) for b in batches) == n
+
+
+def test_sharded_order_is_fixed_by_seed_epoch_and_resumes():
+  ds = _as_shards(_synthetic(90, seed=4), 2)
+  epoch = lambda seed, e: [_real_ids(b) for b in data.train_batches(ds, 8, seed=seed, epoch=e)]
+  assert epoch(3, 0) == epoch(3, 0) != epoch(3, 1)
+  assert epoch(3, 0) != epoch(4, 0)
+  steps = ds.steps_per_epoch(8)
+  full = list(itertools.islice(data.train_batches_from(ds, 8, seed=3), 2 * steps + 3))
+  resumed = list(itertools.islice(data.train_batches_from(ds, 8, seed=3, start_step=steps + 2),
+                                  steps + 1))
+  for a, b in zip(full[steps + 2:], resumed, strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_one_shard_order_is_unchanged_by_the_shard_machinery():
+  """One shard: the plan is the seeded permutation, windows sorted by length, batches shuffled,
+  recomputed here from NumPy directly."""
+  ds, bs, window = _synthetic(70, seed=5), 8, 2
+  rng = np.random.default_rng([9, 1])
+  perm = rng.permutation(70)
+  expected = []
+  for start in range(0, 70, window * bs):
+    chunk = perm[start:start + window * bs]
+    chunk = chunk[np.argsort(ds.lengths[chunk], kind="stable")]
+    expected += [chunk[i:i + bs].tolist() for i in range(0, len(chunk), bs)]
+  expected = [expected[k] for k in rng.permutation(len(expected))]
+  got = [_real_ids(b) for b in data.train_batches(ds, bs, seed=9, epoch=1, bucket_window=window)]
+  assert got == expected
+
+
+class _WordTokenizer:
+  """A tokenizer stand-in: one id per whitespace word (1000 + its number), [CLS] 101, [SEP] 102."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def __call__(self, text_a, text_pair=None, **kwargs):
+    self.calls += len(text_a)
+    ids = [[101] + [1000 + int(w) for w in t.split()] + [102] for t in text_a]
+    return {"input_ids": ids, "token_type_ids": [[0] * len(x) for x in ids]}
+
+
+def test_a_process_tokenizes_its_shards_and_feeds_the_same_rows_as_the_whole_set():
+  """Shards 2-3 of 4 (process 1 of 2): only their examples are tokenized, and with every length
+  known the batches equal the fully tokenized set's on this process's rows (the rest of a batch
+  only has its shape, weights and labels, which the other process feeds)."""
+  n, shards = 50, 4
+  rng = np.random.default_rng(0)
+  texts = [" ".join(str(i) for _ in range(rng.integers(1, 40))) for i in range(n)]
+  examples = data.Examples(texts, None, np.arange(n, dtype=np.int32) % 3)
+  full_tokenizer, part_tokenizer = _WordTokenizer(), _WordTokenizer()
+  full = data.tokenize_shards(examples, full_tokenizer, 64, num_shards=shards, own=range(4))
+  part = data.tokenize_shards(examples, part_tokenizer, 64, num_shards=shards,
+                              own=data.shards_of_process(shards, 1, 2))
+  assert full_tokenizer.calls == n and part_tokenizer.calls == len(range(2, n, 4)) + len(
+      range(3, n, 4))
+  assert [x is not None for x in part.input_ids] == [i % 4 in (2, 3) for i in range(n)]
+  assert (part.lengths[np.arange(n) % 4 < 2] == -1).all()
+  np.testing.assert_array_equal(full.lengths, [len(t.split()) + 2 for t in texts])
+  part = dataclasses.replace(part, known_lengths=full.lengths)  # what gather_lengths gives
+  rows = slice(8, 16)  # process 1's half of a 16-row batch
+  for a, b in zip(data.train_batches(full, 16, seed=0, epoch=0),
+                  data.train_batches(part, 16, seed=0, epoch=0), strict=True):
+    for key in ("input_ids", "token_type_ids"):
+      np.testing.assert_array_equal(a[key][rows], b[key][rows])
+    for key in ("attention_mask", "labels", "weights"):
+      np.testing.assert_array_equal(a[key], b[key])
+  with pytest.raises(ValueError, match="gather them first"):
+    next(data.eval_batches(part, 8))
+  with pytest.raises(ValueError, match="not divisible by data.shards=4"):
+    next(data.train_batches(full, 10, seed=0, epoch=0))
+  with pytest.raises(ValueError, match="needs known_lengths"):
+    data.TokenizedDataset(part.input_ids, part.token_type_ids, part.labels)

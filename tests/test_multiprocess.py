@@ -113,7 +113,7 @@ def test_automp_as_two_processes_equals_one_process_of_four_devices(tmp_path, ti
            "search.num_train_steps": 12, "search.batch_size": 8, "search.warmup_epochs": 0.5,
            "search.arch_optimizer": "adam", "search.arch_lr": 0.05, "quant.groups": 4,
            "quant.calibration_batches": 2, "search.tolerance": 0.02,
-           "search.target_compression": 12.0, "checkpoint.every_steps": 6}
+           "search.target_compression": 12.0, "checkpoint.every_steps": 6, "data.shards": 2}
   flags.pop("train.num_epochs")
   single, multi = tmp_path / "one_process", tmp_path / "two_processes"
   _wait(_launch_job("automp", single, flags, processes=1, devices_per_process=4), single)
@@ -125,6 +125,12 @@ def test_automp_as_two_processes_equals_one_process_of_four_devices(tmp_path, ti
   assert watcher.reads > 0 and watcher.torn == []
   assert "process 1 of 2, 2 local of 4 devices" in (tmp_path / "two_processes.process1.log"
                                                     ).read_text()
+  # Each process tokenized its shard of the 64 training examples, the single process both.
+  for index in range(2):
+    log = (tmp_path / f"two_processes.process{index}.log").read_text()
+    assert f"process {index} tokenized 32 of 64 training examples (shards {index}-{index} of 2)" in log
+  assert "process 0 tokenized 64 of 64 training examples (shards 0-1 of 2)" in (
+      tmp_path / "one_process.process0.log").read_text()
   _assert_same_training(multi, single, ("teacher", "search", "retrain"))
   assert (json.loads((multi / "policy.json").read_text()) ==
           json.loads((single / "policy.json").read_text()))
@@ -160,3 +166,49 @@ def test_a_job_that_lost_a_process_resumes_as_if_uninterrupted(tmp_path, tiny_mo
   assert "resuming" in log
   _assert_same_training(killed, reference, ("",))
   assert _temporary_files(killed) == []
+
+
+_GATHER_SCRIPT = """
+import json, sys
+import numpy as np
+import jax
+from mpqbert import data
+from mpqbert.train import sharding
+sharding.maybe_initialize_distributed()
+
+def tokenizer(text_a, text_pair=None, **kwargs):
+  ids = [[101] + [1000 + int(w) for w in t.split()] + [102] for t in text_a]
+  return {"input_ids": ids, "token_type_ids": [[0] * len(x) for x in ids]}
+
+texts = [" ".join([str(i)] * (1 + (7 * i) % 23)) for i in range(30)]
+examples = data.Examples(texts, None, np.arange(30, dtype=np.int32) % 2)
+own = data.shards_of_process(2, jax.process_index(), jax.process_count())
+part = data.tokenize_shards(examples, tokenizer, 64, num_shards=2, own=own)
+held = [x is not None for x in part.input_ids]
+part = sharding.gather_lengths(part)
+whole = sharding.gather_examples(part.select(np.arange(3, 30, 3)))
+json.dump({"held": held, "lengths": part.lengths.tolist(),
+           "gathered": [x.tolist() for x in whole.input_ids]}, open(sys.argv[1], "w"))
+"""
+
+
+def test_each_process_tokenizes_its_shard_and_gathers_lengths_and_examples(tmp_path):
+  """2 processes, 2 shards of 30 examples: each tokenizes its 15, and after the all-gathers both
+  know all 30 lengths and hold every token of a selected subset, as counted by hand."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
+             JAX_NUM_PROCESSES="2", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  job = [subprocess.Popen([sys.executable, "-c", _GATHER_SCRIPT, str(tmp_path / f"{i}.json")],
+                          cwd=REPO_ROOT, env={**env, "JAX_PROCESS_ID": str(i)},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         for i in range(2)]
+  for index, process in enumerate(job):
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, f"process {index} failed:\n{output[-3000:]}"
+  lengths = [3 + (7 * i) % 23 for i in range(30)]
+  for index in range(2):
+    got = json.loads((tmp_path / f"{index}.json").read_text())
+    assert got["held"] == [i % 2 == index for i in range(30)]
+    assert got["lengths"] == lengths
+    assert got["gathered"] == [[101] + [1000 + i] * (1 + (7 * i) % 23) + [102]
+                               for i in range(3, 30, 3)]

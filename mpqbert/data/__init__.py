@@ -8,7 +8,9 @@ from mpqbert.data.batching import num_train_batches
 from mpqbert.data.batching import pad_to_length
 from mpqbert.data.batching import random_batch
 from mpqbert.data.batching import restore_order
+from mpqbert.data.batching import shards_of_process
 from mpqbert.data.batching import tokenize
+from mpqbert.data.batching import tokenize_shards
 from mpqbert.data.batching import train_batches
 from mpqbert.data.batching import train_batches_from
 from mpqbert.data.prefetch import prefetch
@@ -52,8 +54,10 @@ __all__ = [
     "read_tsv",
     "resolve_glue_dir",
     "restore_order",
+    "shards_of_process",
     "spearman",
     "tokenize",
+    "tokenize_shards",
     "train_batches",
     "train_batches_from",
 ]

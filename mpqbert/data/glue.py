@@ -308,6 +308,12 @@ class Examples:
   def __len__(self) -> int:
     return len(self.text_a)
 
+  def select(self, indices: np.ndarray) -> "Examples":
+    """The examples at `indices`, in that order."""
+    return Examples(text_a=[self.text_a[i] for i in indices],
+                    text_b=None if self.text_b is None else [self.text_b[i] for i in indices],
+                    labels=np.asarray(self.labels)[np.asarray(indices, dtype=np.int64)])
+
 
 def resolve_glue_dir(glue_dir: str | os.PathLike | None) -> str | None:
   """Returns the local GLUE directory to use, or None to use the hub.

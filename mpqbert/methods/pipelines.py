@@ -154,7 +154,7 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
   weight_set, search_set = common.split_for_search(
       loop.take_subset(ctx.train_set, sc.train_subset, config.seed + 1), sc.search_fraction,
       config.seed)
-  steps_per_epoch = data.num_train_batches(len(weight_set), sc.batch_size)
+  steps_per_epoch = weight_set.steps_per_epoch(sc.batch_size)
   total_steps = (int(sc.num_train_steps) if sc.num_train_steps > 0
                  else max(1, math.ceil(sc.num_epochs * steps_per_epoch)))
   arch_start = int(round(sc.warmup_epochs * steps_per_epoch))

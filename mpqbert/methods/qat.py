@@ -13,10 +13,9 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 
-from mpqbert import data, files, models, quant
+from mpqbert import files, models, quant
 from mpqbert.methods import common
 from mpqbert.train import loop, optim, sharding
 from mpqbert.train.compiled import Jit
@@ -159,7 +158,7 @@ def train_quantized(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
     stage.mkdir(parents=True, exist_ok=True)
     policy.save(stage / "policy.json")
     qapply = quant.transform(apply_fn or ctx.model.apply, spec)
-    steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
+    steps_per_epoch = ctx.train_set.steps_per_epoch(config.train.batch_size)
     total_steps = num_steps or loop.num_train_steps(config.train, steps_per_epoch)
     optimizer, schedule = optim.make_optimizer(config.train, total_steps,
                                                mask=optim.weights_decay_mask)

@@ -33,7 +33,7 @@ from flax import traverse_util
 from mpqbert import data, export, models, quant
 from mpqbert.methods import common, export_run, qat
 from mpqbert.methods.report import plot_bit_map
-from mpqbert.train import loop
+from mpqbert.train import loop, sharding
 from mpqbert.train.steps import make_eval_step
 
 _ATTENTION = r"attention/(self/(query|key|value)|output/dense)/kernel$"
@@ -244,7 +244,7 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
     target = size_mb(fixed)  # Equal size to the fixed split.
   _, search_set = common.split_for_search(ctx.train_set, sc.search_fraction, config.seed)
   keep = min(len(search_set), sc.sensitivity_batches * config.train.eval_batch_size)
-  search_set = search_set.select(slice(keep))
+  search_set = sharding.gather_examples(search_set.select(slice(keep)))  # Evaluated whole.
   # Against the teacher with 8-bit attention and float FFNs: only the one FFN changes.
   base_loss = _mean_loss(ctx, _spec(config, [], [], embedding_bits=quant.FULL_PRECISION),
                          teacher, search_set)
@@ -317,7 +317,7 @@ def run(config, workdir) -> dict[str, Any]:
   eight_bit = [l for l in range(num_layers) if l not in binary]
   stages = stage_schedule(binary, prioritized=sc.prioritized_training,
                           inverse_layerwise=sc.inverse_layerwise)
-  steps_per_epoch = data.num_train_batches(len(ctx.train_set), config.train.batch_size)
+  steps_per_epoch = ctx.train_set.steps_per_epoch(config.train.batch_size)
   budget = split_budget(loop.num_train_steps(config.train, steps_per_epoch), len(stages),
                         sc.final_stage_shares)
   logging.info("sensimix: binary FFN layers %s; stages %s with %s steps", binary, stages, budget)

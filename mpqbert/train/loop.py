@@ -28,22 +28,47 @@ def compute_dtype(name: str) -> Any:
   return _DTYPES[name]
 
 
-def take_subset(dataset: data.TokenizedDataset, size: int, seed: int) -> data.TokenizedDataset:
-  """The first `size` examples of a seeded permutation (`size <= 0` keeps everything)."""
+def take_subset(dataset: Any, size: int, seed: int) -> Any:
+  """The first `size` examples (of `data.Examples` or a `data.TokenizedDataset`) of a seeded
+  permutation, in dataset order (`size <= 0` keeps everything)."""
   if size <= 0 or size >= len(dataset):
     return dataset
   return dataset.select(np.sort(np.random.default_rng(seed).permutation(len(dataset))[:size]))
 
 
+def data_shards(config) -> int:
+  """`config.data.shards`, 0 meaning one shard per process (also for configs saved before the
+  option existed)."""
+  shards = int(config.data.get("shards", 0))
+  if shards < 0:
+    raise ValueError(f"data.shards={shards} must be >= 0 (0: one per process).")
+  return shards or jax.process_count()
+
+
 def load_glue(config, tokenizer) -> tuple[data.GlueTask, data.TokenizedDataset,
                                           dict[str, data.TokenizedDataset]]:
-  """Tokenized train split (maybe subsampled) and every eval split of `config.task`."""
+  """The train split (maybe subsampled), tokenized by shards, and every eval split of
+  `config.task`, tokenized whole.
+
+  Training example i (after subsampling) is in shard i % `data.shards`; each process tokenizes
+  the shards whose batch rows it feeds (`data.shards_of_process`) and learns the others' lengths
+  from one all-gather, so a job of P processes tokenizes the split once, not P times. The batch
+  order depends on the seed and `data.shards`, not on the process count.
+  """
   task = data.get_task(config.task)
   glue_dir = data.resolve_glue_dir(config.data.glue_dir)
-  encode = lambda split: data.tokenize(data.load_split(task, split, glue_dir), tokenizer,
-                                       config.data.max_seq_length)
-  train_set = take_subset(encode("train"), config.data.train_subset, config.seed)
-  return task, train_set, {split: encode(split) for split in task.eval_splits}
+  examples = take_subset(data.load_split(task, "train", glue_dir), config.data.train_subset,
+                         config.seed)
+  shards = data_shards(config)
+  own = data.shards_of_process(shards, jax.process_index(), jax.process_count())
+  train_set = sharding.gather_lengths(data.tokenize_shards(
+      examples, tokenizer, config.data.max_seq_length, num_shards=shards, own=own))
+  logging.info("data: process %d tokenized %d of %d training examples (shards %d-%d of %d)",
+               jax.process_index(), sum(x is not None for x in train_set.input_ids),
+               len(train_set), own.start, own.stop - 1, shards)
+  eval_sets = {split: data.tokenize(data.load_split(task, split, glue_dir), tokenizer,
+                                    config.data.max_seq_length) for split in task.eval_splits}
+  return task, train_set, eval_sets
 
 
 def num_train_steps(train_config, steps_per_epoch: int) -> int:
@@ -225,7 +250,7 @@ def train_full_precision(config, workdir: Path, model, params: Any, task: data.G
   mesh = sharding.make_mesh(model_parallel=config.train.model_parallel)
   sharding.check_batch_size(config.train.batch_size, mesh)
   sharding.check_batch_size(config.train.eval_batch_size, mesh)
-  steps_per_epoch = data.num_train_batches(len(train_set), config.train.batch_size)
+  steps_per_epoch = train_set.steps_per_epoch(config.train.batch_size)
   total_steps = num_train_steps(config.train, steps_per_epoch)
   optimizer, schedule = optim.make_optimizer(config.train, total_steps)
   state = sharding.shard_state(TrainState.create(params, optimizer), mesh,

@@ -9,6 +9,7 @@ K quantized copies and logits crowd one device; XLA's partitioner inserts the co
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Sequence
@@ -18,6 +19,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mpqbert import data
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -117,6 +120,45 @@ def fetch(tree: Any) -> Any:
     return np.asarray(jax.device_get(x))
 
   return jax.tree.map(one, tree)
+
+
+def gather_lengths(dataset: data.TokenizedDataset) -> data.TokenizedDataset:
+  """`dataset` (tokenized by shards, `data.tokenize_shards`) with every example's length: each
+  process measured those of its shards (the others are -1); one all-gather of N integers lets
+  every process plan every shard's batches and so pad each batch to the same length."""
+  lengths = np.asarray(dataset.known_lengths if dataset.known_lengths is not None
+                       else dataset.lengths)
+  if (lengths < 0).any():
+    lengths = np.asarray(multihost_utils.process_allgather(lengths)).reshape(-1, len(lengths))
+    lengths = lengths.max(axis=0)
+  if (lengths < 0).any():
+    raise ValueError(f"{int((lengths < 0).sum())} training examples were tokenized by no process: "
+                     "data.shards must cover every shard (shards_of_process).")
+  return dataclasses.replace(dataset, known_lengths=lengths)
+
+
+def gather_examples(dataset: data.TokenizedDataset) -> data.TokenizedDataset:
+  """`dataset` with the tokens of every example on every process (for a small set that each
+  process must evaluate whole, e.g. SensiMix's sensitivity examples): one all-gather of the
+  padded token arrays."""
+  if dataset.is_complete:
+    return dataset
+  n, width = len(dataset), max(int(dataset.lengths.max(initial=0)), 1)
+  held = np.zeros(n, np.int32)
+  tokens = np.zeros((2, n, width), np.int32)
+  for i, (ids, types) in enumerate(zip(dataset.input_ids, dataset.token_type_ids)):
+    if ids is not None:
+      held[i], tokens[0, i, :len(ids)], tokens[1, i, :len(ids)] = 1, ids, types
+  held_all, tokens_all = (np.asarray(x) for x in
+                          multihost_utils.process_allgather((held, tokens)))
+  holder = held_all.reshape(-1, n).argmax(axis=0)
+  if not held_all.reshape(-1, n).max(axis=0).all():
+    raise ValueError("some examples are held by no process; cannot gather them.")
+  tokens_all = tokens_all.reshape(-1, 2, n, width)
+  lengths = dataset.lengths
+  ids = [tokens_all[holder[i], 0, i, :lengths[i]].copy() for i in range(n)]
+  types = [tokens_all[holder[i], 1, i, :lengths[i]].copy() for i in range(n)]
+  return dataclasses.replace(dataset, input_ids=ids, token_type_ids=types)
 
 
 def _key_name(entry: Any) -> str:
