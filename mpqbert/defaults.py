@@ -49,6 +49,9 @@ def finetune_config() -> config_dict.ConfigDict:
   # Training batches draw batch_size / shards rows from each shard (example i % shards); each
   # process tokenizes only its shards. 0: one per process. Fix it to compare process counts.
   config.data.shards = 0
+  # Read the training split as a stream (hub `datasets` streaming, or the local TSV row by row):
+  # for tasks too large to tokenize in memory. Shuffles within windows of 50 batches.
+  config.data.streaming = False
 
   config.train = train_defaults()
 

@@ -212,3 +212,21 @@ def test_each_process_tokenizes_its_shard_and_gathers_lengths_and_examples(tmp_p
     assert got["lengths"] == lengths
     assert got["gathered"] == [[101] + [1000 + i] * (1 + (7 * i) % 23) + [102]
                                for i in range(3, 30, 3)]
+
+
+def test_a_streamed_split_as_two_processes_equals_one_process(tmp_path, tiny_model_dir,
+                                                              glue_dir):
+  """`data.streaming=True` (the local TSV read row by row, 2 shards): 2 processes x 2 devices,
+  each reading its shard and padding to max_seq_length, train as 1 process x 4 devices that reads
+  both shards and pads to bucket lengths (padding is masked: equal within float tolerance)."""
+  flags = {**tiny_run_flags(tiny_model_dir, glue_dir), "data.streaming": True,
+           "data.train_subset": 0, "data.shards": 2, "train.num_train_steps": 6,
+           "checkpoint.every_steps": 6}
+  flags.pop("train.num_epochs")
+  single, multi = tmp_path / "one_process", tmp_path / "two_processes"
+  _wait(_launch_job("finetune", single, flags, processes=1, devices_per_process=4), single)
+  _wait(_launch_job("finetune", multi, flags, processes=2, devices_per_process=2), multi)
+  for index in range(2):
+    log = (tmp_path / f"two_processes.process{index}.log").read_text()
+    assert f"process {index} streams shards {index}-{index} of 2 of 2490 training" in log
+  _assert_same_training(multi, single, ("",))

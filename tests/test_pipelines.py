@@ -150,3 +150,19 @@ def test_uniform_qbert_and_hawq_pipelines(tmp_path, tiny_model_dir, glue_dir):
       assert [k.split("encoder/")[-1] for k in info["sensitivity"]] == ["layer/0", "layer/1"]
     else:
       assert info["vectors"] == 2 * 1 and len(info["trace"]) == 12
+
+
+def test_automp_on_a_streamed_training_split(tmp_path, tiny_model_dir, glue_dir):
+  """AutoMPQ with `data.streaming=True`: teacher, Hessian-free search on a hash-split stream
+  (weights / search parts), derivation at the target and retrain, all from the TSV read row by
+  row; the policy lands in the size window like the in-memory run's."""
+  flags = _flags(tiny_model_dir, glue_dir, **{"data.streaming": True, "data.train_subset": 0,
+                                              "search.target_uniform_bits": 3})
+  out = _finish(_launch("automp", tmp_path / "automp", flags))
+  assert "streams shards 0-0 of 1 of 2490 training examples" in out
+  result = json.loads((tmp_path / "automp" / "results.json").read_text())
+  assert result["method"] == "automp" and 0.0 <= result["dev"] <= 1.0
+  # The search's two parts are the stream's hash split (their sizes estimated from the share).
+  assert "search: 1992 weight / 498 search examples" in out
+  search = json.loads((tmp_path / "automp" / "search" / "search.json").read_text())
+  assert search["steps"] == 24 and search["derived_size_mb"] == result["size_mb"]

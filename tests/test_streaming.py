@@ -4,6 +4,7 @@ Small in-memory streams and a fake word-level tokenizer (NumPy only, no model). 
 token is 2000 + i, so every batch row decodes back to the example it came from.
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -66,6 +67,7 @@ EXAMPLES = [_example(i) for i in range(100)]
 def _set(examples=EXAMPLES, num_shards=1, **kwargs):
   def open_stream(shard, n):
     return iter(examples[shard::n])
+  kwargs = {"tokenizer": FakeTokenizer(), "max_seq_length": MAX_LEN, **kwargs}
   return streaming.StreamingSet(open_stream, len(examples), num_shards, **kwargs)
 
 
@@ -115,9 +117,11 @@ def _check_batch(batch, batch_size, examples=EXAMPLES, fixed_length=None):
 
 
 def _take(stream_set, batch_size, shard, num, tokenizer=None, **kwargs):
-  kwargs = {"seed": 0, "max_seq_length": MAX_LEN, "pad_multiple": MULTIPLE, "bucket_window": 2,
-            **kwargs}
-  batches = streaming.train_batches_from(stream_set, tokenizer or FakeTokenizer(), batch_size,
+  kwargs = {"seed": 0, "pad_multiple": MULTIPLE, "bucket_window": 2, **kwargs}
+  stream_set = dataclasses.replace(
+      stream_set, tokenizer=tokenizer or stream_set.tokenizer or FakeTokenizer(),
+      max_seq_length=MAX_LEN)
+  batches = streaming.train_batches_from(stream_set, batch_size,
                                          shard=shard, **kwargs)
   return list(itertools.islice(batches, num))
 
@@ -152,7 +156,7 @@ def _reference_epoch(indices, batch_size, window, *, seed, epoch, shard, steps):
 @pytest.mark.parametrize("num_shards,batch_size", [(1, 8), (3, 3), (4, 5)])
 def test_each_example_once_per_epoch_over_all_shards(num_shards, batch_size):
   stream_set = _set(num_shards=num_shards)
-  steps = streaming.steps_per_epoch(stream_set, batch_size)
+  steps = stream_set.steps_per_epoch(batch_size * stream_set.num_shards)
   assert steps == math.ceil(math.ceil(100 / num_shards) / batch_size)
   per_shard = [_take(stream_set, batch_size, s, 2 * steps) for s in range(num_shards)]
   for epoch in range(2):
@@ -177,7 +181,7 @@ def test_each_example_once_per_epoch_over_all_shards(num_shards, batch_size):
 def test_regression_labels_and_single_sentences():
   examples = [_example(i, pair=False, regression=True) for i in range(20)]
   stream_set = _set(examples, num_shards=2, is_regression=True)
-  batches = _take(stream_set, 4, 1, streaming.steps_per_epoch(stream_set, 4))
+  batches = _take(stream_set, 4, 1, stream_set.steps_per_epoch(4 * stream_set.num_shards))
   for batch in batches:
     _check_batch(batch, 4, examples)
     assert (batch["token_type_ids"] == 0).all()
@@ -190,7 +194,7 @@ def test_same_seed_same_batches_other_seed_other_order():
   order = [_decode(b) for b in _take(stream_set, 4, 1, 20)]
   assert order != [_decode(b) for b in _take(stream_set, 4, 1, 20, seed=1)]
   # Another epoch is another order too.
-  steps = streaming.steps_per_epoch(stream_set, 4)
+  steps = stream_set.steps_per_epoch(4 * stream_set.num_shards)
   epochs = [_decode(b) for b in _take(stream_set, 4, 1, 2 * steps)]
   assert epochs[:steps] != epochs[steps:]
 
@@ -200,7 +204,7 @@ def test_same_seed_same_batches_other_seed_other_order():
 
 def test_resume_equals_uninterrupted_stream():
   stream_set = _set(num_shards=3)
-  steps = streaming.steps_per_epoch(stream_set, 3)  # 12: shard 1 has 11 real batches.
+  steps = stream_set.steps_per_epoch(3 * stream_set.num_shards)  # 12: shard 1 has 11 real batches.
   full = _take(stream_set, 3, 1, 3 * steps)
   for k in (0, 1, 5, steps - 1, steps, steps + 7, 2 * steps + 4, 3 * steps - 1):
     _same_batches(_take(stream_set, 3, 1, 3 * steps - k, start_step=k), full[k:])
@@ -212,7 +216,7 @@ def test_miscounted_stream_pads_with_dummies_or_drops_the_tail():
     return iter(EXAMPLES[shard::n])
   # Over-counted: 130 -> 17 steps of 8, 13 real batches then 4 all-dummy ones.
   stream_set = streaming.StreamingSet(open_stream, num_examples=130)
-  steps = streaming.steps_per_epoch(stream_set, 8)
+  steps = stream_set.steps_per_epoch(8 * stream_set.num_shards)
   full = _take(stream_set, 8, 0, 2 * steps)
   assert [b["weights"].sum() == 0 for b in full[:steps]] == [False] * 13 + [True] * 4
   for k in range(2 * steps):
@@ -227,7 +231,7 @@ def test_miscounted_stream_pads_with_dummies_or_drops_the_tail():
 
 def test_resume_does_not_tokenize_skipped_windows():
   stream_set = _set(num_shards=3)
-  steps = streaming.steps_per_epoch(stream_set, 3)
+  steps = stream_set.steps_per_epoch(3 * stream_set.num_shards)
   # Shard 1, epoch 1: windows of 6 examples, 2 batches each; step 7 is in window 3.
   tokenizer = FakeTokenizer()
   _take(stream_set, 3, 1, 1, tokenizer, start_step=steps + 7)
@@ -280,7 +284,7 @@ def test_split_partitions_the_stream_by_the_hash(num_shards):
   assert members["search"] == {i for i in range(n) if _splitmix64_u(seed, i) >= 1 - fraction}
   assert len(search) == round(n * fraction) and len(weights) == round(n * (1 - fraction))
   # The head of a part is its first members in position order.
-  head = search.head(30, FakeTokenizer(), MAX_LEN)
+  head = search.head(30)
   assert [int(x[1]) - 2000 for x in head.input_ids] == sorted(members["search"])[:30]
 
 
@@ -288,7 +292,7 @@ def test_split_part_trains_on_its_members_only():
   examples = [_example(i) for i in range(300)]
   weights, search = _set(examples, num_shards=2).split(0.3, 1)
   members = {i for i in range(300) if _splitmix64_u(1, i) >= 0.7}
-  steps = streaming.steps_per_epoch(search, 4)
+  steps = search.steps_per_epoch(4 * search.num_shards)
   seen = []
   for s in range(2):
     batches = _take(search, 4, s, steps)
@@ -319,7 +323,7 @@ def test_split_errors_and_nesting():
 
 def test_head_is_the_first_examples_in_stream_order():
   stream_set = _set(num_shards=3)
-  head = stream_set.head(10, FakeTokenizer(), MAX_LEN)
+  head = stream_set.head(10)
   assert len(head) == 10
   for k in range(10):
     ids, types = _reference_ids(EXAMPLES[k])
@@ -327,8 +331,8 @@ def test_head_is_the_first_examples_in_stream_order():
     np.testing.assert_array_equal(head.token_type_ids[k], types)
   np.testing.assert_array_equal(head.labels, [k % 3 for k in range(10)])
   assert head.labels.dtype == np.int32
-  assert len(stream_set.head(500, FakeTokenizer(), MAX_LEN)) == 100
-  assert len(stream_set.head(0, FakeTokenizer(), MAX_LEN)) == 0
+  assert len(stream_set.head(500)) == 100
+  assert len(stream_set.head(0)) == 0
 
 
 # --- fixed_length. ---
@@ -336,7 +340,7 @@ def test_head_is_the_first_examples_in_stream_order():
 
 def test_fixed_length_pads_every_batch_and_rejects_longer_examples():
   stream_set = _set(num_shards=3)
-  steps = streaming.steps_per_epoch(stream_set, 3)
+  steps = stream_set.steps_per_epoch(3 * stream_set.num_shards)
   for batch in _take(stream_set, 3, 1, steps, fixed_length=MAX_LEN):  # Ends on a dummy batch.
     _check_batch(batch, 3, fixed_length=MAX_LEN)
   with pytest.raises(ValueError, match="fixed_length=10"):
@@ -373,14 +377,15 @@ def _iterable(rows):
 def test_from_iterable_dataset_order_and_shards():
   rows = _rows([i % 2 for i in range(11)])
   stream_set = streaming.from_iterable_dataset(_iterable(rows), "rte", num_examples=11,
-                                               num_shards=3)
+                                               num_shards=3, tokenizer=FakeTokenizer(),
+                                               max_seq_length=MAX_LEN)
   expected = [(r["sentence1"], r["sentence2"], r["label"]) for r in rows]
   assert list(stream_set.open_stream(0, 1)) == expected
   for s in range(3):
     assert list(stream_set.open_stream(s, 3)) == expected[s::3]
     assert list(stream_set.kept_examples(s)) == expected[s::3]
   assert len(stream_set) == 11 and not stream_set.is_regression
-  head = stream_set.head(11, FakeTokenizer(), MAX_LEN)
+  head = stream_set.head(11)
   assert [int(x[1]) - 2000 for x in head.input_ids] == list(range(11))
   # Regression labels come back as floats.
   stsb = streaming.from_iterable_dataset(_iterable(_rows([0.5, 4.25])), "stsb", num_examples=2)

@@ -1,4 +1,6 @@
-"""GLUE data: task registry, loading, tokenization, batching and metrics."""
+"""GLUE data: task registry, loading, tokenization, batching (in memory or streamed) and metrics."""
+
+from mpqbert.data import streaming
 
 from mpqbert.data.batching import Batch
 from mpqbert.data.batching import TokenizedDataset
@@ -14,6 +16,7 @@ from mpqbert.data.batching import tokenize_shards
 from mpqbert.data.batching import train_batches
 from mpqbert.data.batching import train_batches_from
 from mpqbert.data.prefetch import prefetch
+from mpqbert.data.streaming import StreamingSet
 from mpqbert.data.glue import Examples
 from mpqbert.data.glue import GLUE_DIR_ENV_VAR
 from mpqbert.data.glue import GlueTask
@@ -37,6 +40,7 @@ __all__ = [
     "GlueTask",
     "HUB_DATASET",
     "TASKS",
+    "StreamingSet",
     "TokenizedDataset",
     "accuracy",
     "bucket_length",
@@ -56,6 +60,7 @@ __all__ = [
     "restore_order",
     "shards_of_process",
     "spearman",
+    "streaming",
     "tokenize",
     "tokenize_shards",
     "train_batches",

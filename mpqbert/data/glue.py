@@ -19,7 +19,7 @@ import csv
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -365,6 +365,13 @@ def load_split(
   split = task.canonical_split(split)
   if glue_dir is None:
     return _load_from_hub(task, split)
+  return read_tsv(task, split_path(task, split, glue_dir))
+
+
+def split_path(task: GlueTask | str, split: str, glue_dir: str | os.PathLike) -> Path:
+  """The local TSV file of `split` of `task` under `glue_dir`; a clear error if it is missing."""
+  task = get_task(task)
+  split = task.canonical_split(split)
   path = Path(glue_dir) / task.glue_dir_name / task.split_file(split)
   if not path.is_file():
     needed = ", ".join(
@@ -375,7 +382,7 @@ def load_split(
         f"Task {task.name!r} needs {needed} under the GLUE directory. "
         f"{_GLUE_DIR_FIX}"
     )
-  return read_tsv(task, path)
+  return path
 
 
 def _parse_label(task: GlueTask, value: str, where: str) -> int | float:
@@ -413,8 +420,9 @@ def _column_indices(
   )
 
 
-def read_tsv(task: GlueTask | str, path: str | os.PathLike) -> Examples:
-  """Reads a GLUE TSV file of `task` into `Examples`.
+def iter_tsv(task: GlueTask | str, path: str | os.PathLike
+             ) -> Iterator[tuple[str, str | None, int | float]]:
+  """The examples of a GLUE TSV file of `task`, one `(text_a, text_b or None, label)` at a time.
 
   Files are read as UTF-8 with any BOM stripped (MRPC) and with
   `csv.QUOTE_NONE`, because GLUE fields contain bare '"' characters. Blank
@@ -422,8 +430,6 @@ def read_tsv(task: GlueTask | str, path: str | os.PathLike) -> Examples:
   """
   task = get_task(task)
   path = Path(path)
-  texts: list[list[str]] = [[] for _ in task.text_columns]
-  labels: list[int | float] = []
   with open(path, encoding="utf-8-sig", newline="") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     if task.has_header:
@@ -444,13 +450,19 @@ def read_tsv(task: GlueTask | str, path: str | os.PathLike) -> Examples:
             f"{len(row)}. Fix: use the original GLUE TSV (read with "
             "quoting=csv.QUOTE_NONE; a re-saved file may have quoted fields)."
         )
-      for col, i in zip(texts, text_idx):
-        col.append(row[i])
-      labels.append(_parse_label(task, row[label_idx], where))
+      texts = [row[i] for i in text_idx]
+      yield (texts[0], texts[1] if task.is_pair else None,
+             _parse_label(task, row[label_idx], where))
+
+
+def read_tsv(task: GlueTask | str, path: str | os.PathLike) -> Examples:
+  """Reads a GLUE TSV file of `task` into `Examples` (`iter_tsv` says how)."""
+  task = get_task(task)
+  rows = list(iter_tsv(task, path))
   return Examples(
-      text_a=texts[0],
-      text_b=texts[1] if task.is_pair else None,
-      labels=_labels_array(task, labels),
+      text_a=[a for a, _, _ in rows],
+      text_b=[b for _, b, _ in rows] if task.is_pair else None,
+      labels=_labels_array(task, [label for _, _, label in rows]),
   )
 
 

@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -82,6 +82,8 @@ class StreamingSet:
     keep: None for every example, or (lo, hi, seed): keep the example at stream position i iff
       lo <= position_hash(seed, i) < hi. Set by `split`.
     is_regression: Float labels (STS-B) instead of int class ids.
+    tokenizer: Tokenizes windows as `batching.tokenize` does (a Hugging Face tokenizer).
+    max_seq_length: Truncation length of the tokenizer call.
   """
 
   open_stream: Callable[[int, int], Iterable[Example]]
@@ -89,6 +91,8 @@ class StreamingSet:
   num_shards: int = 1
   keep: tuple[float, float, int] | None = None
   is_regression: bool = False
+  tokenizer: Any = None
+  max_seq_length: int = 128
 
   def __post_init__(self):
     if not callable(self.open_stream):
@@ -114,6 +118,12 @@ class StreamingSet:
     lo, hi, _ = self.keep
     return round(self.num_examples * (hi - lo))
 
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Steps per epoch of global batches of `batch_size` rows, `batch_size / num_shards` from
+    each shard: ceil(ceil(len(self) / num_shards) / rows), the same for every shard."""
+    rows = batching.shard_rows(batch_size, self.num_shards)
+    return batching.num_train_batches(-(-len(self) // self.num_shards), rows)
+
   def split(self, fraction: float, seed: int) -> tuple["StreamingSet", "StreamingSet"]:
     """(weights part, search part): the search part holds the positions whose hash falls in
     the last `fraction` of [0, 1) (of `keep`'s interval, if this set is already a part)."""
@@ -131,13 +141,13 @@ class StreamingSet:
     return (dataclasses.replace(self, keep=(lo, cut, seed)),
             dataclasses.replace(self, keep=(cut, hi, seed)))
 
-  def head(self, n: int, tokenizer: Any, max_seq_length: int = 128) -> TokenizedDataset:
+  def head(self, n: int) -> TokenizedDataset:
     """The first n kept examples in global stream order (shards read round-robin), tokenized in
     memory: for small passes such as a sensitivity measurement. Fewer if the stream is shorter."""
     _check_int("n", n, 0, "ask for a non-negative number of examples.")
     with contextlib.closing(self._kept(self._global_order(), first=0, step=1)) as kept:
       raw = list(itertools.islice(kept, n))
-    return _tokenize(raw, tokenizer, max_seq_length, self.is_regression)
+    return _tokenize(raw, self)
 
   def kept_examples(self, shard: int) -> Iterator[Example]:
     """One pass over the examples of `shard` that `keep` keeps, in stream order (untokenized)."""
@@ -174,8 +184,7 @@ class StreamingSet:
       yield from itertools.compress(chunk, (u >= lo) & (u < hi))
 
 
-def _tokenize(raw: list[Example], tokenizer: Any, max_seq_length: int,
-              is_regression: bool) -> TokenizedDataset:
+def _tokenize(raw: list[Example], stream_set: StreamingSet) -> TokenizedDataset:
   """`batching.tokenize` of a list of (text_a, text_b or None, label) examples."""
   text_b = [b for _, b, _ in raw]
   has_pair = [b is not None for b in text_b]
@@ -184,16 +193,13 @@ def _tokenize(raw: list[Example], tokenizer: Any, max_seq_length: int,
                      f"{has_pair.index(False)} has no text_b). Fix: yield text_b for all examples "
                      "or for none.")
   labels = np.asarray([label for _, _, label in raw],
-                      dtype=np.float32 if is_regression else np.int32).reshape(-1)
+                      dtype=np.float32 if stream_set.is_regression else np.int32).reshape(-1)
   examples = Examples(text_a=[a for a, _, _ in raw], text_b=text_b if any(has_pair) else None,
                       labels=labels)
-  return batching.tokenize(examples, tokenizer, max_seq_length)
-
-
-def steps_per_epoch(stream_set: StreamingSet, batch_size: int) -> int:
-  """Batches per epoch of every shard: ceil(ceil(len(stream_set) / num_shards) / batch_size)."""
-  per_shard = -(-len(stream_set) // stream_set.num_shards)
-  return batching.num_train_batches(per_shard, batch_size)
+  if stream_set.tokenizer is None:
+    raise ValueError("This StreamingSet has no tokenizer. Fix: build it with tokenizer= (the "
+                     "model's, models.load_tokenizer).")
+  return batching.tokenize(examples, stream_set.tokenizer, stream_set.max_seq_length)
 
 
 def _collate(dataset: TokenizedDataset, indices: np.ndarray, batch_size: int, max_seq_length: int,
@@ -201,7 +207,8 @@ def _collate(dataset: TokenizedDataset, indices: np.ndarray, batch_size: int, ma
   """`batching`'s own padding of rows into a batch (one contract), or to `fixed_length`."""
   if fixed_length is not None:  # bucket_length(n, F, F) == F for every 1 <= n <= F.
     max_seq_length = pad_multiple = fixed_length
-  return batching._collate(dataset, indices, batch_size, max_seq_length, pad_multiple)
+  return batching._collate(dataset, [(indices, len(indices))], batch_size, max_seq_length,
+                           pad_multiple)
 
 
 def _check_lengths(dataset: TokenizedDataset, fixed_length: int | None, max_seq_length: int,
@@ -212,11 +219,12 @@ def _check_lengths(dataset: TokenizedDataset, fixed_length: int | None, max_seq_
                      f"(= {max_seq_length}), e.g. fixed_length=max_seq_length.")
 
 
-def _epoch_batches(stream_set: StreamingSet, tokenizer: Any, batch_size: int, *, seed: int,
-                   shard: int, epoch: int, skip: int, steps: int, max_seq_length: int,
+def _epoch_batches(stream_set: StreamingSet, batch_size: int, *, seed: int,
+                   shard: int, epoch: int, skip: int, steps: int,
                    pad_multiple: int, bucket_window: int,
                    fixed_length: int | None) -> Iterator[Batch]:
   """Batches skip..steps-1 of one shard's epoch (see `train_batches_from`)."""
+  max_seq_length = stream_set.max_seq_length
   window_size = bucket_window * batch_size
   done = 0  # Batches of this epoch yielded or skipped so far.
   first = None  # The epoch's first example of the shard, for all-dummy batches.
@@ -232,7 +240,7 @@ def _epoch_batches(stream_set: StreamingSet, tokenizer: Any, batch_size: int, *,
       if done + num_batches <= skip:  # The whole window lies before the resume step.
         done += num_batches
         continue
-      window = _tokenize(raw, tokenizer, max_seq_length, stream_set.is_regression)
+      window = _tokenize(raw, stream_set)
       _check_lengths(window, fixed_length, max_seq_length, shard)
       rng = np.random.default_rng([seed, epoch, shard, window_index])
       perm = rng.permutation(len(raw))
@@ -248,7 +256,7 @@ def _epoch_batches(stream_set: StreamingSet, tokenizer: Any, batch_size: int, *,
     raise ValueError(f"Shard {shard} of {stream_set.num_shards} has no examples in epoch {epoch} "
                      f"(the set estimates {len(stream_set)} in all). Fix: use fewer shards, or a "
                      "larger part of the split.")
-  single = _tokenize([first], tokenizer, max_seq_length, stream_set.is_regression)
+  single = _tokenize([first], stream_set)
   _check_lengths(single, fixed_length, max_seq_length, shard)
   dummy = _collate(single, np.zeros(1, np.int64), batch_size, max_seq_length, pad_multiple,
                    fixed_length)
@@ -259,13 +267,11 @@ def _epoch_batches(stream_set: StreamingSet, tokenizer: Any, batch_size: int, *,
 
 def train_batches_from(
     stream_set: StreamingSet,
-    tokenizer: Any,
     batch_size: int,
     *,
     seed: int,
     shard: int,
     start_step: int = 0,
-    max_seq_length: int = 128,
     pad_multiple: int = 32,
     bucket_window: int = 50,
     fixed_length: int | None = None,
@@ -273,7 +279,7 @@ def train_batches_from(
   """Endless training batches of one shard, epochs 0, 1, 2, ..., from global step `start_step`.
 
   `batch_size` is the shard's share of a global batch. Every shard's epoch has
-  `steps_per_epoch(stream_set, batch_size)` steps. Epoch e reads the shard's kept examples in
+  `stream_set.steps_per_epoch(batch_size * num_shards)` steps. Epoch e reads the shard's kept examples in
   windows of `bucket_window * batch_size`; window w is shuffled with
   `np.random.default_rng([seed, e, shard, w])`, sorted by token length (stable), cut into
   batches (only its last one can be partial), and its batches are yielded in an order drawn from
@@ -290,21 +296,22 @@ def train_batches_from(
   (so shards that never talk agree on a shape); `fixed_length` must be >= every example's length.
   """
   batching._check_batch_size(batch_size)
+  max_seq_length = stream_set.max_seq_length
   batching._check_seq_args(max_seq_length, pad_multiple)
   _check_int("start_step", start_step, 0, "resume from a non-negative step.")
   _check_int("bucket_window", bucket_window, 1, "use e.g. 50.")
   if fixed_length is not None:
     _check_int("fixed_length", fixed_length, 1, "use e.g. fixed_length=max_seq_length.")
   stream_set._check_shard(shard)
-  steps = steps_per_epoch(stream_set, batch_size)
+  steps = stream_set.steps_per_epoch(batch_size * stream_set.num_shards)
   if steps == 0:
     raise ValueError("Cannot make training batches from an empty stream (len(stream_set) == 0). "
                      "Fix: check num_examples and the split fraction.")
   first_epoch, offset = divmod(start_step, steps)
   for epoch in itertools.count(first_epoch):
     yield from _epoch_batches(
-        stream_set, tokenizer, batch_size, seed=seed, shard=shard, epoch=epoch,
-        skip=offset if epoch == first_epoch else 0, steps=steps, max_seq_length=max_seq_length,
+        stream_set, batch_size, seed=seed, shard=shard, epoch=epoch,
+        skip=offset if epoch == first_epoch else 0, steps=steps,
         pad_multiple=pad_multiple, bucket_window=bucket_window, fixed_length=fixed_length)
 
 
@@ -363,6 +370,7 @@ class _DatasetStream:
 
 
 def from_iterable_dataset(ds: Any, task: GlueTask | str, num_examples: int, *, num_shards: int = 1,
+                          tokenizer: Any = None, max_seq_length: int = 128,
                           source: str = "the streamed dataset") -> StreamingSet:
   """A `StreamingSet` over a `datasets.IterableDataset` with `task`'s hub columns and "label".
 
@@ -378,11 +386,13 @@ def from_iterable_dataset(ds: Any, task: GlueTask | str, num_examples: int, *, n
       raise ValueError(f"{source} lacks column(s) {missing} needed by task {task.name!r}; has "
                        f"{list(columns)}.")
   return StreamingSet(open_stream=_DatasetStream(ds, task, source), num_examples=num_examples,
-                      num_shards=num_shards, is_regression=task.is_regression)
+                      num_shards=num_shards, is_regression=task.is_regression,
+                      tokenizer=tokenizer, max_seq_length=max_seq_length)
 
 
 def hub_stream(task: GlueTask | str, split: str = "train", *, num_examples: int | None = None,
-               num_shards: int = 1) -> StreamingSet:
+               num_shards: int = 1, tokenizer: Any = None,
+               max_seq_length: int = 128) -> StreamingSet:
   """`split` of `task` streamed from `nyu-mll/glue` on the Hugging Face hub.
 
   The example count comes from the dataset info unless `num_examples` is given.
@@ -405,4 +415,56 @@ def hub_stream(task: GlueTask | str, split: str = "train", *, num_examples: int 
       raise ValueError(f"The dataset info of {source} does not give the split's example count, "
                        "which steps per epoch need up front. Fix: pass num_examples=<rows of the "
                        "split> (e.g. from the dataset card) to hub_stream.")
-  return from_iterable_dataset(ds, task, num_examples, num_shards=num_shards, source=source)
+  return from_iterable_dataset(ds, task, num_examples, num_shards=num_shards, tokenizer=tokenizer,
+                               max_seq_length=max_seq_length, source=source)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TsvStream:
+  """`StreamingSet.open_stream` over a local GLUE TSV file, read row by row."""
+
+  task: GlueTask
+  path: str
+
+  def __call__(self, shard: int, num_shards: int) -> Iterator[Example]:
+    return itertools.islice(glue.iter_tsv(self.task, self.path), shard, None, num_shards)
+
+
+def load_stream(task: GlueTask | str, split: str, glue_dir: str | None, *, num_shards: int = 1,
+                tokenizer: Any = None, max_seq_length: int = 128) -> StreamingSet:
+  """`split` of `task` as a stream: from the local GLUE directory when one is set (its rows are
+  counted once up front, without tokenizing), else from the Hugging Face hub (`hub_stream`)."""
+  task = glue.get_task(task)
+  if glue_dir is None:
+    return hub_stream(task, split, num_shards=num_shards, tokenizer=tokenizer,
+                      max_seq_length=max_seq_length)
+  open_stream = _TsvStream(task, str(glue.split_path(task, split, glue_dir)))
+  num_examples = sum(1 for _ in open_stream(0, 1))
+  return StreamingSet(open_stream=open_stream, num_examples=num_examples, num_shards=num_shards,
+                      is_regression=task.is_regression, tokenizer=tokenizer,
+                      max_seq_length=max_seq_length)
+
+
+def global_batches(stream_set: StreamingSet, batch_size: int, *, seed: int, own: Sequence[int],
+                   start_step: int = 0, pad_multiple: int = 32, bucket_window: int = 50,
+                   fixed_length: int | None = None) -> Iterator[Batch]:
+  """Global batches of `batch_size` rows: shard s fills rows [s * r, (s + 1) * r), r =
+  batch_size / num_shards, for the shards in `own` (this process's, `shards_of_process`).
+
+  The other shards' rows stay zero with weight 0: their processes feed them
+  (`train.sharding.shard_batch` hands each process its own rows). Without `fixed_length` a batch
+  takes the longest of its shards' bucketed lengths, which every process can only agree on when
+  each holds every shard; otherwise pass `fixed_length` (e.g. max_seq_length).
+  """
+  rows = batching.shard_rows(batch_size, stream_set.num_shards)
+  streams = [train_batches_from(stream_set, rows, seed=seed, shard=s, start_step=start_step,
+                                pad_multiple=pad_multiple, bucket_window=bucket_window,
+                                fixed_length=fixed_length) for s in own]
+  for parts in zip(*streams):
+    length = max(part["input_ids"].shape[1] for part in parts)
+    batch = {key: np.zeros((batch_size,) + (length,) * (value.ndim - 1), value.dtype)
+             for key, value in parts[0].items()}
+    for shard, part in zip(own, parts):
+      for key, value in part.items():
+        batch[key][shard * rows:(shard + 1) * rows, ...][..., :value.shape[-1]] = value
+    yield batch

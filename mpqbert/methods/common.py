@@ -81,6 +81,8 @@ def split_for_search(dataset: data.TokenizedDataset, fraction: float, seed: int
   """A seeded (weights, search) split of the training data; the dev set is never used."""
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"search.search_fraction={fraction} must be in (0, 1).")
+  if isinstance(dataset, data.StreamingSet):  # By a seeded hash of each stream position.
+    return dataset.split(fraction, seed + 7919)
   order = np.random.default_rng(seed + 7919).permutation(len(dataset))
   cut = int(round(len(dataset) * (1.0 - fraction)))
   if cut == 0 or cut == len(dataset):

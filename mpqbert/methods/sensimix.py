@@ -244,7 +244,9 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
     target = size_mb(fixed)  # Equal size to the fixed split.
   _, search_set = common.split_for_search(ctx.train_set, sc.search_fraction, config.seed)
   keep = min(len(search_set), sc.sensitivity_batches * config.train.eval_batch_size)
-  search_set = sharding.gather_examples(search_set.select(slice(keep)))  # Evaluated whole.
+  # Evaluated whole on every process: the first `keep` examples, gathered or read from the stream.
+  search_set = (search_set.head(keep) if isinstance(search_set, data.StreamingSet)
+                else sharding.gather_examples(search_set.select(slice(keep))))
   # Against the teacher with 8-bit attention and float FFNs: only the one FFN changes.
   base_loss = _mean_loss(ctx, _spec(config, [], [], embedding_bits=quant.FULL_PRECISION),
                          teacher, search_set)

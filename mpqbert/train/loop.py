@@ -33,6 +33,10 @@ def take_subset(dataset: Any, size: int, seed: int) -> Any:
   permutation, in dataset order (`size <= 0` keeps everything)."""
   if size <= 0 or size >= len(dataset):
     return dataset
+  if isinstance(dataset, data.StreamingSet):
+    raise ValueError(f"cannot take a subset of {size} examples of a streamed split; set the "
+                     "option that asked for it (e.g. search.train_subset) to 0, or "
+                     "data.streaming=False.")
   return dataset.select(np.sort(np.random.default_rng(seed).permutation(len(dataset))[:size]))
 
 
@@ -57,15 +61,25 @@ def load_glue(config, tokenizer) -> tuple[data.GlueTask, data.TokenizedDataset,
   """
   task = data.get_task(config.task)
   glue_dir = data.resolve_glue_dir(config.data.glue_dir)
-  examples = take_subset(data.load_split(task, "train", glue_dir), config.data.train_subset,
-                         config.seed)
   shards = data_shards(config)
   own = data.shards_of_process(shards, jax.process_index(), jax.process_count())
-  train_set = sharding.gather_lengths(data.tokenize_shards(
-      examples, tokenizer, config.data.max_seq_length, num_shards=shards, own=own))
-  logging.info("data: process %d tokenized %d of %d training examples (shards %d-%d of %d)",
-               jax.process_index(), sum(x is not None for x in train_set.input_ids),
-               len(train_set), own.start, own.stop - 1, shards)
+  if config.data.get("streaming", False):
+    if config.data.train_subset > 0:
+      raise ValueError("data.train_subset does not apply to a streamed training split; set "
+                       "data.streaming=False to subsample a split held in memory.")
+    train_set = data.streaming.load_stream(task, "train", glue_dir, num_shards=shards,
+                                           tokenizer=tokenizer,
+                                           max_seq_length=config.data.max_seq_length)
+    logging.info("data: process %d streams shards %d-%d of %d of %d training examples",
+                 jax.process_index(), own.start, own.stop - 1, shards, len(train_set))
+  else:
+    examples = take_subset(data.load_split(task, "train", glue_dir), config.data.train_subset,
+                           config.seed)
+    train_set = sharding.gather_lengths(data.tokenize_shards(
+        examples, tokenizer, config.data.max_seq_length, num_shards=shards, own=own))
+    logging.info("data: process %d tokenized %d of %d training examples (shards %d-%d of %d)",
+                 jax.process_index(), sum(x is not None for x in train_set.input_ids),
+                 len(train_set), own.start, own.stop - 1, shards)
   eval_sets = {split: data.tokenize(data.load_split(task, split, glue_dir), tokenizer,
                                     config.data.max_seq_length) for split in task.eval_splits}
   return task, train_set, eval_sets
@@ -271,10 +285,19 @@ def train_full_precision(config, workdir: Path, model, params: Any, task: data.G
   return state, dev_metrics, total_steps
 
 
-def batches_for(config, dataset: data.TokenizedDataset, start_step: int,
+def batches_for(config, dataset: data.TokenizedDataset | data.StreamingSet, start_step: int,
                 batch_size: int | None = None, seed_offset: int = 0):
-  """The seeded, resumable training batch stream of `config` over `dataset`."""
-  return data.train_batches_from(dataset, batch_size or config.train.batch_size,
-                                 seed=config.seed + seed_offset, start_step=start_step,
+  """The seeded, resumable training batch stream of `config` over `dataset` (held in memory, or
+  streamed: then this process reads its shards, padded to max_seq_length when other processes
+  read the rest, so that every process builds batches of one shape)."""
+  batch_size = batch_size or config.train.batch_size
+  seed = config.seed + seed_offset
+  if isinstance(dataset, data.StreamingSet):
+    own = data.shards_of_process(dataset.num_shards, jax.process_index(), jax.process_count())
+    return data.streaming.global_batches(
+        dataset, batch_size, seed=seed, own=own, start_step=start_step,
+        pad_multiple=config.data.pad_multiple,
+        fixed_length=None if len(own) == dataset.num_shards else dataset.max_seq_length)
+  return data.train_batches_from(dataset, batch_size, seed=seed, start_step=start_step,
                                  max_seq_length=config.data.max_seq_length,
                                  pad_multiple=config.data.pad_multiple)
