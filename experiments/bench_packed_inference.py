@@ -143,7 +143,8 @@ def main(argv):
                                             deterministic=True)), params)
             for name, model in float_models.items()}
   serve = jax.jit(lambda p, ids, mask: p.apply(ids, attention_mask=mask, deterministic=True))
-  served.update({name: (serve, p) for name, p in packed.items()})
+  # On GPUs and TPUs, laid out in whole kernel tiles once (no weight padded per call).
+  served.update({name: (serve, export.lay_out_for_kernels(p)) for name, p in packed.items()})
   int8 = jax.default_backend() == "cpu" if _INT8.value is None else _INT8.value
   laid_out = {}
   for name, p in packed.items() if int8 else ():

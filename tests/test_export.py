@@ -125,6 +125,20 @@ def test_one_bit_symmetric_groups_export_matches_fake_quantized_model(tmp_path, 
     # references): packed_matmul at 8, 3, 2 and 1 bits and xnor_matmul end to end.
     interpreted = jax.jit(lambda p, ids: p.apply(ids, backend="interpret", **kwargs))(loaded, ids)
     np.testing.assert_allclose(np.asarray(interpreted), np.asarray(fake), rtol=1e-4, atol=1e-5)
+    # Laid out once in whole 16-row tiles (as on a GPU): 3-bit codes at K=32 take 4 compact word
+    # rows, 16 laid out; the xnor block keeps its sign words. The same logits, interpreted.
+    laid = export.lay_out_for_kernels(loaded, backend="interpret")
+    assert laid.layout_tile == 16
+    assert loaded.matrices[paths[0]]["b3/words"].shape[0] == 4
+    assert laid.matrices[paths[0]]["b3/words"].shape[0] == 16
+    assert laid.matrices[ffn_out]["b1/words"].shape == loaded.matrices[ffn_out]["b1/words"].shape
+    served_laid = jax.jit(lambda p, ids: p.apply(ids, backend="interpret", **kwargs))(laid, ids)
+    np.testing.assert_allclose(np.asarray(served_laid), np.asarray(fake), rtol=1e-4, atol=1e-5)
+    assert export.lay_out_for_kernels(loaded, backend="reference") is loaded
+    with pytest.raises(TypeError, match="laid out for the kernels"):
+      export.save_packed(laid, tmp_path / "laid_out.safetensors")
+    with pytest.raises(ValueError, match="lay_out_for_kernels"):
+      export.lay_out(laid, "int8")
   # In the file, as the safetensors package reads it, the packed matrices take these bytes too.
   assert _matrix_bytes(_tensors_of_file(path, packed)) == packed_bytes
 

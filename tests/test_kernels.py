@@ -56,10 +56,12 @@ def random_codes(rng: np.random.Generator, shape: tuple[int, ...], bits: int,
   return rng.integers(lo, hi + 1, size=shape)
 
 
-def np_pack(codes: np.ndarray, bits: int, signed: bool) -> np.ndarray:
-  """The docstring's layout, one code at a time: code k -> row k % K_w, bits b * (k // K_w)."""
+def np_pack(codes: np.ndarray, bits: int, signed: bool, tile: int | None = None) -> np.ndarray:
+  """The docstring's layout, one code at a time: code k -> row k % K_w, bits b * (k // K_w)
+  (K_w rounded up to whole tiles of `tile` rows in the kernel layout)."""
   k = codes.shape[0]
   rows = -(-k // (32 // bits))
+  rows = rows if tile is None else -(-rows // tile) * tile
   words = np.zeros((rows, *codes.shape[1:]), np.uint64)
   for i in range(k):
     c = codes[i].astype(np.int64)
@@ -414,7 +416,7 @@ def test_packed_matmul_rejects_unsupported_bits(bits: int):
 
 def test_packed_matmul_rejects_mismatched_k():
   x, w, s = _operands(k=128)
-  with pytest.raises(ValueError, match="x has K=64 but w_packed has 16 word rows"):
+  with pytest.raises(ValueError, match="16 word rows do not hold K=64 4-bit codes"):
     kernels.packed_matmul(x[:, :64], w, s, bits=4, backend="interpret")
   with pytest.raises(ValueError, match="word rows"):  # Right K, packed at another width.
     kernels.packed_matmul(x, w, s, bits=2, backend="interpret")
@@ -591,6 +593,7 @@ def test_every_kernel_configuration_exports_for_gpu_and_tpu(platform: str, backe
   xnor_matmul), on any host: an op, shape or dtype the Triton or Mosaic lowering rejects fails
   here without the device, and each module holds the kernel's custom call. Compilation by the
   device's compiler is not covered (experiments/accelerator_check.sh runs that on a device)."""
+  from mpqbert.kernels import lowbit
   struct = jax.ShapeDtypeStruct
   for bits, signed, m, k, n, dtype, scale_rows, zeros, group_size in _export_cases():
     if group_size is not None and platform == "tpu":
@@ -605,6 +608,15 @@ def test_every_kernel_configuration_exports_for_gpu_and_tpu(platform: str, backe
                         struct((packing.word_rows(k, bits), n), jnp.uint32), scales,
                         scales if zeros else None)
     assert KERNEL_CALLS[platform] in text, (bits, signed, m, k, n, dtype, group_size)
+  tile = lowbit.kernel_tile(backend)  # Weights laid out in whole tiles (3-bit, 1-bit at K=768).
+  for bits, m in [(3, 1), (3, 128), (1, 8)]:
+    def laid_out(x, w, s, bits=bits):
+      return kernels.packed_matmul(x, w, s, bits=bits, backend=backend, layout_tile=tile)
+
+    text = _export_text(laid_out, platform, struct((m, 768), jnp.float16),
+                        struct((packing.kernel_rows(768, bits, tile), 256), jnp.uint32),
+                        struct((256,), jnp.float32))
+    assert KERNEL_CALLS[platform] in text, ("laid out", bits, m)
   for m, k, n in [(1, 40, 130), (7, 384, 50), (128, 100, 72)]:
     words = packing.word_rows(k, 1)
     text = _export_text(lambda a, b, k=k: binary.xnor_matmul(a, b, k, backend=backend), platform,
@@ -622,15 +634,15 @@ def test_popcount32_counts_set_bits():
 
 @pytest.mark.parametrize("k,n", [(768, 768), (768, 3072), (3072, 768), (4096, 4096)])
 def test_default_tiles_never_pad_the_weight_at_bert_shapes(k: int, n: int):
-  """At BERT-base shapes and 4096x4096, 1/2/4/8 bits, M 1..512, the default GPU tiles cover the
+  """At BERT-base shapes and 4096x4096, 1/2/3/4/8 bits, M 1..512, the default GPU tiles cover the
   packed weight exactly (no per-call copy into a padded buffer) and fill the GPU: 64 programs or
-  more wherever K can be split that far. Rows that no 16- or 32-row tile divides are the
-  exception (3 bits; 1 bit at K=768: 24 rows): Triton's dot needs 16 rows or more."""
+  more wherever K can be split that far. Rows that no 16-row tile divides (3 bits; 1 bit at
+  K=768: 24 rows; Triton's dot needs 16 rows or more) are laid out in whole 16-row tiles once,
+  at load (`packing.kernel_rows`)."""
   from mpqbert.kernels import lowbit
-  for bits in (1, 2, 4, 8):
-    rows = packing.word_rows(k, bits)
-    if rows % 16:
-      continue
+  for bits in (1, 2, 3, 4, 8):
+    rows = packing.kernel_rows(k, bits, lowbit.kernel_tile("triton"))
+    assert rows - packing.word_rows(k, bits) < 16
     for m in (1, 8, 32, 128, 512):
       block_m, block_n, block_k_words, k_tiles, splits = lowbit.tiling(m, n, rows,
                                                                        group_size=None, tpu=False)
@@ -638,3 +650,51 @@ def test_default_tiles_never_pad_the_weight_at_bert_shapes(k: int, n: int):
       assert n % block_n == 0
       programs = -(-m // block_m) * (n // block_n) * splits
       assert programs >= min(64, -(-m // block_m) * (n // block_n) * k_tiles), (bits, m, programs)
+
+
+@pytest.mark.parametrize("bits,signed", [(3, True), (3, False), (1, True), (2, False)])
+def test_kernel_layout_matches_numpy_and_round_trips(bits: int, signed: bool):
+  """`pack(..., tile=16)`: the layout formula with K_w rounded up to whole 16-row tiles (3-bit at
+  K=768: 77 -> 80 rows; 1-bit: 24 -> 32), against the one-code-at-a-time NumPy packer; unpack
+  with the tile inverts it, and either layout is refused where the other is expected."""
+  rng = np.random.default_rng([bits, signed, 16])
+  for k in (768, 45):
+    codes = random_codes(rng, (k, 5), bits, signed)
+    words = packing.pack(jnp.asarray(codes, jnp.int32), bits, signed=signed, tile=16)
+    rows = -(-packing.word_rows(k, bits) // 16) * 16
+    assert words.shape == (rows, 5) and rows == packing.kernel_rows(k, bits, 16)
+    np.testing.assert_array_equal(np.asarray(words), np_pack(codes, bits, signed, tile=16))
+    np.testing.assert_array_equal(
+        np.asarray(packing.unpack(words, bits, k, signed=signed, tile=16)), codes)
+    if rows != packing.word_rows(k, bits):
+      with pytest.raises(ValueError, match=f"{rows} word rows do not hold K={k}"):
+        packing.unpack(words, bits, k, signed=signed)
+      compact = packing.pack(jnp.asarray(codes, jnp.int32), bits, signed=signed)
+      with pytest.raises(ValueError, match="laid out in 16-row tiles"):
+        packing.unpack(compact, bits, k, signed=signed, tile=16)
+
+
+@pytest.mark.parametrize("bits,signed,group_size", [(3, True, None), (3, False, None),
+                                                    (1, True, None), (3, True, 16)])
+def test_packed_matmul_on_laid_out_weights_matches_float64(bits: int, signed: bool,
+                                                           group_size: int | None):
+  """Weights laid out in 16-row tiles (`layout_tile=16`) at K=768, interpreted, against float64
+  NumPy; the default tiles cover the 80 (3-bit) or 32 (1-bit) rows exactly. Laid out, a 3-bit
+  weight also takes K-groups of 16 (planes of 80 rows; the compact 77 rows take none)."""
+  from mpqbert.kernels import lowbit
+  k, n, m = 768, 96, 8
+  rng = np.random.default_rng([bits, signed, 768])
+  codes = random_codes(rng, (k, n), bits, signed)
+  groups = 1 if group_size is None else k // group_size
+  scales = rng.uniform(0.1, 1.0, size=(n,) if groups == 1 else (groups, n)).astype(np.float32)
+  words = packing.pack(jnp.asarray(codes, jnp.int32), bits, signed=signed, tile=16)
+  rows = words.shape[0]
+  _, _, block_k_words, k_tiles, _ = lowbit.tiling(m, n, rows, group_size=group_size, tpu=False)
+  assert block_k_words * k_tiles == rows
+  x, x64 = activations(rng, (m, k), jnp.float32)
+  got = kernels.packed_matmul(x, words, jnp.asarray(scales), bits=bits, signed=signed,
+                              group_size=group_size, backend="interpret", layout_tile=16)
+  assert rel_err(got, np_matmul(x64, codes, scales, group_size=group_size)) < 1e-5
+  with pytest.raises(ValueError, match="word rows do not hold"):
+    kernels.packed_matmul(x, words, jnp.asarray(scales), bits=bits, signed=signed,
+                          group_size=group_size, backend="interpret")

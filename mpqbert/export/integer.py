@@ -263,6 +263,9 @@ def lay_out(packed: PackedModel, layout: str = "int8", *, sign_matmul: str = "au
     raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}.")
   if sign_matmul not in SIGN_MATMULS:
     raise ValueError(f"unknown sign_matmul {sign_matmul!r}; choose one of {SIGN_MATMULS}.")
+  if packed.layout_tile is not None:
+    raise ValueError("lay_out takes a packed model as exported or loaded, not one laid out for "
+                     "the kernels (lay_out_for_kernels): pass the model that was given to it.")
   plan = packed.policy.plan
   matrices = {path: lay_out_matrix(entry, packed.policy, plan[path], sign_matmul)
               for path, entry in packed.matrices.items()}

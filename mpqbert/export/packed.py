@@ -43,6 +43,7 @@ layout, which is easiest to check side by side. The int8 layout lives apart (`in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -79,6 +80,9 @@ class PackedModel:
   policy: Policy = dataclasses.field(metadata=dict(static=True))
   config: BertConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
   num_labels: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  # None: packed words of `packing.word_rows` rows, as files store them; a tile: laid out in whole
+  # tiles of word rows for the kernels (`lay_out_for_kernels`), served only, never saved.
+  layout_tile: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   def model(self) -> nn.Module:
     """The Flax model these parameters belong to."""
@@ -201,9 +205,10 @@ def packed_nbytes(packed: PackedModel, *, part: str = "all") -> int:
 
 
 def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.MatrixSpec,
-           bias: Array, backend: str) -> Array:
+           bias: Array, backend: str, layout_tile: int | None = None) -> Array:
   """One packed Dense layer `x [..., K] -> [..., N]`: a kernel call per bit-width block, the
-  blocks' columns put back in order, pruned columns 0."""
+  blocks' columns put back in order, pruned columns 0. `layout_tile`: the model's
+  (`PackedModel.layout_tile`)."""
   k, n = matrix.shape
   x2 = x.reshape(-1, k)
   input_bits = matrix.input_bits(policy.activation_bits)
@@ -223,8 +228,8 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
       zero = entry.get(f"b{b}/zero")
       zero = None if zero is None else _per_column(zero, groups, matrix)
       y = kernels.packed_matmul(xb.astype(half_dtype()), words, scale, bits=b, signed=signed,
-                                zero_points=zero,
-                                out_dtype=jnp.float32, backend=backend)
+                                zero_points=zero, out_dtype=jnp.float32, backend=backend,
+                                layout_tile=_block_tile(words, k, b, layout_tile))
     outputs.append(y)
     columns.append(_columns(groups, matrix))
   order = np.concatenate(columns) if columns else np.zeros((0,), np.int64)
@@ -237,6 +242,42 @@ def _dense(x: Array, entry: Mapping[str, Array], policy: Policy, matrix: quant.M
   return y.reshape(*x.shape[:-1], n) + bias
 
 
+def _block_tile(words: Array, k: int, bits: int, layout_tile: int | None) -> int | None:
+  """The layout tile of one block's words: the model's, where laying out added rows (blocks
+  already whole tiles, and xnor words, keep the compact rows)."""
+  if layout_tile is None or words.shape[0] == kernels.packing.word_rows(k, bits):
+    return None
+  return layout_tile
+
+
+def lay_out_for_kernels(packed: PackedModel, backend: str = "auto") -> PackedModel:
+  """`packed` with every kernel weight laid out in whole tiles of word rows of the `backend`'s
+  kernel (`packing.kernel_rows`: 16 rows on GPU, 128 on TPU), once, so that no call pads a
+  weight (3-bit at K=768: 77 rows -> 80; 1-bit at 768: 24 -> 32). Blocks already whole tiles,
+  xnor weights (sign words) and backends without kernels (the reference) stay as they are. The
+  result serves (`.apply`); files keep the compact rows (`save_packed` takes the model given)."""
+  if packed.layout_tile is not None:
+    return packed
+  tile = kernels.lowbit.kernel_tile(kernels.compat.resolve_backend(backend))
+  if tile is None:
+    return packed
+  plan, policy = packed.policy.plan, packed.policy
+  matrices = {}
+  for path, entry in packed.matrices.items():
+    matrix = plan[path]
+    k, signed = matrix.shape[0], matrix.quantizer != "index"
+    binary_inputs = matrix.input_bits(policy.activation_bits) == 1
+    laid_out = dict(entry)
+    for b, _ in bit_blocks(policy, path):
+      words = entry[f"b{b}/words"]
+      if (b == 1 and binary_inputs and signed) or words.shape[0] % tile == 0:
+        continue
+      codes = kernels.packing.unpack(words, b, k, signed=signed)
+      laid_out[f"b{b}/words"] = kernels.packing.pack(codes, b, signed=signed, tile=tile)
+    matrices[path] = laid_out
+  return dataclasses.replace(packed, matrices=matrices, layout_tile=tile)
+
+
 def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "auto",
                  dense: Callable[..., Array] | None = None, **kwargs) -> Any:
   """`model.apply` on a packed model: packed kernels run through `_dense`, int8 tables are
@@ -244,7 +285,7 @@ def packed_apply(model: nn.Module, packed: PackedModel, *args, backend: str = "a
   `backend`: the kernels' (`kernels.compat`; "auto" is the pure-jnp reference on CPU). `dense`:
   what runs a packed matrix instead of `_dense`, same arguments (`export.integer` passes its
   int8 layer with an `IntegerModel` as `packed`)."""
-  dense = dense or _dense
+  dense = dense or functools.partial(_dense, layout_tile=packed.layout_tile)
   policy = packed.policy
   plan = policy.plan
   params = jax.tree.map(lambda v: v if v.dtype == jnp.int8 else v.astype(jnp.float32),
@@ -285,9 +326,10 @@ def save_packed(packed: PackedModel, path: str | Path) -> Path:
   """`packed` as one safetensors file (module docstring), written atomically: its arrays
   (`_file_arrays`) and, in the metadata, `format`, `policy` and `config` (JSON) and
   `num_labels` ("null" when absent). `path` must end in .safetensors."""
-  if type(packed) is not PackedModel:
-    raise TypeError(f"save_packed stores a PackedModel, not a {type(packed).__name__}; save the "
-                    "packed model that `lay_out` was given.")
+  if type(packed) is not PackedModel or packed.layout_tile is not None:
+    raise TypeError(f"save_packed stores a PackedModel as exported, not a "
+                    f"{type(packed).__name__}{' laid out for the kernels' if type(packed) is PackedModel else ''}; "
+                    "save the packed model that `lay_out` or `lay_out_for_kernels` was given.")
   path = Path(path)
   if path.suffix != ".safetensors":
     raise ValueError(f"{path}: packed models are written as safetensors; name the file "

@@ -31,7 +31,7 @@ INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _check_inputs(x: Array, w_packed: Array, scales: Array, zero_points: Array | None,
-                  bits: int, group_size: int | None) -> tuple[int, int]:
+                  bits: int, group_size: int | None, layout_tile: int | None) -> tuple[int, int]:
   """Validates shapes and dtypes; returns (K, number of scale groups)."""
   packing.check_bits(bits)
   if x.dtype not in INPUT_DTYPES:
@@ -40,9 +40,7 @@ def _check_inputs(x: Array, w_packed: Array, scales: Array, zero_points: Array |
     raise TypeError(f"w_packed must be a [K_w, N] uint32 array (packing.pack), got "
                     f"{w_packed.dtype}{list(w_packed.shape)}.")
   k, (rows, n) = x.shape[-1], w_packed.shape
-  if packing.word_rows(k, bits) != rows:
-    raise ValueError(f"x has K={k} but w_packed has {rows} word rows; {bits}-bit codes of K={k} "
-                     f"take {packing.word_rows(k, bits)} (was the weight packed at another width?).")
+  packing.check_rows(rows, k, bits, layout_tile)
   groups = 1
   if group_size is not None:
     if k % group_size or rows % group_size:
@@ -60,9 +58,10 @@ def _check_inputs(x: Array, w_packed: Array, scales: Array, zero_points: Array |
 
 
 def dequantize(w_packed: Array, scales: Array, *, bits: int, k: int, signed: bool = True,
-               zero_points: Array | None = None, group_size: int | None = None) -> Array:
+               zero_points: Array | None = None, group_size: int | None = None,
+               layout_tile: int | None = None) -> Array:
   """The float32 `[K, N]` weight a packed matrix stands for."""
-  codes = packing.unpack(w_packed, bits, k, signed=signed).astype(jnp.float32)
+  codes = packing.unpack(w_packed, bits, k, signed=signed, tile=layout_tile).astype(jnp.float32)
   s = scales.reshape(-1, scales.shape[-1]).astype(jnp.float32)
   z = jnp.zeros_like(s) if zero_points is None else zero_points.reshape(s.shape)
   rows = k if group_size is None else group_size
@@ -106,6 +105,13 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits: int, signed: bool, plane
     s = s_ref[pl.ds(0, 1), :]
     acc = acc * s - (s * z_ref[pl.ds(0, 1), :]) * xsum if with_zero else acc * s
   o_ref[0] = acc
+
+
+def kernel_tile(backend: str) -> int | None:
+  """Word rows per tile that a weight laid out for `backend`'s kernel is padded to
+  (`packing.pack(..., tile=)`): 16 on GPU (Triton and its interpreter; the smallest K tile its dot
+  takes), 128 on TPU (a lane width); None where no kernel runs (the reference)."""
+  return {"triton": 16, "interpret": 16, "mosaic_tpu": 128, "tpu_interpret": 128}.get(backend)
 
 
 def _default_block_k_words(rows: int, group_size: int | None, tpu: bool) -> int:
@@ -163,12 +169,13 @@ def _pad_to(a: Array, axis: int, multiple: int) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "signed", "group_size", "out_dtype", "backend",
-                                             "block_m", "block_n", "block_k_words", "k_splits"))
+                                             "block_m", "block_n", "block_k_words", "k_splits",
+                                             "layout_tile"))
 def packed_matmul(x: Array, w_packed: Array, scales: Array, *, bits: int, signed: bool = True,
                   zero_points: Array | None = None, group_size: int | None = None,
                   out_dtype=None, backend: str = "auto", block_m: int | None = None,
                   block_n: int | None = None, block_k_words: int | None = None,
-                  k_splits: int | None = None) -> Array:
+                  k_splits: int | None = None, layout_tile: int | None = None) -> Array:
   """`x [..., K] @ W [K, N]` with W packed by `packing.pack` along K (see the module docstring).
 
   Args:
@@ -185,14 +192,17 @@ def packed_matmul(x: Array, w_packed: Array, scales: Array, *, bits: int, signed
     block_m, block_n, block_k_words: tile sizes (powers of two; defaults fit the backend).
     k_splits: programs along K whose partial outputs are summed (default: enough programs to
       fill a GPU at small M; 1 on TPU).
+    layout_tile: None for a weight of `packing.word_rows` rows (as files store it); a tile size
+      for one laid out in whole tiles of word rows (`packing.pack(..., tile=)`), which no call
+      pads.
   """
-  k, groups = _check_inputs(x, w_packed, scales, zero_points, bits, group_size)
+  k, groups = _check_inputs(x, w_packed, scales, zero_points, bits, group_size, layout_tile)
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   backend = compat.resolve_backend(backend)
   lead, n = x.shape[:-1], w_packed.shape[1]
   if backend == "reference":
     w = dequantize(w_packed, scales, bits=bits, k=k, signed=signed, zero_points=zero_points,
-                   group_size=group_size)
+                   group_size=group_size, layout_tile=layout_tile)
     y = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
     return y.astype(out_dtype)
 

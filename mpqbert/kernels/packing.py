@@ -11,6 +11,12 @@ kernel that loads a tile of word rows unpacks plane j with one shift and one mas
 it by the matching contiguous slice of the activations, with no interleaving shuffle. Codes past K
 (the last plane's tail) are 0.
 
+A kernel reads whole tiles of word rows, so a weight served by a kernel may be laid out with more
+rows than K_w, `kernel_rows(K, b, tile)` (K_w rounded up to whole tiles; 3-bit codes at K=768
+take 77 rows, 80 in 16-row tiles): the same formula with the larger row count, codes past K still
+0, so no call pads the weight. Files store the compact K_w rows; the kernel layout is made once
+when a model is loaded (`export.lay_out_for_kernels`).
+
 Codes: unsigned b-bit codes are `0 .. 2^b - 1`; signed codes are two's complement
 `-2^(b-1) .. 2^(b-1) - 1`, except 1 bit, where signed means the sign format {-1, +1} stored as
 bit 1 = +1 (the format of `binary.pack_signs`). `pack` / `unpack` are the pure-jnp reference of
@@ -44,6 +50,23 @@ def word_rows(k: int, bits: int) -> int:
   return -(-k // values_per_word(bits))
 
 
+def kernel_rows(k: int, bits: int, tile: int) -> int:
+  """Word rows of the kernel layout: `word_rows(k, bits)` rounded up to a multiple of `tile`."""
+  rows = word_rows(k, bits)
+  return -(-rows // tile) * tile
+
+
+def check_rows(rows: int, k: int, bits: int, tile: int | None = None) -> None:
+  """Refuses a packed weight whose row count is not `word_rows` (or, laid out in whole tiles of
+  `tile` rows, `kernel_rows`): most likely packed at another width or for another K."""
+  expected = word_rows(k, bits) if tile is None else kernel_rows(k, bits, tile)
+  if rows != expected:
+    layout = "" if tile is None else f" laid out in {tile}-row tiles"
+    raise ValueError(f"{rows} word rows do not hold K={k} {bits}-bit codes{layout} (expected "
+                     f"{expected}); was the weight packed at another width, for another K or "
+                     "in another layout?")
+
+
 def code_range(bits: int, signed: bool) -> tuple[int, int]:
   """Smallest and largest code of the format."""
   check_bits(bits)
@@ -52,8 +75,9 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
   return (-1, 1) if bits == 1 else (-(2**(bits - 1)), 2**(bits - 1) - 1)
 
 
-def pack(codes: Array, bits: int, *, signed: bool) -> Array:
-  """`[K, ...]` integer codes -> `[K_w, ...]` uint32 words (the module's layout).
+def pack(codes: Array, bits: int, *, signed: bool, tile: int | None = None) -> Array:
+  """`[K, ...]` integer codes -> `[K_w, ...]` uint32 words (the module's layout), or, with
+  `tile`, `[kernel_rows(K, bits, tile), ...]` (the kernel layout).
 
   Raises if a code is outside the format's range (checked only on concrete arrays).
   """
@@ -72,7 +96,7 @@ def pack(codes: Array, bits: int, *, signed: bool) -> Array:
                      f"[{lo}, {hi}]{' and be +-1' if signed and bits == 1 else ''}; got "
                      f"[{cmin}, {cmax}].")
   k, v = codes.shape[0], values_per_word(bits)
-  rows = word_rows(k, bits)
+  rows = word_rows(k, bits) if tile is None else kernel_rows(k, bits, tile)
   fields = codes.astype(jnp.int32)
   if signed and bits == 1:
     fields = (fields > 0).astype(jnp.int32)
@@ -97,13 +121,12 @@ def extract_plane(words: Array, plane: int, bits: int, *, signed: bool) -> Array
   return field - ((field >> (bits - 1)) << bits)
 
 
-def unpack(words: Array, bits: int, k: int, *, signed: bool) -> Array:
-  """`[K_w, ...]` uint32 words -> `[K, ...]` int32 codes; the inverse of `pack`."""
+def unpack(words: Array, bits: int, k: int, *, signed: bool, tile: int | None = None) -> Array:
+  """`[K_w, ...]` uint32 words (`[kernel_rows, ...]` with `tile`) -> `[K, ...]` int32 codes; the
+  inverse of `pack`."""
   v = values_per_word(bits)
   if words.dtype != jnp.uint32:
     raise TypeError(f"packed words must be uint32, got {words.dtype}.")
-  if words.shape[0] != word_rows(k, bits):
-    raise ValueError(f"{words.shape[0]} word rows do not hold K={k} {bits}-bit codes "
-                     f"(expected {word_rows(k, bits)}).")
+  check_rows(words.shape[0], k, bits, tile)
   planes = [extract_plane(words, j, bits, signed=signed) for j in range(v)]
   return jnp.concatenate(planes, axis=0)[:k]

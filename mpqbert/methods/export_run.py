@@ -96,7 +96,8 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False,
     fake = fake_predictions(ctx, spec, params, qparams, policy)
     packed = jax.device_get(packed)
     if check_dev:
-      report.update(packed_agreement(ctx, packed, spec, params, qparams, fake=fake))
+      report.update(packed_agreement(ctx, export.lay_out_for_kernels(packed), spec, params,
+                                     qparams, fake=fake))
     if check_int8:
       report["int8"] = {"input_kinds": dict(Counter(export.input_kinds(packed).values())),
                         **packed_agreement(ctx, export.lay_out(packed, "int8"), spec, params,
