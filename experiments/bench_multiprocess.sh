@@ -15,7 +15,7 @@ OUT=experiments/results/multiprocess_cpu.md
 FLAGS=(--config=configs/quickstart.py "--config.data.glue_dir=$GLUE_DIR"
        --config.data.train_subset=640 --config.teacher.train.num_train_steps=20
        --config.search.num_train_steps=20 --config.train.num_train_steps=20
-       --config.checkpoint.every_steps=10)
+       --config.checkpoint.every_steps=10 --config.data.shards=2)  # one data order for both
 rm -rf "$ROOT"
 mkdir -p "$ROOT"
 

@@ -426,9 +426,50 @@ def test_hub_stream_with_a_fake_hub(monkeypatch):
   assert calls == [(glue.HUB_DATASET, "rte", "train", True)]
   assert stream_set.num_examples == 3 and stream_set.num_shards == 2
   assert [e[0] for e in stream_set.open_stream(1, 2)] == ["x1 f"]
-  with pytest.raises(ValueError, match="num_examples="):
-    streaming.hub_stream("mrpc", "dev")
+  # No count in the info: one pass counts the rows.
+  assert streaming.hub_stream("mrpc", "dev").num_examples == 3
   assert calls[-1][2] == "validation"
-  assert streaming.hub_stream("mrpc", num_examples=3).num_examples == 3
   with pytest.raises(RuntimeError, match="glue_dir"):
     streaming.hub_stream("mnli")
+
+
+def test_global_batches_place_each_shard_in_its_rows():
+  """2 shards, batch 8: rows 0-3 are shard 0's batch, rows 4-7 shard 1's, padded to the longer
+  one's length; a process holding shard 1 alone builds the same rows 4-7 (at a fixed length that
+  needs no other process) and leaves rows 0-3 empty with weight 0."""
+  stream_set = _set(num_shards=2)
+  kwargs = {"seed": 3, "pad_multiple": MULTIPLE, "bucket_window": 2}
+  both = list(itertools.islice(streaming.global_batches(stream_set, 8, own=[0, 1], **kwargs), 5))
+  alone = list(itertools.islice(streaming.global_batches(stream_set, 8, own=[1], start_step=0,
+                                                         fixed_length=MAX_LEN, **kwargs), 5))
+  per_shard = [_take(stream_set, 4, s, 5, seed=3, bucket_window=2) for s in range(2)]
+  for t in range(5):
+    length = max(p[t]["input_ids"].shape[1] for p in (per_shard[0], per_shard[1]))
+    assert both[t]["input_ids"].shape == (8, length)
+    for s in range(2):
+      part = per_shard[s][t]
+      rows = slice(4 * s, 4 * s + 4)
+      for key, value in part.items():
+        width = value.shape[1] if value.ndim == 2 else None
+        got = both[t][key][rows] if width is None else both[t][key][rows, :width]
+        np.testing.assert_array_equal(got, value)
+        if width is not None:
+          assert not both[t][key][rows, width:].any()
+    assert alone[t]["input_ids"].shape == (8, MAX_LEN)
+    assert not alone[t]["weights"][:4].any() and not alone[t]["input_ids"][:4].any()
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+      np.testing.assert_array_equal(alone[t][key][4:, :length], both[t][key][4:])
+    np.testing.assert_array_equal(alone[t]["weights"][4:], both[t]["weights"][4:])
+
+
+def test_load_stream_reads_the_local_tsv_row_by_row(glue_dir):
+  """The local TSV as a stream: the row count and, shard by shard, the examples `read_tsv` reads."""
+  examples = glue.read_tsv("rte", glue_dir / "RTE" / "train.tsv")
+  stream_set = streaming.load_stream("rte", "train", str(glue_dir), num_shards=3)
+  assert stream_set.num_examples == len(examples) == 2490 and not stream_set.is_regression
+  for s in range(3):
+    got = list(stream_set.open_stream(s, 3))
+    want = list(zip(examples.text_a, examples.text_b, examples.labels.tolist()))[s::3]
+    assert got == want
+  with pytest.raises(FileNotFoundError, match="GLUE file not found"):
+    streaming.load_stream("rte", "train", str(glue_dir / "nowhere"))

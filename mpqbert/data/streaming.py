@@ -30,6 +30,7 @@ import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from absl import logging
 
 from mpqbert.data import batching
 from mpqbert.data import glue
@@ -390,12 +391,12 @@ def from_iterable_dataset(ds: Any, task: GlueTask | str, num_examples: int, *, n
                       tokenizer=tokenizer, max_seq_length=max_seq_length)
 
 
-def hub_stream(task: GlueTask | str, split: str = "train", *, num_examples: int | None = None,
-               num_shards: int = 1, tokenizer: Any = None,
-               max_seq_length: int = 128) -> StreamingSet:
+def hub_stream(task: GlueTask | str, split: str = "train", *, num_shards: int = 1,
+               tokenizer: Any = None, max_seq_length: int = 128) -> StreamingSet:
   """`split` of `task` streamed from `nyu-mll/glue` on the Hugging Face hub.
 
-  The example count comes from the dataset info unless `num_examples` is given.
+  The example count comes from the dataset info, or, where the info lacks it, from one pass over
+  the stream that only counts rows (no decoding of texts into examples, no tokenizing).
   """
   import datasets  # Imported lazily: slow, and unneeded for local data.
 
@@ -407,14 +408,15 @@ def hub_stream(task: GlueTask | str, split: str = "train", *, num_examples: int 
   except Exception as err:
     raise RuntimeError(f"Could not open {source} as a stream from the Hugging Face hub "
                        f"({type(err).__name__}: {err}). {_HUB_FIX}") from err
-  if num_examples is None:
-    splits = getattr(getattr(ds, "info", None), "splits", None) or {}
-    info = splits.get(split)
-    num_examples = getattr(info, "num_examples", None)
-    if not num_examples:  # None, or 0 where the info was never filled in.
-      raise ValueError(f"The dataset info of {source} does not give the split's example count, "
-                       "which steps per epoch need up front. Fix: pass num_examples=<rows of the "
-                       "split> (e.g. from the dataset card) to hub_stream.")
+  splits = getattr(getattr(ds, "info", None), "splits", None) or {}
+  num_examples = getattr(splits.get(split), "num_examples", None)
+  if not num_examples:  # None, or 0 where the info was never filled in.
+    logging.info("data: the info of %s gives no example count; counting its rows", source)
+    try:
+      num_examples = sum(1 for _ in ds)
+    except Exception as err:
+      raise RuntimeError(f"Could not read {source} to count its rows "
+                         f"({type(err).__name__}: {err}). {_HUB_FIX}") from err
   return from_iterable_dataset(ds, task, num_examples, num_shards=num_shards, tokenizer=tokenizer,
                                max_seq_length=max_seq_length, source=source)
 
