@@ -24,6 +24,11 @@ epoch, and `train_batches_from(..., start_step=s)` yields the endless stream of
 epochs 0, 1, 2, ... starting at global step s, which is how training resumes
 from a checkpoint without storing iterator state.
 
+A training set may be divided into shards (`tokenize_shards`: example i in shard i % S). Shard s
+fills rows [s B/S, (s + 1) B/S) of every batch, shuffled and bucketed on its own, so a process
+needs the tokens of the shards whose rows it feeds only (`shards_of_process`); every example's
+length is known to every process, so all agree on each batch's padded length.
+
 Why one module over 300 lines: tokenization, bucketing, padding and the per-process split of
 rows are one contract (every batch's shape and weights); splitting it would spread that contract.
 """
