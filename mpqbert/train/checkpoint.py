@@ -17,6 +17,9 @@ CONFIG_FILE = "config.json"
 # another value (Orbax restores the state onto the new mesh), and runs from before the key existed
 # resume too.
 _DEVICE_LAYOUT_KEYS = ("model_parallel",)
+# Options added after runs were saved, with the value that reproduces those runs: a saved config
+# without the key resumes under that value.
+_ADDED_DEFAULTS = {"data.shards": 0, "data.streaming": False}
 
 
 def make_manager(workdir: str | Path, every_steps: int, keep: int) -> ocp.CheckpointManager:
@@ -68,13 +71,14 @@ def guard_workdir(workdir: str | Path, config_json: str) -> None:
   """Writes the run's config to the workdir, or checks it equals the one already there.
 
   Resuming a run with a different config would silently mix two experiments; the error lists the
-  keys that differ. Device layout keys (`train.model_parallel`) are not compared.
+  keys that differ. Device layout keys (`train.model_parallel`) are not compared, and a saved
+  config without an option added since (`_ADDED_DEFAULTS`) counts as holding its default.
   """
   path = Path(workdir) / CONFIG_FILE
   current = json.loads(config_json)
   if path.exists():
     previous = json.loads(path.read_text())
-    old, new = _flat(previous), _flat(current)
+    old, new = {**_ADDED_DEFAULTS, **_flat(previous)}, _flat(current)
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
                   and k.rsplit(".", 1)[-1] not in _DEVICE_LAYOUT_KEYS)
     if diff:
