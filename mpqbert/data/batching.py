@@ -199,9 +199,7 @@ def tokenize_shards(examples: Examples, tokenizer: Any, max_seq_length: int, *,
   n = len(examples)
   shards = np.arange(n) % num_shards
   mine = np.flatnonzero(np.isin(shards, list(own)))
-  text_b = None if examples.text_b is None else [examples.text_b[i] for i in mine]
-  part = tokenize(Examples(text_a=[examples.text_a[i] for i in mine], text_b=text_b,
-                           labels=np.asarray(examples.labels)[mine]), tokenizer, max_seq_length)
+  part = tokenize(examples.select(mine), tokenizer, max_seq_length)
   input_ids: list[np.ndarray | None] = [None] * n
   token_type_ids: list[np.ndarray | None] = [None] * n
   lengths = np.full(n, -1, np.int64)

@@ -327,9 +327,9 @@ def save_packed(packed: PackedModel, path: str | Path) -> Path:
   (`_file_arrays`) and, in the metadata, `format`, `policy` and `config` (JSON) and
   `num_labels` ("null" when absent). `path` must end in .safetensors."""
   if type(packed) is not PackedModel or packed.layout_tile is not None:
-    raise TypeError(f"save_packed stores a PackedModel as exported, not a "
-                    f"{type(packed).__name__}{' laid out for the kernels' if type(packed) is PackedModel else ''}; "
-                    "save the packed model that `lay_out` or `lay_out_for_kernels` was given.")
+    raise TypeError("save_packed stores a PackedModel as exported, not one laid out for the "
+                    "kernels or the int8 path; save the packed model that `lay_out_for_kernels` "
+                    "or `lay_out` was given.")
   path = Path(path)
   if path.suffix != ".safetensors":
     raise ValueError(f"{path}: packed models are written as safetensors; name the file "

@@ -126,8 +126,7 @@ def gather_lengths(dataset: data.TokenizedDataset) -> data.TokenizedDataset:
   """`dataset` (tokenized by shards, `data.tokenize_shards`) with every example's length: each
   process measured those of its shards (the others are -1); one all-gather of N integers lets
   every process plan every shard's batches and so pad each batch to the same length."""
-  lengths = np.asarray(dataset.known_lengths if dataset.known_lengths is not None
-                       else dataset.lengths)
+  lengths = dataset.lengths
   if (lengths < 0).any():
     lengths = np.asarray(multihost_utils.process_allgather(lengths)).reshape(-1, len(lengths))
     lengths = lengths.max(axis=0)
