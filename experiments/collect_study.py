@@ -9,7 +9,8 @@ the bit-width map of the best mixed-precision policy per task at 16x
 (study_bit_map_<task>.png). For each task and size column: every method's mean and standard
 deviation over seeds, its exact size, and its paired difference to the column's uniform model
 (same seeds): the mean over seeds, with a 95% percentile interval of a bootstrap that resamples
-seeds and dev examples together. Then whether the study's aims are met, as far as run.
+seeds and dev examples together; under each table, AutoMPQ's paired difference to every other
+method of the column, the same way. Then whether the study's aims are met, as far as run.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def _predictions(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     return f["predictions"], f["labels"]
 
 
-def paired_bootstrap(task: str, metric: str, method: dict[int, dict], uniform: dict[int, dict],
+def paired_bootstrap(task: str, metric: str, method: dict[int, dict], reference: dict[int, dict],
                      resamples: int, seed: int = 0) -> dict[str, Any] | None:
-  """Mean over common seeds of metric(method) - metric(uniform), and a 95% percentile interval
+  """Mean over common seeds of metric(method) - metric(reference), and a 95% percentile interval
   from resampling the seeds and the dev examples (the same examples for both models)."""
-  seeds = sorted(set(method) & set(uniform))
-  pairs = [(_predictions(method[s]), _predictions(uniform[s])) for s in seeds]
+  seeds = sorted(set(method) & set(reference))
+  pairs = [(_predictions(method[s]), _predictions(reference[s])) for s in seeds]
   if not seeds or any(a is None or b is None for a, b in pairs):
     return None
   labels = pairs[0][0][1]
@@ -96,6 +97,14 @@ def paired_bootstrap(task: str, metric: str, method: dict[int, dict], uniform: d
   low, high = np.percentile(samples, [2.5, 97.5])
   return {"seeds": seeds, "per_seed": diffs, "mean": float(np.mean(diffs)), "low": float(low),
           "high": float(high)}
+
+
+def _delta(paired: dict[str, Any] | None) -> str:
+  """A paired difference in points: mean [95% interval] (n seeds), or '' when it has none."""
+  if paired is None:
+    return ""
+  return (f"{100 * paired['mean']:+.2f} [{100 * paired['low']:+.2f}, "
+          f"{100 * paired['high']:+.2f}] (n={len(paired['seeds'])})")
 
 
 def _stats(by_seed: dict[int, dict]) -> dict[str, Any]:
@@ -179,10 +188,7 @@ def main(argv):
         stats = _stats(present[method])
         means[method] = _complete(stats)
         paired = paired_bootstrap(task, metric, present[method], reference, _BOOTSTRAP.value)
-        delta = ("" if paired is None else
-                 f"{100 * paired['mean']:+.2f} [{100 * paired['low']:+.2f}, "
-                 f"{100 * paired['high']:+.2f}] (n={len(paired['seeds'])})")
-        lines.append(f"| {method} {_cell(stats, 100)} {delta} | "
+        lines.append(f"| {method} {_cell(stats, 100)} {_delta(paired)} | "
                      f"{', '.join(stats['commits'])} |")
         plot_rows.append({"task": task, "run": run_name(method, column),
                           "size_mb": stats["size_mb"], "dev": stats["mean"],
@@ -191,6 +197,14 @@ def main(argv):
           csv_rows.append(_csv_row(task, column, method, seed, run))
       aims[task][column] = means
       lines.append("")
+      rivals = [m for m in present if m != "automp" and not m.startswith("sensimix_")]
+      if "automp" in present and rivals:
+        versus = []
+        for rival in rivals:
+          paired = paired_bootstrap(task, metric, present["automp"], present[rival],
+                                    _BOOTSTRAP.value)
+          versus.append(f"AutoMPQ − {rival}: {_delta(paired) or 'no common seed'}")
+        lines += ["Paired, same seeds: " + "; ".join(versus) + ".", ""]
     for bits in sorted({b for uniforms, _ in COLUMNS.values() for b, _ in uniforms}):
       if f"uniform{bits}" in runs:
         stats = _stats(runs[f"uniform{bits}"])
@@ -272,6 +286,8 @@ def _aims(aims: dict[str, Any]) -> list[str]:
   verdict16 = ("met" if count >= 3 else "not met" if count + (4 - len(decided)) < 3
                else "open (not all runs finished)")
   return ["## Aims", "",
+          "Judged on the means over seeds; the paired differences under each table say which "
+          "of these orderings the seeds and dev examples can tell apart.", "",
           f"- AutoMPQ >= every other method at equal size at 16x on at least 3 of 4 tasks: "
           f"**{verdict16}** ({', '.join(f'{t}: {_yes(v)}' for t, v in at16.items())}).",
           f"- ... and on SST-2 at 12x: **{_verdict([wins('sst2', 12)])}**.",
