@@ -3,7 +3,7 @@ r"""The study's tables and plots from the runs of `experiments/run_study.sh`.
   python experiments/collect_study.py [--root=workdirs/study] [--bootstrap=2000]
 
 Reads `<root>/<task>/<run>_seed<s>/results.json` and each run's final dev predictions
-(`retrain/dev_predictions.npz`) and writes results/study.{md,csv}, the Pareto plot of each task
+(`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`) and writes results/study.{md,csv}, the Pareto plot of each task
 (dev metric against size, mean and standard deviation over seeds: study_pareto_<task>.png) and
 the bit-width map of the best mixed-precision policy per task at 16x
 (study_bit_map_<task>.png). For each task and size column: every method's mean and standard
@@ -68,8 +68,13 @@ def load_runs(task_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
 
 
 def _predictions(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-  path = Path(run["workdir"]) / "retrain" / "dev_predictions.npz"
-  if not path.is_file():
+  """The final model's dev predictions and labels: the retrain's, or SensiMix's last stage's."""
+  workdir = Path(run["workdir"])
+  stages = sorted(workdir.glob("stage*/dev_predictions.npz"),
+                  key=lambda path: int(path.parent.name.removeprefix("stage")))
+  paths = [workdir / "retrain" / "dev_predictions.npz"] + stages[-1:]
+  path = next((path for path in paths if path.is_file()), None)
+  if path is None:
     return None
   with np.load(path) as f:
     return f["predictions"], f["labels"]

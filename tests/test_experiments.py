@@ -87,10 +87,10 @@ def test_study_sensimix_cell_runs_sensimix_first_and_the_ablation_on_sst2(tmp_pa
   assert "--config.search.target_size_mb=7.25" in next(l for l in lines if "autompsmx" in l)
 
 
-def _fake_run(root, name, seed, predictions, labels, size_mb, dev=None):
+def _fake_run(root, name, seed, predictions, labels, size_mb, dev=None, stage="retrain"):
   run = root / "sst2" / f"{name}_seed{seed}"
-  (run / "retrain").mkdir(parents=True)
-  np.savez(run / "retrain" / "dev_predictions.npz", predictions=predictions, labels=labels)
+  (run / stage).mkdir(parents=True)
+  np.savez(run / stage / "dev_predictions.npz", predictions=predictions, labels=labels)
   dev = float(np.mean(predictions == labels)) if dev is None else dev
   (run / "results.json").write_text(json.dumps({
       "task": "sst2", "metric": "accuracy", "dev": dev, "size_mb": size_mb,
@@ -106,8 +106,12 @@ def test_collect_study_pairs_seeds_and_judges_the_aims(tmp_path):
     _fake_run(tmp_path, "uniform2", seed, flips(wrong_uniform), labels, 2.53)
     _fake_run(tmp_path, "automp16", seed, flips(wrong_automp), labels, 2.52)
   _fake_run(tmp_path, "hawq16", 0, flips(34), labels, 2.53)  # one seed so far
-  for seed in (0, 1):
-    _fake_run(tmp_path, "sensimix", seed, flips(40), labels, 7.25)  # 80.0: 10 points below FP
+  _fake_run(tmp_path, "uniform4", 0, flips(20), labels, 5.06)  # SensiMix's smaller uniform row
+  for seed in (0, 1):  # 80.0: 10 points below FP. The final model is SensiMix's last stage.
+    _fake_run(tmp_path, "sensimix", seed, flips(40), labels, 7.25, stage="stage10")
+    (tmp_path / "sst2" / f"sensimix_seed{seed}" / "stage9").mkdir()
+    np.savez(tmp_path / "sst2" / f"sensimix_seed{seed}" / "stage9" / "dev_predictions.npz",
+             predictions=labels, labels=labels)
   out = tmp_path / "results" / "study"
   done = subprocess.run([sys.executable, "experiments/collect_study.py", f"--root={tmp_path}",
                          f"--out={out}", "--bootstrap=300", "--seeds=2"], cwd=REPO_ROOT,
@@ -128,11 +132,12 @@ def test_collect_study_pairs_seeds_and_judges_the_aims(tmp_path):
   assert "16x within 1.5 points of full precision on SST-2: **not met**" in md  # 90 vs 83.5
   assert "(sst2: open, mrpc: open" in md  # HAWQ has one of two seeds: no verdict at 16x yet
   assert "SensiMix 3+3 within 1 point of full precision on SST-2: **not met**" in md
-  assert "| sensimix | 80.00 ± 0.00 | 2 | 7.2500 |" in md
+  # Paired to uniform 4-bit on seed 0 from stage 10's predictions: 40 vs 20 wrong, -10 points.
+  assert "| sensimix | 80.00 ± 0.00 | 2 | 7.2500 | 5.59x | -10.00 [" in md
   assert "| sensimix_no_pt | not run yet |" in md
   with out.with_suffix(".csv").open() as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 7 and sum(r["command"].startswith("CELLS=sst2:16 SEEDS=") for r in rows) == 5
+  assert len(rows) == 8 and sum(r["command"].startswith("CELLS=sst2:16 SEEDS=") for r in rows) == 5
   assert any(r["command"] == "CELLS=sst2:smx SEEDS=0 METHODS=sensimix bash experiments/run_study.sh"
              for r in rows)
   assert (out.parent / "study_pareto_sst2.png").is_file()
