@@ -3,8 +3,9 @@ r"""The study's tables and plots from the runs of `experiments/run_study.sh`.
   python experiments/collect_study.py [--root=workdirs/study] [--bootstrap=2000]
 
 Reads `<root>/<task>/<run>_seed<s>/results.json` and each run's final dev predictions
-(`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`) and writes results/study.{md,csv}, the Pareto plot of each task
-(dev metric against size, mean and standard deviation over seeds: study_pareto_<task>.png) and
+(`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`) and writes
+results/study.{md,csv}, the Pareto plot of each task (dev metric against size, mean and
+standard deviation over seeds: study_pareto_<task>.png) and
 the bit-width map of the best mixed-precision policy per task at 16x
 (study_bit_map_<task>.png). For each task and size column: every method's mean and standard
 deviation over seeds, its exact size, and its paired difference to the column's uniform model
