@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,6 +110,8 @@ def test_main_writes_results_and_resumes_after_kill_9(tmp_path, tiny_model_dir, 
     assert key in reference, key
   assert reference["steps"] == 160 and reference["metric"] == "accuracy"
   assert 0.0 <= reference["dev"] <= 1.0
+  expected = "CPU" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
+  assert expected in reference["device"] and jax.__version__ in reference["device"]
 
   process = _main(killed_dir, overrides)
   deadline = time.time() + 300

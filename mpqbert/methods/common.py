@@ -207,7 +207,8 @@ def write_summary(ctx: TaskContext, workdir: Path, *, method: str, result: Mappi
   summary = {"task": ctx.task.name, "method": method, "model": ctx.config.model,
              "metric": ctx.task.main_metric, **dict(result), "rows": rows, **extra,
              "train_examples": len(ctx.train_set), "wall_time_s": time.time() - start_time,
-             "git_commit": results.git_commit(), "config": ctx.config.to_dict()}
+             "git_commit": results.git_commit(), "device": results.device_description(),
+             "config": ctx.config.to_dict()}
   results.write_results(workdir, summary)
   logging.info("table:\n%s", format_table(rows, ctx.task.main_metric))
   return summary

@@ -250,6 +250,7 @@ def finetune(config, workdir: str | Path) -> dict[str, Any]:
       "train_examples": len(train_set),
       "wall_time_s": time.time() - start_time,
       "git_commit": results.git_commit(),
+      "device": results.device_description(),
       "config": config.to_dict(),
   }
   results.write_results(workdir, summary)

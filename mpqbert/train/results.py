@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +32,16 @@ def git_commit() -> str:
                           cwd=Path(__file__).parent).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
+
+
+def device_description() -> str:
+  """What this process computes on, for results.json: results from different accelerators (or
+  JAX versions) differ in the last digits, so a table that mixes them should say so."""
+  devices = jax.devices()
+  kind = devices[0].device_kind
+  if jax.default_backend() == "cpu":
+    kind = f"CPU, {os.cpu_count()} cores"
+  return f"{len(devices)} x {kind}, jax {jax.__version__}"
 
 
 def _jsonable(value: Any) -> Any:
