@@ -130,6 +130,9 @@ def compression_config(method: str) -> config_dict.ConfigDict:
   config.hessian.tolerance = 1e-3  # Q-BERT: stop once every eigenvalue changes less than this.
   config.hessian.trace_samples = 32  # HAWQ: Rademacher vectors per batch (Hutchinson).
   config.hessian.per_group_traces = False  # HAWQ: trace per sub-group instead of per matrix.
+  # HAWQ: a negative trace priced by its magnitude ("abs") or as free ("zero", the study's rows
+  # up to commit 481bbdf): see search.price_negative_traces.
+  config.hessian.negative_traces = "abs"
   config.hessian.sensitivity_from = config_dict.placeholder(str)  # Another run's sensitivity.json.
 
   config.compare = config_dict.ConfigDict()

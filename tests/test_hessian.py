@@ -212,6 +212,32 @@ def test_sensitivity_policy_gives_sensitive_matrices_more_bits_in_the_band(encod
                                                      if p not in sensitive)
 
 
+def test_negative_traces_priced_by_magnitude_or_as_free(encoder_params):
+  # Hand case: -2 is worth 2 ("abs") or nothing ("zero"); positive traces stay as they are.
+  traces = {"a": np.array([-2.0]), "b": np.array([0.5, -0.25])}
+  np.testing.assert_array_equal(search.price_negative_traces(traces, "abs")["b"], [0.5, 0.25])
+  np.testing.assert_array_equal(search.price_negative_traces(traces, "zero")["a"], [0.0])
+  with pytest.raises(ValueError, match="negative_traces='clip'.*'abs'"):
+    search.price_negative_traces(traces, "clip")
+  # In the knapsack: the last layer's strongly negative curvature gets the most bits with "abs"
+  # and the fewest with "zero" (free, like CoLA's 23 matrices that HAWQ-V3 pruned to the cap).
+  spec = models.bert_encoder_spec(groups=4, bit_choices=(0, 1, 2, 4, 8))
+  plan = spec.plan(encoder_params)
+  errors = search.quantization_errors(encoder_params, plan,
+                                      quant.init_qparams(spec, encoder_params))
+  negative = set(list(layer_blocks(plan).values())[-1])
+  raw = {p: np.array([-100.0 if p in negative else 0.01]) for p in plan}
+  band = search.make_band(encoder_params, plan, target_uniform_bits=2, tolerance=0.05,
+                          layout=models.BERT_LAYOUT)
+  for pricing, most in (("abs", True), ("zero", False)):
+    policy = search.sensitivity_policy(search.price_negative_traces(raw, pricing), errors, plan,
+                                       band, max_pruned_fraction=0.5)
+    bits = {p: float(np.mean(policy.bits[p])) for p in plan}
+    inside = [bits[p] for p in negative]
+    outside = [bits[p] for p in plan if p not in negative]
+    assert (min(inside) > max(outside)) if most else (max(inside) < min(outside)), (pricing, bits)
+
+
 def test_layer_blocks_group_the_six_matrices_of_each_layer(encoder_params):
   blocks = layer_blocks(_plan_of(encoder_params))
   assert [name.split("encoder/")[-1] for name in blocks] == ["layer/0", "layer/1"]

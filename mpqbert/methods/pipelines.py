@@ -360,11 +360,12 @@ def qbert(config, workdir) -> dict[str, Any]:
 def hawq(config, workdir) -> dict[str, Any]:
   """HAWQ-V3: per matrix (or sub-group) the Hutchinson Hessian trace over its weight count,
   times each sub-group's quantization error, bits by the exact knapsack in the band."""
+  hc = config.hessian
+  search.price_negative_traces({}, hc.negative_traces)  # A bad value fails before any work.
   start, workdir, ctx, teacher, full_precision = common.start_pipeline(config, workdir)
   spec = qat.make_spec(config, _num_heads(ctx))
   plan = spec.plan(teacher)
   band = _band(ctx, teacher, spec)
-  hc = config.hessian
 
   def measure() -> dict[str, Any]:
     traces = search.hutchinson_traces(_label_loss(ctx), teacher, _sensitivity_batches(ctx), plan,
@@ -378,6 +379,7 @@ def hawq(config, workdir) -> dict[str, Any]:
 
   info = _sensitivity(ctx, workdir, "hawq", measure, "group_traces", set(plan))
   traces = {p: np.asarray([info["group_traces"][p]]) for p in plan}
-  sensitivity = search.average_traces(traces, plan, per_group=hc.per_group_traces)
+  sensitivity = search.price_negative_traces(
+      search.average_traces(traces, plan, per_group=hc.per_group_traces), hc.negative_traces)
   return _assign(ctx, workdir, "hawq", spec, plan, band, teacher, sensitivity, full_precision,
                  start, info)

@@ -6,18 +6,18 @@ from mpqbert.search.bilevel import (SearchState, arch_entropy, argmax_probs, lab
                                     make_search_step, mean_top_probability, temperature)
 from mpqbert.search.derive import (derive_policy, exact_choices, log_probabilities,
                                    policy_from_choices)
-from mpqbert.search.hessian import (average_traces, block_top_eigenvalues, fisher_diagonal,
-                                    hutchinson_traces, qbert_sensitivity, quantization_errors,
-                                    sensitivity_policy)
+from mpqbert.search.hessian import (NEGATIVE_TRACES, average_traces, block_top_eigenvalues,
+                                    fisher_diagonal, hutchinson_traces, price_negative_traces,
+                                    qbert_sensitivity, quantization_errors, sensitivity_policy)
 from mpqbert.search.prior import prior_logits
 from mpqbert.search.size import (SizeBand, expected_size_mb, float_matrix_bits, make_band,
                                  size_loss, size_range_mb, uniform_size_mb)
 
 __all__ = [
-    "SearchState", "SizeBand", "arch_entropy", "argmax_probs", "average_traces",
+    "NEGATIVE_TRACES", "SearchState", "SizeBand", "arch_entropy", "argmax_probs", "average_traces",
     "block_top_eigenvalues", "derive_policy", "exact_choices", "expected_size_mb",
     "fisher_diagonal", "float_matrix_bits", "hutchinson_traces", "knapsack", "label_loss",
     "log_probabilities", "make_band", "make_search_step", "mean_top_probability",
-    "policy_from_choices", "prior_logits", "qbert_sensitivity", "quantization_errors",
+    "policy_from_choices", "price_negative_traces", "prior_logits", "qbert_sensitivity", "quantization_errors",
     "sensitivity_policy", "size_loss", "size_range_mb", "temperature", "uniform_size_mb",
 ]
