@@ -14,10 +14,11 @@ from mpqbert.search.size import (SizeBand, expected_size_mb, float_matrix_bits, 
                                  size_loss, size_range_mb, uniform_size_mb)
 
 __all__ = [
-    "NEGATIVE_TRACES", "SearchState", "SizeBand", "arch_entropy", "argmax_probs", "average_traces",
-    "block_top_eigenvalues", "derive_policy", "exact_choices", "expected_size_mb",
-    "fisher_diagonal", "float_matrix_bits", "hutchinson_traces", "knapsack", "label_loss",
-    "log_probabilities", "make_band", "make_search_step", "mean_top_probability",
-    "policy_from_choices", "price_negative_traces", "prior_logits", "qbert_sensitivity", "quantization_errors",
-    "sensitivity_policy", "size_loss", "size_range_mb", "temperature", "uniform_size_mb",
+    "NEGATIVE_TRACES", "SearchState", "SizeBand", "arch_entropy", "argmax_probs",
+    "average_traces", "block_top_eigenvalues", "derive_policy", "exact_choices",
+    "expected_size_mb", "fisher_diagonal", "float_matrix_bits", "hutchinson_traces", "knapsack",
+    "label_loss", "log_probabilities", "make_band", "make_search_step", "mean_top_probability",
+    "policy_from_choices", "price_negative_traces", "prior_logits", "qbert_sensitivity",
+    "quantization_errors", "sensitivity_policy", "size_loss", "size_range_mb", "temperature",
+    "uniform_size_mb",
 ]

@@ -35,8 +35,9 @@ def git_commit() -> str:
 
 
 def device_description() -> str:
-  """What this process computes on, for results.json: results from different accelerators (or
-  JAX versions) differ in the last digits, so a table that mixes them should say so."""
+  """What this process computes on, for results.json: the same run on another accelerator (or
+  JAX version) is not bitwise the same, and a QAT run can move by a seed's spread, so a table
+  that mixes devices should say so."""
   devices = jax.devices()
   kind = devices[0].device_kind
   if jax.default_backend() == "cpu":
