@@ -2,8 +2,11 @@ r"""The study's tables and plots from the runs of `experiments/run_study.sh`.
 
   python experiments/collect_study.py [--root=workdirs/study] [--bootstrap=2000]
 
-Reads `<root>/<task>/<run>_seed<s>/results.json` and each run's final dev predictions
-(`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`) and writes
+First archives every finished run of `<root>/<task>/<run>_seed<s>/`: its results.json, policy.json
+and final dev predictions (`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`),
+about 30 KB a run, go to results/study_runs/<task>/<run>_seed<s>/, which is committed. The tables
+are made from that archive, so they survive the loss of the workdirs (a machine that goes away
+with weeks of runs) and a later session's runs add to them. Then it writes
 results/study.{md,csv}, the Pareto plot of each task (dev metric against size, mean and
 standard deviation over seeds: study_pareto_<task>.png) and
 the bit-width map of the best mixed-precision policy per task at 16x
@@ -25,12 +28,16 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from mpqbert import data
-from mpqbert.methods.report import pareto_figure
+from mpqbert import data, files
+from mpqbert.methods.report import pareto_figure, plot_bit_map
+from mpqbert.quant import Policy
 
 _ROOT = flags.DEFINE_string("root", "workdirs/study", "Root of the study's runs.")
 _OUT = flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "study"),
                            "Output path without extension.")
+_ARCHIVE = flags.DEFINE_string("archive", str(Path(__file__).parent / "results" / "study_runs"),
+                               "Where each finished run's small files are kept; the tables are "
+                               "made from it.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples per paired interval.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds a row needs before an aim is judged on it.")
 
@@ -57,25 +64,48 @@ def _command(task: str, column: Any, method: str, seed: int) -> str:
           "bash experiments/run_study.sh")
 
 
+def archive_runs(root: Path, archive: Path) -> int:
+  """Copies each finished run's results.json (with its workdir), policy.json and final dev
+  predictions from `root` to `archive`; returns how many runs it copied."""
+  copied = 0
+  for results in sorted(root.glob("*/*_seed*/results.json")):
+    run = results.parent
+    if run.parent.name not in TASKS:
+      continue
+    target = archive / run.parent.name / run.name
+    summary = {**json.loads(results.read_text()), "workdir": str(run)}
+    files.write_atomic(target / "results.json", json.dumps(summary, indent=1) + "\n")
+    for source, name in ((run / "policy.json", "policy.json"),
+                         (_final_predictions(run), "dev_predictions.npz")):
+      if source is not None and source.is_file():
+        files.write_atomic(target / name, source.read_bytes())
+    copied += 1
+  return copied
+
+
+def _final_predictions(workdir: Path) -> Path | None:
+  """The final model's dev predictions in a workdir: the retrain's, or SensiMix's last stage's."""
+  stages = sorted(workdir.glob("stage*/dev_predictions.npz"),
+                  key=lambda path: int(path.parent.name.removeprefix("stage")))
+  paths = [workdir / "retrain" / "dev_predictions.npz"] + stages[-1:]
+  return next((path for path in paths if path.is_file()), None)
+
+
 def load_runs(task_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
-  """`{run name: {seed: results.json plus "workdir"}}` of a task's finished runs."""
+  """`{run name: {seed: results.json plus "archived" (its folder)}}` of a task's archived runs."""
   runs: dict[str, dict[int, dict[str, Any]]] = {}
   for run in sorted(task_dir.glob("*_seed*")):
     if (run / "results.json").is_file():
       name, seed = run.name.rsplit("_seed", 1)
       summary = json.loads((run / "results.json").read_text())
-      runs.setdefault(name, {})[int(seed)] = {**summary, "workdir": run}
+      runs.setdefault(name, {})[int(seed)] = {**summary, "archived": run}
   return runs
 
 
 def _predictions(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-  """The final model's dev predictions and labels: the retrain's, or SensiMix's last stage's."""
-  workdir = Path(run["workdir"])
-  stages = sorted(workdir.glob("stage*/dev_predictions.npz"),
-                  key=lambda path: int(path.parent.name.removeprefix("stage")))
-  paths = [workdir / "retrain" / "dev_predictions.npz"] + stages[-1:]
-  path = next((path for path in paths if path.is_file()), None)
-  if path is None:
+  """The final model's dev predictions and labels, or None where they were not kept."""
+  path = Path(run["archived"]) / "dev_predictions.npz"
+  if not path.is_file():
     return None
   with np.load(path) as f:
     return f["predictions"], f["labels"]
@@ -84,11 +114,16 @@ def _predictions(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
 def paired_bootstrap(task: str, metric: str, method: dict[int, dict], reference: dict[int, dict],
                      resamples: int, seed: int = 0) -> dict[str, Any] | None:
   """Mean over common seeds of metric(method) - metric(reference), and a 95% percentile interval
-  from resampling the seeds and the dev examples (the same examples for both models)."""
+  from resampling the seeds and the dev examples (the same examples for both models); the mean
+  alone (interval None) where a run's predictions were not kept."""
   seeds = sorted(set(method) & set(reference))
-  pairs = [(_predictions(method[s]), _predictions(reference[s])) for s in seeds]
-  if not seeds or any(a is None or b is None for a, b in pairs):
+  if not seeds:
     return None
+  pairs = [(_predictions(method[s]), _predictions(reference[s])) for s in seeds]
+  if any(a is None or b is None for a, b in pairs):
+    diffs = [method[s]["dev"] - reference[s]["dev"] for s in seeds]
+    return {"seeds": seeds, "per_seed": diffs, "mean": float(np.mean(diffs)), "low": None,
+            "high": None}
   labels = pairs[0][0][1]
   score = lambda p, idx: data.glue_metrics(task, p[idx], labels[idx])[metric]
   every = np.arange(len(labels))
@@ -109,6 +144,8 @@ def _delta(paired: dict[str, Any] | None) -> str:
   """A paired difference in points: mean [95% interval] (n seeds), or '' when it has none."""
   if paired is None:
     return ""
+  if paired["low"] is None:
+    return f"{100 * paired['mean']:+.2f} (n={len(paired['seeds'])}) †"
   return (f"{100 * paired['mean']:+.2f} [{100 * paired['low']:+.2f}, "
           f"{100 * paired['high']:+.2f}] (n={len(paired['seeds'])})")
 
@@ -137,8 +174,9 @@ def _cell(stats: dict[str, Any] | None, scale: float) -> str:
 
 def main(argv):
   del argv
-  root, out = Path(_ROOT.value), Path(_OUT.value)
+  root, out, archive = Path(_ROOT.value), Path(_OUT.value), Path(_ARCHIVE.value)
   out.parent.mkdir(parents=True, exist_ok=True)
+  print(f"archived {archive_runs(root, archive)} finished runs of {root} in {archive}")
   csv_rows, plot_rows = [], []
   lines = ["# The study: every method against uniform quantization at equal size", "",
            "Made by `bash experiments/run_study.sh` (the protocol is in its header) and "
@@ -147,13 +185,13 @@ def main(argv):
            "scales (MB), compression: the smallest. Δ uniform: the paired difference to the "
            "column's uniform model on the same seeds, mean [95% bootstrap interval over seeds "
            "and dev examples]. The 12x and 24x columns have no uniform model of their size: "
-           "their uniform row is the nearest larger one (3-bit, 2-bit), which favours it.", ""]
+           "their uniform row is the nearest larger one (3-bit, 2-bit), which favours it. "
+           "†: no interval, a run's dev predictions were lost with its workdir before "
+           "results/study_runs/ kept them; `git show c503685:experiments/results/study.md` has "
+           "the interval computed from them, on the seeds finished then.", ""]
   aims: dict[str, Any] = {}
   for task in TASKS:
-    task_dir = root / task
-    if not task_dir.is_dir():
-      continue
-    runs = load_runs(task_dir)
+    runs = load_runs(archive / task)
     if not runs:
       continue
     first = next(iter(next(iter(runs.values())).values()))
@@ -251,18 +289,21 @@ def _csv_row(task: str, column: Any, method: str, seed: int, run: dict) -> dict[
 
 
 def _best_bit_map(runs: dict, task: str, folder: Path) -> str | None:
-  """Copies the bit map of the best seed of the best mixed method at 16x; returns its name."""
+  """Draws the bit map of the best seed of the best mixed method at 16x; returns its name."""
   candidates = [(statistics.mean(r["dev"] for r in runs[f"{m}16"].values()), m)
                 for m in MIXED if f"{m}16" in runs]
   if not candidates:
     return None
   method = max(candidates)[1]
   best = max(runs[f"{method}16"].values(), key=lambda r: r["dev"])
-  source = Path(best["workdir"]) / "bit_map.png"
-  if not source.is_file():
-    return None
+  source = Path(best["archived"]) / "policy.json"
   target = folder / f"study_bit_map_{task}.png"
-  target.write_bytes(source.read_bytes())
+  if source.is_file():
+    plot_bit_map(Policy.load(source), target,
+                 title=f"{method} {task}: {best['size_mb']:.3f} MB, {best['compression']:.1f}x, "
+                       f"dev {best['dev']:.4f}")
+  elif not target.is_file():
+    return None
   return f"{target.name} ({method} 16x, {Path(best['workdir']).name})"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,10 +140,10 @@ def test_collect_study_pairs_seeds_and_judges_the_aims(tmp_path):
     _fake_run(tmp_path, "uniform2", seed, flips(20), labels, 2.53, task="mrpc")
     _fake_run(tmp_path, "automp16", seed, flips(wrong_automp), labels, 2.52, task="mrpc")
   _fake_run(tmp_path, "hawq16", 0, flips(10), labels, 2.53, task="mrpc")
-  out = tmp_path / "results" / "study"
+  out, archive = tmp_path / "results" / "study", tmp_path / "results" / "study_runs"
   done = subprocess.run([sys.executable, "experiments/collect_study.py", f"--root={tmp_path}",
-                         f"--out={out}", "--bootstrap=300", "--seeds=2"], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=120)
+                         f"--out={out}", f"--archive={archive}", "--bootstrap=300", "--seeds=2"],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   md = out.with_suffix(".md").read_text()
   # Means 100 * (1 - [40, 50] / 200) = 77.5 and 100 * (1 - [30, 36] / 200) = 83.5; paired
@@ -173,8 +174,39 @@ def test_collect_study_pairs_seeds_and_judges_the_aims(tmp_path):
   assert (out.parent / "study_pareto_sst2.png").is_file()
   # With a third seed required, no aim is judged on these two.
   done = subprocess.run([sys.executable, "experiments/collect_study.py", f"--root={tmp_path}",
-                         f"--out={out}", "--bootstrap=10", "--seeds=3"], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=120)
+                         f"--out={out}", f"--archive={archive}", "--bootstrap=10", "--seeds=3"],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   assert ("16x within 1.5 points of full precision on SST-2: **open"
           in out.with_suffix(".md").read_text())
+
+
+def test_collect_study_keeps_the_tables_when_the_workdirs_are_gone(tmp_path):
+  """The archive holds what the tables need; a run archived without its predictions (a workdir
+  lost before the archive existed) gives its paired mean from the dev values, marked †."""
+  labels = np.arange(100) % 2
+  flips = lambda k: np.where(np.arange(100) < k, 1 - labels, labels)
+  root, archive, out = tmp_path / "runs", tmp_path / "archive", tmp_path / "study"
+  for seed, (wrong_uniform, wrong_automp) in enumerate(((30, 20), (40, 24))):
+    _fake_run(root, "uniform2", seed, flips(wrong_uniform), labels, 2.53)
+    _fake_run(root, "automp16", seed, flips(wrong_automp), labels, 2.52)
+  collect = [sys.executable, "experiments/collect_study.py", f"--root={root}", f"--out={out}",
+             f"--archive={archive}", "--bootstrap=50", "--seeds=2"]
+  done = subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert "archived 4 finished runs" in done.stdout
+  first = out.with_suffix(".md").read_text()
+  assert (archive / "sst2" / "automp16_seed1" / "dev_predictions.npz").is_file()
+  assert json.loads((archive / "sst2" / "automp16_seed1" / "results.json").read_text())[
+      "workdir"] == str(root / "sst2" / "automp16_seed1")
+  shutil.rmtree(root)
+  done = subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert out.with_suffix(".md").read_text() == first
+  (archive / "sst2" / "uniform2_seed1" / "dev_predictions.npz").unlink()
+  done = subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  # Per seed +10 and +16 points: mean +13, no interval (seed 1's uniform predictions are gone).
+  automp = next(l for l in out.with_suffix(".md").read_text().splitlines()
+                if l.startswith("| automp "))
+  assert "| +13.00 (n=2) † |" in automp
