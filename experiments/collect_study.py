@@ -4,7 +4,7 @@ r"""The study's tables and plots from the runs of `experiments/run_study.sh`.
 
 First archives every finished run of `<root>/<task>/<run>_seed<s>/`: its results.json, policy.json
 and final dev predictions (`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`),
-about 30 KB a run, go to results/study_runs/<task>/<run>_seed<s>/, which is committed. The tables
+about 25 KB a run, go to results/study_runs/<task>/<run>_seed<s>/, which is committed. The tables
 are made from that archive, so they survive the loss of the workdirs (a machine that goes away
 with weeks of runs) and a later session's runs add to them. Then it writes
 results/study.{md,csv}, the Pareto plot of each task (dev metric against size, mean and
@@ -73,7 +73,8 @@ def archive_runs(root: Path, archive: Path) -> int:
     if run.parent.name not in TASKS:
       continue
     target = archive / run.parent.name / run.name
-    summary = {**json.loads(results.read_text()), "workdir": str(run)}
+    # A run copied back from the archive (to mark it done for run_study.sh) keeps its workdir.
+    summary = {"workdir": str(run), **json.loads(results.read_text())}
     files.write_atomic(target / "results.json", json.dumps(summary, indent=1) + "\n")
     for source, name in ((run / "policy.json", "policy.json"),
                          (_final_predictions(run), "dev_predictions.npz")):
