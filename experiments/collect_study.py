@@ -4,7 +4,8 @@ r"""The study's tables and plots from the runs of `experiments/run_study.sh`.
 
 First archives every finished run of `<root>/<task>/<run>_seed<s>/`: its results.json, policy.json
 and final dev predictions (`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`),
-about 25 KB a run, go to results/study_runs/<task>/<run>_seed<s>/, which is committed. The tables
+about 25 KB a run, go to results/study_runs/<task>/<run>_seed<s>/ (each teacher's results.json
+to <task>/teacher/), which is committed. The tables
 are made from that archive, so they survive the loss of the workdirs (a machine that goes away
 with weeks of runs) and a later session's runs add to them. Then it writes
 results/study.{md,csv}, the Pareto plot of each task (dev metric against size, mean and
@@ -66,8 +67,13 @@ def _command(task: str, column: Any, method: str, seed: int) -> str:
 
 def archive_runs(root: Path, archive: Path) -> int:
   """Copies each finished run's results.json (with its workdir), policy.json and final dev
-  predictions from `root` to `archive`; returns how many runs it copied."""
+  predictions, and each teacher's results.json, from `root` to `archive`; returns how many runs
+  it copied (teachers not counted)."""
   copied = 0
+  for results in sorted(root.glob("*/teacher/results.json")):  # Its dev loss checks a retrain.
+    if results.parent.parent.name in TASKS:
+      target = archive / results.parent.parent.name / "teacher" / "results.json"
+      files.write_atomic(target, results.read_bytes())
   for results in sorted(root.glob("*/*_seed*/results.json")):
     run = results.parent
     if run.parent.name not in TASKS:

@@ -190,12 +190,15 @@ def test_collect_study_keeps_the_tables_when_the_workdirs_are_gone(tmp_path):
   for seed, (wrong_uniform, wrong_automp) in enumerate(((30, 20), (40, 24))):
     _fake_run(root, "uniform2", seed, flips(wrong_uniform), labels, 2.53)
     _fake_run(root, "automp16", seed, flips(wrong_automp), labels, 2.52)
+  (root / "sst2" / "teacher").mkdir()
+  (root / "sst2" / "teacher" / "results.json").write_text('{"dev": 0.9, "loss": 0.3}')
   collect = [sys.executable, "experiments/collect_study.py", f"--root={root}", f"--out={out}",
              f"--archive={archive}", "--bootstrap=50", "--seeds=2"]
   done = subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   assert "archived 4 finished runs" in done.stdout
   first = out.with_suffix(".md").read_text()
+  assert json.loads((archive / "sst2" / "teacher" / "results.json").read_text())["loss"] == 0.3
   assert (archive / "sst2" / "automp16_seed1" / "dev_predictions.npz").is_file()
   assert json.loads((archive / "sst2" / "automp16_seed1" / "results.json").read_text())[
       "workdir"] == str(root / "sst2" / "automp16_seed1")
