@@ -2,20 +2,19 @@ r"""The study's tables and plots from the runs of `experiments/run_study.sh`.
 
   python experiments/collect_study.py [--root=workdirs/study] [--bootstrap=2000]
 
-First archives every finished run of `<root>/<task>/<run>_seed<s>/`: its results.json, policy.json
-and final dev predictions (`retrain/dev_predictions.npz`, SensiMix's in its last `stage<k>/`),
-about 25 KB a run, go to results/study_runs/<task>/<run>_seed<s>/ (each teacher's results.json
-to <task>/teacher/), which is committed. The tables
-are made from that archive, so they survive the loss of the workdirs (a machine that goes away
-with weeks of runs) and a later session's runs add to them. Then it writes
-results/study.{md,csv}, the Pareto plot of each task (dev metric against size, mean and
-standard deviation over seeds: study_pareto_<task>.png) and
-the bit-width map of the best mixed-precision policy per task at 16x
-(study_bit_map_<task>.png). For each task and size column: every method's mean and standard
-deviation over seeds, its exact size, and its paired difference to the column's uniform model
-(same seeds): the mean over seeds, with a 95% percentile interval of a bootstrap that resamples
-seeds and dev examples together; under each table, AutoMPQ's paired difference to every other
-method of the column, the same way. Then whether the study's aims are met, as far as run.
+First archives every finished run of `<root>/<task>/<run>_seed<s>/`: its results.json,
+policy.json and final dev predictions (`retrain/dev_predictions.npz`, SensiMix's in its last
+`stage<k>/`), about 25 KB a run, go to results/study_runs/<task>/<run>_seed<s>/ (each teacher's
+results.json to <task>/teacher/), which is committed. The tables are made from that archive, so
+they survive the loss of the workdirs (a machine that goes away with weeks of runs) and a later
+session's runs add to them. Then it writes results/study.{md,csv}, the Pareto plot of each task
+(dev metric against size, mean and standard deviation over seeds: study_pareto_<task>.png) and
+the bit-width map of the best mixed-precision policy per task at 16x (study_bit_map_<task>.png).
+For each task and size column: every method's mean and standard deviation over seeds, its exact
+size, and its paired difference to the column's uniform model (same seeds): the mean over seeds,
+with a 95% percentile interval of a bootstrap that resamples seeds and dev examples together;
+under each table, AutoMPQ's paired difference to every other method of the column, the same way.
+Then whether the study's aims are met, as far as run.
 """
 
 from __future__ import annotations
