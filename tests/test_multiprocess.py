@@ -110,7 +110,7 @@ def test_automp_as_two_processes_equals_one_process_of_four_devices(tmp_path, ti
   steps, so the same losses, policy and dev metrics; every file once, never seen torn."""
   flags = {**tiny_run_flags(tiny_model_dir, glue_dir), "teacher.train.batch_size": 8,
            "teacher.train.num_train_steps": 8, "train.num_train_steps": 6,
-           "search.num_train_steps": 12, "search.batch_size": 8, "search.warmup_epochs": 0.5,
+           "search.num_train_steps": 12, "search.batch_size": 8, "search.warmup_epochs": 0.0,
            "search.arch_optimizer": "adam", "search.arch_lr": 0.05, "quant.groups": 4,
            "quant.calibration_batches": 2, "search.tolerance": 0.02,
            "search.target_compression": 12.0, "checkpoint.every_steps": 6, "data.shards": 2}

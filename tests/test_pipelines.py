@@ -157,7 +157,8 @@ def test_automp_on_a_streamed_training_split(tmp_path, tiny_model_dir, glue_dir)
   (weights / search parts), derivation at the target and retrain, all from the TSV read row by
   row; the policy lands in the size window like the in-memory run's."""
   flags = _flags(tiny_model_dir, glue_dir, **{"data.streaming": True, "data.train_subset": 0,
-                                              "search.target_uniform_bits": 3})
+                                              "search.target_uniform_bits": 3,
+                                              "search.warmup_epochs": 0.0})
   out = _finish(_launch("automp", tmp_path / "automp", flags))
   assert "streams shards 0-0 of 1 of 2490 training examples" in out
   result = json.loads((tmp_path / "automp" / "results.json").read_text())

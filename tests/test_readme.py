@@ -46,8 +46,9 @@ def _small_budget(config: str, model_dir, glue_dir) -> list[str]:
     flags.update({"quant.groups": 4})
   if config in ("automp", "quickstart", "qbert", "hawq"):  # A tiny sub-group: 0.6% of the size.
     flags.update({"search.tolerance": 0.02})
-  if config in ("automp", "quickstart"):
-    flags.update({"search.num_train_steps": 3, "search.batch_size": 8})
+  if config in ("automp", "quickstart"):  # No weights-only warm-up: one search program to compile.
+    flags.update({"search.num_train_steps": 3, "search.batch_size": 8,
+                  "search.warmup_epochs": 0.0})
   if config in ("qbert", "hawq"):
     flags.update({"hessian.batch_size": 8, "hessian.num_batches": 2,
                   "hessian.power_iterations": 2, "hessian.trace_samples": 1})
