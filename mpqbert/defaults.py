@@ -39,6 +39,9 @@ def finetune_config() -> config_dict.ConfigDict:
   config.method = "finetune"
   config.task = "mrpc"
   config.model = "minilm"  # 'minilm' (embedded), a local checkpoint directory, or a hub name.
+  # >0: only the checkpoint's first N encoder layers (e.g. BERT-base cut to 6, as SensiMix's
+  # authors start; the notebooks' CI smoke budget runs MiniLM cut to 2). 0: every layer.
+  config.model_layers = 0
   config.seed = 0
 
   config.data = config_dict.ConfigDict()

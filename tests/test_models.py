@@ -79,6 +79,21 @@ def test_minilm_matches_pytorch_on_padded_sentences(minilm, embedded_dir):
   np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)
 
 
+def test_minilm_cut_to_two_layers_matches_pytorch_and_checks_the_count(embedded_dir):
+  """`num_layers=2` keeps MiniLM's first 2 layers: transformers' BertModel built with
+  num_hidden_layers=2 from the same checkpoint (it drops layers 2-5) gives the same states."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  reference = transformers.BertModel.from_pretrained(str(embedded_dir), num_hidden_layers=2).eval()
+  ids, mask, types = _random_batch(reference.config.vocab_size, 2)
+  expected = _torch_outputs(torch, reference, ids, mask, types)
+  model, params = models.load_pretrained("minilm", num_layers=2)
+  assert model.config.num_hidden_layers == 2
+  np.testing.assert_allclose(_hidden(model, params, ids, mask, types), expected, atol=TOL, rtol=0)
+  with pytest.raises(ValueError, match="model_layers=7, but .* has 6 layers; use 1 to 6"):
+    models.pretrained_config("minilm", 7)
+
+
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "torch_bin"])
 def test_random_bert_of_another_shape_matches_pytorch(tmp_path, safe_serialization):
   torch = pytest.importorskip("torch")

@@ -28,9 +28,8 @@ import numpy as np
 
 from mpqbert import data, export, files, quant
 from mpqbert.methods import common, qat
-from mpqbert.models.config import BertConfig
 from mpqbert.models.layout import BERT_LAYOUT
-from mpqbert.models.pretrained import resolve_model_dir
+from mpqbert.models.pretrained import pretrained_config
 from mpqbert.train import checkpoint, loop
 from mpqbert.train.steps import apply_to_batch, make_eval_step
 
@@ -77,7 +76,7 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False,
   stage = final_stage(workdir)
   saved = checkpoint.load_params(stage)
   params, qparams = saved["params"], saved["qparams"]
-  bert_config = BertConfig.from_json_file(resolve_model_dir(config.model) / "config.json")
+  bert_config = pretrained_config(config.model, config.get("model_layers", 0))
   num_labels = data.get_task(config.task).num_labels
   packed = export.export_packed(params, policy, qparams, config=bert_config,
                                 num_labels=num_labels)

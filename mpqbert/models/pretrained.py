@@ -107,9 +107,24 @@ def init_params(model, seed: int = 0) -> dict[str, Any]:
   return jax.jit(lambda key: model.init(key, ids)["params"])(jax.random.key(seed))
 
 
+def pretrained_config(name_or_path: str | os.PathLike = EMBEDDED_MODEL,
+                      num_layers: int = 0) -> BertConfig:
+  """The checkpoint's BertConfig, cut to its first `num_layers` encoder layers (0: all of them)."""
+  model_dir = resolve_model_dir(name_or_path)
+  config = BertConfig.from_json_file(model_dir / "config.json")
+  if not num_layers:
+    return config
+  if not 0 < num_layers <= config.num_hidden_layers:
+    raise ValueError(f"model_layers={num_layers}, but {model_dir} has "
+                     f"{config.num_hidden_layers} layers; use 1 to {config.num_hidden_layers}, "
+                     "or 0 for all of them.")
+  return config.replace(num_hidden_layers=num_layers)
+
+
 def load_pretrained(name_or_path: str | os.PathLike = EMBEDDED_MODEL, *,
                     num_labels: int | None = None, dtype: Any = jnp.float32,
-                    remat: bool = False, seed: int = 0, **config_overrides: Any):
+                    remat: bool = False, seed: int = 0, num_layers: int = 0,
+                    **config_overrides: Any):
   """Loads a BERT/DistilBERT checkpoint -> `(model, params)`.
 
   Args:
@@ -120,10 +135,12 @@ def load_pretrained(name_or_path: str | os.PathLike = EMBEDDED_MODEL, *,
       initialised from `seed`, unless the checkpoint holds a classifier of the same shape.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
     remat: rematerialise each layer in the backward pass (saves activation memory).
+    num_layers: keep only the first N encoder layers of the checkpoint (0: all), e.g. BERT-base
+      cut to 6 layers, the start of SensiMix's authors; the later layers' weights are not used.
     **config_overrides: BertConfig fields to change, e.g. hidden_dropout_prob=0.0.
   """
   model_dir = resolve_model_dir(name_or_path)
-  config = BertConfig.from_json_file(model_dir / "config.json").replace(**config_overrides)
+  config = pretrained_config(model_dir, num_layers).replace(**config_overrides)
   state = read_state_dict(model_dir)
   model = build_model(config, num_labels, dtype=dtype, remat=remat)
   fresh = init_params(model, seed)

@@ -235,7 +235,8 @@ def finetune(config, workdir: str | Path) -> dict[str, Any]:
   task, train_set, eval_sets = load_glue(config, tokenizer)
   model, params = models.load_pretrained(config.model, num_labels=task.num_labels,
                                          dtype=compute_dtype(config.train.dtype),
-                                         remat=config.train.remat, seed=config.seed)
+                                         remat=config.train.remat, seed=config.seed,
+                                         num_layers=config.get("model_layers", 0))
   state, dev_metrics, total_steps = train_full_precision(config, workdir, model, params, task,
                                                          train_set, eval_sets)
   summary = {
