@@ -12,10 +12,11 @@ binarized inputs). All keys and defaults: `mpqbert/defaults.py`.
 Faithful to the authors' code (snudm-starlab/SensiMix) where it makes a design choice, ours
 where theirs has a bug; every difference is a switch:
 - Design choices, theirs by default: start from the pretrained checkpoint, not a fine-tuned
-  teacher (`sensimix.init=pretrained`; `teacher` starts from the teacher's weights); 6 epochs at
-  lr 2.5e-5, batch 16, no distillation (`config.train`); the FFN inputs of the future 1-bit
-  layers already binarized during prioritized training and the ILF stages before their turn
-  (`sensimix.binarize_inputs_early=True`); ABWR on classification tasks only
+  teacher (`sensimix.init=pretrained`; `teacher` starts from the teacher's weights; their
+  BERT-base cut to 6 layers is `--config.model=bert-base-uncased --config.model_layers=6`);
+  6 epochs at lr 2.5e-5, batch 16, no distillation (`config.train`); the FFN inputs of the
+  future 1-bit layers already binarized during prioritized training and the ILF stages before
+  their turn (`sensimix.binarize_inputs_early=True`); ABWR on classification tasks only
   (`sensimix.abwr_on_regression=False`).
 - Bugs, ours by default: their binarized FFN input also replaces the FFN block's residual, an
   in-place `input.data` overwrite that the paper's architecture does not have
