@@ -68,24 +68,3 @@ def float32_matmuls():
   with jax.default_matmul_precision("float32"):
     yield
 
-
-
-def _runs_end_to_end(item: pytest.Item) -> bool:
-  """A test that trains a model on GLUE data (a pipeline, a notebook, a README command): tens of
-  seconds to minutes each, mostly compilation."""
-  fixtures = set(getattr(item, "fixturenames", ()))
-  return "glue_dir" in fixtures and bool(fixtures & {"tiny_model_dir", "embedded_dir"})
-
-
-def pytest_configure(config):
-  """With pytest-xdist, tests go to the workers one at a time (`--maxschedchunk=1`; see below)."""
-  if getattr(config.option, "maxschedchunk", False) is None:
-    config.option.maxschedchunk = 1
-
-
-def pytest_collection_modifyitems(items):
-  """End-to-end tests first, then the rest, each in collection order. Handed out one at a time,
-  the long tests start early and the short ones fill the gaps, so the workers finish together
-  instead of one running the last long test alone (longest first: the classic greedy rule for
-  scheduling on parallel machines)."""
-  items.sort(key=lambda item: not _runs_end_to_end(item))
