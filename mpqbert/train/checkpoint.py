@@ -19,7 +19,7 @@ CONFIG_FILE = "config.json"
 _DEVICE_LAYOUT_KEYS = ("model_parallel",)
 # Options added after runs were saved, with the value that reproduces those runs: a saved config
 # without the key resumes under that value.
-_ADDED_DEFAULTS = {"data.shards": 0, "data.streaming": False, "model_layers": 0}
+_ADDED_DEFAULTS = {"data.shards": 0, "data.streaming": False}
 
 
 def make_manager(workdir: str | Path, every_steps: int, keep: int) -> ocp.CheckpointManager:
