@@ -13,6 +13,6 @@ __all__ = [
     "BERT_LAYOUT", "BERT_MATRIX_KINDS", "BERT_MODEL_PARALLEL", "BertConfig",
     "BertForSequenceClassification", "BertModel", "EMBEDDED_MODEL", "QuantizableDense",
     "attention_mask_bias", "bert_encoder_spec",
-    "build_model", "init_params", "load_pretrained", "pretrained_config", "load_tokenizer", "read_state_dict",
-    "resolve_model_dir", "save_pretrained",
+    "build_model", "init_params", "load_pretrained", "load_tokenizer", "pretrained_config",
+    "read_state_dict", "resolve_model_dir", "save_pretrained",
 ]
