@@ -620,3 +620,31 @@ def test_a_process_tokenizes_its_shards_and_feeds_the_same_rows_as_the_whole_set
     next(data.train_batches(full, 10, seed=0, epoch=0))
   with pytest.raises(ValueError, match="needs known_lengths"):
     data.TokenizedDataset(part.input_ids, part.token_type_ids, part.labels)
+
+
+def test_paired_batches_pad_each_pair_to_its_longer_length():
+  """The search's weight and architecture batches: each stream as `train_batches_from` draws it
+  (the second seeded +1), both padded to the longer of the two buckets, real tokens untouched."""
+  from conftest import load_config
+  from mpqbert.train import loop
+  config = load_config("finetune")
+  config.seed, config.data.max_seq_length, config.data.pad_multiple = 3, 128, 32
+  short, long = _synthetic(40, seed=1, max_len=20), _synthetic(40, seed=2, max_len=128)
+  pairs = list(itertools.islice(loop.paired_batches(config, short, long, 2, batch_size=4), 6))
+  alone = [itertools.islice(data.train_batches_from(ds, 4, seed=seed, start_step=2,
+                                                    max_seq_length=128, pad_multiple=32), 6)
+           for ds, seed in ((short, 3), (long, 4))]
+  differed = 0
+  for (a, b), plain_a, plain_b in zip(pairs, *alone):
+    assert a["input_ids"].shape == b["input_ids"].shape
+    width = max(plain_a["input_ids"].shape[1], plain_b["input_ids"].shape[1])
+    assert a["input_ids"].shape[1] == width
+    differed += plain_a["input_ids"].shape[1] != plain_b["input_ids"].shape[1]
+    for got, plain in ((a, plain_a), (b, plain_b)):
+      n = plain["input_ids"].shape[1]
+      for key in ("input_ids", "attention_mask", "token_type_ids"):
+        np.testing.assert_array_equal(got[key][:, :n], plain[key])
+        assert (got[key][:, n:] == 0).all()
+      np.testing.assert_array_equal(got["labels"], plain["labels"])
+      np.testing.assert_array_equal(got["weights"], plain["weights"])
+  assert differed > 0  # the short stream's batches were padded up in at least one pair

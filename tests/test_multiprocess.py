@@ -220,6 +220,7 @@ def test_a_streamed_split_as_two_processes_equals_one_process(tmp_path, tiny_mod
   each reading its shard and padding to max_seq_length, train as 1 process x 4 devices that reads
   both shards and pads to bucket lengths (padding is masked: equal within float tolerance)."""
   flags = {**tiny_run_flags(tiny_model_dir, glue_dir), "data.streaming": True,
+           "data.pad_multiple": 32,  # the single process's buckets: 32 or 64
            "data.train_subset": 0, "data.shards": 2, "train.num_train_steps": 6,
            "checkpoint.every_steps": 6}
   flags.pop("train.num_epochs")

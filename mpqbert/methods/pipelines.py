@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mpqbert import data, files, quant, search
+from mpqbert import files, quant, search
 from mpqbert.methods import common, qat
 from mpqbert.methods.report import plot_bit_map
 from mpqbert.train import loop, optim, sharding
@@ -192,13 +192,8 @@ def run_search(ctx: common.TaskContext, stage: Path, spec: quant.QuantSpec,
     return ctx.evaluate(eval_step, (state.weights["params"], state.weights["qparams"],
                                     sharding.replicate(argmax, ctx.mesh)))
 
-  def batches(start):  # Both batches of a step padded to one length: one shape per length.
-    for weight_batch, search_batch in zip(
-        loop.batches_for(config, weight_set, start, batch_size=sc.batch_size),
-        loop.batches_for(config, search_set, start, batch_size=sc.batch_size, seed_offset=1)):
-      length = max(weight_batch["input_ids"].shape[1], search_batch["input_ids"].shape[1])
-      yield data.pad_to_length(weight_batch, length), data.pad_to_length(search_batch, length)
-
+  batches = lambda start: loop.paired_batches(config, weight_set, search_set, start,
+                                              sc.batch_size)
   logging.info("search: %d weight / %d search examples, %d steps (%d/epoch), architecture "
                "updates from step %d, band %s, loss %s", len(weight_set), len(search_set),
                total_steps, steps_per_epoch, arch_start, band.describe(),

@@ -303,3 +303,15 @@ def batches_for(config, dataset: data.TokenizedDataset | data.StreamingSet, star
   return data.train_batches_from(dataset, batch_size, seed=seed, start_step=start_step,
                                  max_seq_length=config.data.max_seq_length,
                                  pad_multiple=config.data.pad_multiple)
+
+
+def paired_batches(config, first: data.TokenizedDataset | data.StreamingSet,
+                   second: data.TokenizedDataset | data.StreamingSet, start_step: int,
+                   batch_size: int | None = None):
+  """Two seeded batch streams side by side (the search's weight and architecture batches), the
+  second seeded `config.seed + 1`; each pair padded to its longer length, so a step that takes
+  both compiles once per length, not once per pair of lengths."""
+  for a, b in zip(batches_for(config, first, start_step, batch_size),
+                  batches_for(config, second, start_step, batch_size, seed_offset=1)):
+    length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    yield data.pad_to_length(a, length), data.pad_to_length(b, length)
