@@ -13,16 +13,27 @@ DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 # The tests' models are tiny: compiling their steps, not running them, takes the suite's time,
 # and XLA's CPU backend optimisations about double that (the tiny search step compiled in 10 s
 # without them, 22 s with). Results agree within float rounding, as the tests' tolerances check.
-# Set before anything imports jax: this process and every subprocess it starts compile this way.
+# Set before anything imports jax: this process and every subprocess it starts compile this way,
+# except where a test asks `xla_flags` for the optimised backend.
 FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
                           "--xla_llvm_disable_expensive_passes=true")
-if FAST_COMPILE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE_XLA_FLAGS, "").strip()
 
 
-def host_devices_flags(count: int) -> str:
-  """XLA_FLAGS for a subprocess that sees `count` CPU devices (and compiles as the tests do)."""
-  return f"--xla_force_host_platform_device_count={count} {FAST_COMPILE_XLA_FLAGS}"
+def xla_flags(*, host_devices: int | None = None, fast_compile: bool = True) -> str:
+  """XLA_FLAGS for a subprocess: the caller's own flags, `host_devices` CPU devices, and fast
+  compilation unless the subprocess runs a real-size model (its steps' run time then outweighs
+  their compile time) or compares float rounding across layouts at 1e-5 (tuned on the optimised
+  backend)."""
+  flags = [_USER_XLA_FLAGS]
+  if host_devices is not None:
+    flags.append(f"--xla_force_host_platform_device_count={host_devices}")
+  if fast_compile:
+    flags.append(FAST_COMPILE_XLA_FLAGS)
+  return " ".join(f for f in flags if f)
+
+
+os.environ["XLA_FLAGS"] = xla_flags()
 
 
 # The tiny model of the training tests: real MiniLM vocabulary (so the real tokenizer works),

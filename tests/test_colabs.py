@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, xla_flags
 
 COLABS = REPO_ROOT / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
@@ -52,6 +52,8 @@ def test_runs_top_to_bottom(path, tmp_path, monkeypatch, glue_dir, embedded_dir)
   monkeypatch.setenv("MPQBERT_NOTEBOOK_BUDGET", "smoke")
   monkeypatch.setenv("MPQBERT_GLUE_DIR", str(glue_dir))
   monkeypatch.setenv("MPQBERT_NOTEBOOK_WORKDIR", str(tmp_path))
+  # The notebooks train MiniLM's real widths: the optimised backend pays for its compile time.
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(fast_compile=False))
   nb = nbformat.read(path, as_version=4)
   NotebookClient(nb, timeout=900, kernel_name="python3",
                  resources={"metadata": {"path": str(COLABS)}}).execute()

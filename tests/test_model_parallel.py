@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO_ROOT, TINY_BERT, host_devices_flags
+from conftest import REPO_ROOT, TINY_BERT, xla_flags
 from mpqbert import models
 from mpqbert.train import sharding
 
@@ -212,7 +212,7 @@ def test_search_step_on_data_and_model_axes_equals_the_replicated_one():
   layout across steps (one compilation), and model_parallel=1 is bit for bit the 1-D data mesh
   of before."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": host_devices_flags(4)}
+         "XLA_FLAGS": xla_flags(host_devices=4, fast_compile=False)}
   result = subprocess.run([sys.executable, "-c", _SCRIPT, str(REPO_ROOT), json.dumps(TINY_BERT)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, host_devices_flags, tiny_run_flags
+from conftest import REPO_ROOT, tiny_run_flags, xla_flags
 
 # Files a run writes whole (atomically): a reader must never find one that does not parse.
 _WHOLE_FILES = ("results.json", "config.json", "policy.json", "search/search.json",
@@ -38,7 +38,7 @@ def _launch_job(config: str, workdir: Path, flags: dict, *, processes: int,
           ] + [f"--config.{k}={v}" for k, v in flags.items()]
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS=host_devices_flags(devices_per_process))
+             XLA_FLAGS=xla_flags(host_devices=devices_per_process))
   coordinator = f"localhost:{_free_port()}"
   workdir.mkdir(parents=True, exist_ok=True)
   launched = []
@@ -197,7 +197,7 @@ def test_each_process_tokenizes_its_shard_and_gathers_lengths_and_examples(tmp_p
   know all 30 lengths and hold every token of a selected subset, as counted by hand."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
-             JAX_NUM_PROCESSES="2", XLA_FLAGS=host_devices_flags(1))
+             JAX_NUM_PROCESSES="2", XLA_FLAGS=xla_flags(host_devices=1))
   job = [subprocess.Popen([sys.executable, "-c", _GATHER_SCRIPT, str(tmp_path / f"{i}.json")],
                           cwd=REPO_ROOT, env={**env, "JAX_PROCESS_ID": str(i)},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mpqbert import models, quant
-from tests.conftest import REPO_ROOT, TINY_BERT, host_devices_flags
+from tests.conftest import REPO_ROOT, TINY_BERT, xla_flags
 from tests.test_quant import ref_symmetric
 
 CONFIG = models.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
@@ -310,7 +310,7 @@ print(json.dumps({"devices": len(jax.devices()), "four": run(jax.devices()),
 
 def test_data_parallel_sharding_matches_one_device():
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": host_devices_flags(4)}
+         "XLA_FLAGS": xla_flags(host_devices=4)}
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(REPO_ROOT)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

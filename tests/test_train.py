@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, host_devices_flags, load_config, tiny_run_flags
+from conftest import REPO_ROOT, load_config, tiny_run_flags, xla_flags
 from mpqbert import files, models
 from mpqbert.methods import common
 from mpqbert.train import checkpoint, losses, optim, results, steps
@@ -248,7 +248,7 @@ def test_data_parallel_over_four_devices_matches_one(tmp_path, tiny_model_dir, g
   leaf by leaf, the same train state: parameter updates and AdamW's moments (mu and nu sum each
   leaf's clipped gradients, so a gradient one leaf got wrong on the mesh shows in that leaf)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": host_devices_flags(4)}
+         "XLA_FLAGS": xla_flags(host_devices=4)}
   arrays = tmp_path / "states.npz"
   result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT, str(tiny_model_dir),
                            str(glue_dir), str(arrays)], cwd=REPO_ROOT, env=env,
