@@ -56,8 +56,9 @@ def test_automp_resumes_after_kill_9_as_if_uninterrupted(tmp_path, tiny_model_di
   out = _finish(_launch("automp", reference_dir, flags))
   reference = json.loads((reference_dir / "results.json").read_text())
   assert "full precision" in out and "automp" in out  # the printed table
-  # Each step function compiles once per sequence length (one here, `data.pad_multiple`): the
-  # search's two batches share it, so one search program, not one per pair of lengths.
+  # Each step function compiles once per sequence length, and every batch here has the one
+  # length 64 (`data.pad_multiple`). How the search pads its pairs of batches to one length:
+  # test_data's test of `loop.paired_batches`.
   assert out.count("compiled search_step for") == 1
   assert out.count("compiled qat_step for") == 1
   # The later runs below load their steps from this cache; they must still match this run.
