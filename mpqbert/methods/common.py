@@ -58,10 +58,7 @@ class TaskContext:
 def make_context(config: ml_collections.ConfigDict) -> TaskContext:
   tokenizer = models.load_tokenizer(config.model)
   task, train_set, eval_sets = loop.load_glue(config, tokenizer)
-  model, params = models.load_pretrained(config.model, num_labels=task.num_labels,
-                                         dtype=loop.compute_dtype(config.train.dtype),
-                                         remat=config.train.remat, seed=config.seed,
-                                         num_layers=config.get("model_layers", 0))
+  model, params = loop.load_model(config, task.num_labels)
   mesh = sharding.make_mesh(model_parallel=config.train.model_parallel)
   for size in (config.train.batch_size, config.train.eval_batch_size):
     sharding.check_batch_size(size, mesh)

@@ -223,6 +223,15 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
   return state, eval_metrics
 
 
+def load_model(config, num_labels: int):
+  """`(model, params)` of `config.model` (its first `config.model_layers` layers; a config saved
+  before that key: all of them) with a `num_labels` head, in the configured compute dtype."""
+  return models.load_pretrained(config.model, num_labels=num_labels,
+                                dtype=compute_dtype(config.train.dtype),
+                                remat=config.train.remat, seed=config.seed,
+                                num_layers=config.get("model_layers", 0))
+
+
 def finetune(config, workdir: str | Path) -> dict[str, Any]:
   """Fine-tunes `config.model` on `config.task`; resumes from the newest checkpoint in `workdir`.
 
@@ -233,10 +242,7 @@ def finetune(config, workdir: str | Path) -> dict[str, Any]:
   checkpoint.guard_workdir(workdir, config.to_json())
   tokenizer = models.load_tokenizer(config.model)
   task, train_set, eval_sets = load_glue(config, tokenizer)
-  model, params = models.load_pretrained(config.model, num_labels=task.num_labels,
-                                         dtype=compute_dtype(config.train.dtype),
-                                         remat=config.train.remat, seed=config.seed,
-                                         num_layers=config.get("model_layers", 0))
+  model, params = load_model(config, task.num_labels)
   state, dev_metrics, total_steps = train_full_precision(config, workdir, model, params, task,
                                                          train_set, eval_sets)
   summary = {
