@@ -75,17 +75,77 @@ def test_study_lanes_run_exactly_the_sequential_scripts_runs(tmp_path):
                         env=env, capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   logs = sorted((tmp_path / "lanes" / "lanes").glob("*.out"))
-  # Per task: teacher, HAWQ, Q-BERT, uniform, and AutoMPQ per column and seed.
-  assert len(logs) == 2 * (4 + 2 * 2)
+  # Per task: teacher, Q-BERT, HAWQ and uniform per seed, AutoMPQ per column and seed.
+  assert len(logs) == 2 * (2 + 2 + 2 + 2 * 2)
   laned = [l for log in logs for l in log.read_text().splitlines() if l.startswith("todo: ")]
   strip = lambda ls, root: {l.replace(str(root), "ROOT") for l in ls if l.startswith("todo: ")}
   assert strip(laned, tmp_path / "lanes") == strip(sequential, tmp_path / "seq")
-  # HAWQ's seeds and columns stay in one lane: its first run measures what the others reuse.
-  hawq = (tmp_path / "lanes" / "lanes" / "mrpc_hawq.out").read_text()
-  assert all(f"hawq{c}_seed{s}" in hawq for c in (8, 16) for s in (0, 1))
+  # A HAWQ-V3 lane holds one seed at every column.
+  hawq = (tmp_path / "lanes" / "lanes" / "mrpc_hawq_1.out").read_text()
+  assert [f"hawq{c}_seed1" in hawq for c in (8, 16)] == [True, True] and "seed0" not in hawq
   refused = subprocess.run(["bash", "experiments/study_lanes.sh", "--dry-run"], cwd=REPO_ROOT,
                            env={**env, "COLUMNS": "16 smx"}, capture_output=True, text=True)
   assert refused.returncode == 2 and "run_study.sh" in refused.stderr
+
+
+_STAND_IN_PYTHON = """#!/usr/bin/env bash
+# Stands in for `python -m mpqbert.main`: logs when each run starts and ends, and writes what a
+# finished run leaves (a HAWQ-V3 run measures its sensitivity after a delay, unless it reuses one).
+if [[ $1 != -m ]]; then exec "$REAL_PYTHON" "$@"; fi
+for arg; do case $arg in --workdir=*) workdir=${arg#*=} ;; esac; done
+echo "$(date +%s.%N) start $workdir $*" >> "$CALLS"
+mkdir -p "$workdir"
+if [[ $workdir == */hawq* && $* != *sensitivity_from* ]]; then
+  sleep 2; echo '{}' > "$workdir/sensitivity.json"
+fi
+echo '{}' > "$workdir/results.json"
+echo "$(date +%s.%N) end $workdir" >> "$CALLS"
+"""
+
+
+def _stand_in_python(tmp_path) -> dict:
+  """An environment whose `python` is _STAND_IN_PYTHON, logging to tmp_path/calls.txt."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python").write_text(_STAND_IN_PYTHON)
+  (bin_dir / "python").chmod(0o755)
+  return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REAL_PYTHON": sys.executable,
+          "CALLS": str(tmp_path / "calls.txt")}
+
+
+def test_study_lanes_later_hawq_seeds_wait_for_the_first_seeds_sensitivity(tmp_path):
+  env = {**_stand_in_python(tmp_path), "ROOT": str(tmp_path / "study"), "TASKS": "mrpc",
+         "COLUMNS": "16", "SEEDS": "0 1 2", "PARALLEL": "12"}
+  out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr
+  calls = [l.split() for l in (tmp_path / "calls.txt").read_text().splitlines()]
+  started = {c[2].split("/mrpc/")[1]: (float(c[0]), c) for c in calls if c[1] == "start"}
+  ended = {c[2].split("/mrpc/")[1]: float(c[0]) for c in calls if c[1] == "end"}
+  assert set(started) == {"teacher"} | {f"{m}_seed{s}" for m in ("uniform2", "automp16", "hawq16")
+                                        for s in (0, 1, 2)}
+  assert all(t >= ended["teacher"] for name, (t, _) in started.items() if name != "teacher")
+  shared = f"--config.hessian.sensitivity_from={tmp_path}/study/mrpc/hawq_sensitivity.json"
+  assert shared not in started["hawq16_seed0"][1]
+  measured = tmp_path / "study" / "mrpc" / "hawq16_seed0" / "sensitivity.json"
+  for seed in (1, 2):  # They start after seed 0 measured (2 s in), not after it ended.
+    time, call = started[f"hawq16_seed{seed}"]
+    assert shared in call and time >= started["hawq16_seed0"][0] + 2
+  assert (tmp_path / "study" / "mrpc" / "hawq_sensitivity.json").read_text() == measured.read_text()
+
+
+def test_study_lanes_later_hawq_seeds_fail_when_the_first_seed_measured_nothing(tmp_path):
+  env = {**_stand_in_python(tmp_path), "ROOT": str(tmp_path / "study"), "TASKS": "mrpc",
+         "COLUMNS": "16", "SEEDS": "0 1", "PARALLEL": "12"}
+  seed0 = tmp_path / "study" / "mrpc" / "hawq16_seed0"
+  seed0.mkdir(parents=True)
+  (seed0 / "results.json").write_text("{}")  # Finished (so skipped), but its sensitivity is gone.
+  out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "lane mrpc_hawq_1: FAILED" in out.stdout
+  assert (tmp_path / "study" / "lanes" / "failed_lanes.txt").read_text().split() == ["mrpc_hawq_1"]
+  assert not (tmp_path / "study" / "mrpc" / "hawq16_seed1").exists()
 
 
 def test_study_sensimix_cell_runs_sensimix_first_and_the_ablation_on_sst2(tmp_path):
