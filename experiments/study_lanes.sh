@@ -14,8 +14,9 @@
 #   <task>_automp<column>_<seed>  one AutoMPQ run each (the longest).
 # The runs, their commands and their results are run_study.sh's, so a lane that stops resumes
 # with the next call. SensiMix's column (smx) is sequential by nature: run it with run_study.sh.
-# On one H100 (JAX 0.11.2), with 15 lanes sharing it, a teacher took about 100 s and a 400-step
-# run 1-3 minutes, mostly compilation. Environment: TASKS, COLUMNS, SEEDS ("0 1 2"), PARALLEL (12),
+# On one H100 (JAX 0.11.2), one task's 16x column (TASKS=stsb: teacher, then 9 lanes) took 415 s:
+# teacher 91 s, uniform 114 s, HAWQ-V3 seed 0 257 s (Hessian included) and seeds 1-2 130 s each,
+# AutoMPQ 311 s; mostly compilation. Environment: TASKS, COLUMNS, SEEDS ("0 1 2"), PARALLEL (12),
 # ROOT (workdirs/study; the lanes' logs go to $ROOT/lanes/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
