@@ -68,11 +68,14 @@ def archive_runs(root: Path, archive: Path) -> int:
   """Copies each finished run's results.json (with its workdir), policy.json and final dev
   predictions, and each teacher's results.json, from `root` to `archive`; returns how many runs
   it copied (teachers not counted)."""
+  teachers = [t for t in sorted(root.glob("*/teacher/results.json"))
+              if t.parent.parent.name in TASKS]
+  for results in teachers:  # Checked first: a refusal leaves the archive as it was.
+    _check_same_teacher(results, archive / results.parent.parent.name / "teacher" / "results.json")
+  for results in teachers:
+    files.write_atomic(archive / results.parent.parent.name / "teacher" / "results.json",
+                       results.read_bytes())
   copied = 0
-  for results in sorted(root.glob("*/teacher/results.json")):  # Its dev loss checks a retrain.
-    if results.parent.parent.name in TASKS:
-      target = archive / results.parent.parent.name / "teacher" / "results.json"
-      files.write_atomic(target, results.read_bytes())
   for results in sorted(root.glob("*/*_seed*/results.json")):
     run = results.parent
     if run.parent.name not in TASKS:
@@ -87,6 +90,26 @@ def archive_runs(root: Path, archive: Path) -> int:
         files.write_atomic(target / name, source.read_bytes())
     copied += 1
   return copied
+
+
+def _teacher_identity(results: dict[str, Any]) -> dict[str, Any]:
+  """What tells two teachers apart: their dev results (a retrain on the same device reproduces
+  them exactly; another device or commit does not)."""
+  return {key: results.get(key) for key in ("dev", "dev_metrics", "loss")}
+
+
+def _check_same_teacher(source: Path, archived: Path) -> None:
+  """Refuses to archive a task's runs next to another teacher's: their rows would not be pairs."""
+  if not archived.is_file():
+    return
+  new, old = (_teacher_identity(json.loads(p.read_text())) for p in (source, archived))
+  if new != old:
+    task = archived.parent.parent
+    raise SystemExit(
+        f"{source} is not the teacher of the runs archived in {task} ({new} against {old}): "
+        f"their rows would not pair. Collect this task when its column from this teacher is "
+        f"complete, after moving the archived runs out (git rm -r {task}), or collect from a root "
+        f"without it.")
 
 
 def _final_predictions(workdir: Path) -> Path | None:

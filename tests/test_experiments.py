@@ -273,3 +273,11 @@ def test_collect_study_keeps_the_tables_when_the_workdirs_are_gone(tmp_path):
   automp = next(l for l in out.with_suffix(".md").read_text().splitlines()
                 if l.startswith("| automp "))
   assert "| +13.00 (n=2) † |" in automp
+  # Runs from another teacher of the task (another device, say) are refused, nothing copied.
+  _fake_run(root, "automp16", 2, flips(10), labels, 2.52)
+  (root / "sst2" / "teacher").mkdir()
+  (root / "sst2" / "teacher" / "results.json").write_text('{"dev": 0.9, "loss": 0.31}')
+  refused = subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert refused.returncode != 0 and "not the teacher of the runs archived" in refused.stderr
+  assert not (archive / "sst2" / "automp16_seed2").exists()
+  assert json.loads((archive / "sst2" / "teacher" / "results.json").read_text())["loss"] == 0.3
