@@ -159,16 +159,24 @@ def test_bad_task_data_and_workdir_errors(tmp_path, tiny_model_dir, glue_dir):
     checkpoint.guard_workdir(tmp_path / "d", _config({**base, "train.learning_rate": 1.0}).to_json())
   # The device layout may change on resume (Orbax restores onto the new mesh).
   checkpoint.guard_workdir(tmp_path / "d", _config({**base, "train.model_parallel": 2}).to_json())
-  # A run saved before data.shards and data.streaming existed resumes under their defaults, and
-  # only those.
+  # A run saved before data.shards, data.streaming and model_layers existed resumes under their
+  # defaults, and only those; reading its config back fills them in.
   saved = json.loads(_config(base).to_json())
   for key in ("shards", "streaming"):
     del saved["data"][key]
+  del saved["model_layers"]
   (tmp_path / "e").mkdir()
   (tmp_path / "e" / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
   checkpoint.guard_workdir(tmp_path / "e", _config(base).to_json())
   with pytest.raises(ValueError, match=r"different config.*data.shards"):
     checkpoint.guard_workdir(tmp_path / "e", _config({**base, "data.shards": 2}).to_json())
+  with pytest.raises(ValueError, match=r"different config.*model_layers: 0 -> 1"):
+    checkpoint.guard_workdir(tmp_path / "e", _config({**base, "model_layers": 1}).to_json())
+  loaded = checkpoint.load_config(tmp_path / "e")
+  assert (loaded.model_layers, loaded.data.shards, loaded.data.streaming) == (0, 0, False)
+  assert loaded.to_dict() == json.loads(_config(base).to_json())
+  with pytest.raises(FileNotFoundError, match="holds no mpqbert run"):
+    checkpoint.load_config(tmp_path / "a_workdir_never_used")
 
 
 def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -107,8 +107,8 @@ def restore_params(workdir: Path, template: Any) -> Any:
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `configs/finetune.py`-style config of the teacher fine-tuning stage."""
   return ml_collections.ConfigDict({
-      "method": "finetune", "task": config.task, "model": config.model, "seed": config.seed,
-      "data": config.data.to_dict(), "train": config.teacher.train.to_dict(),
+      "method": "finetune", "task": config.task, "model": config.model,
+      "model_layers": config.model_layers, "seed": config.seed, "data": config.data.to_dict(), "train": config.teacher.train.to_dict(),
       "checkpoint": config.checkpoint.to_dict()})
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from mpqbert import data, export, files, quant
@@ -71,12 +70,12 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False,
   if not (workdir / "results.json").is_file():
     raise FileNotFoundError(f"{workdir}/results.json is missing: the run is not finished (or "
                             "not an mpqbert run); finish it with the same command first.")
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config = checkpoint.load_config(workdir)
   policy = quant.Policy.load(workdir / "policy.json")
   stage = final_stage(workdir)
   saved = checkpoint.load_params(stage)
   params, qparams = saved["params"], saved["qparams"]
-  bert_config = pretrained_config(config.model, config.get("model_layers", 0))
+  bert_config = pretrained_config(config.model, config.model_layers)
   num_labels = data.get_task(config.task).num_labels
   packed = export.export_packed(params, policy, qparams, config=bert_config,
                                 num_labels=num_labels)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
@@ -19,7 +20,7 @@ CONFIG_FILE = "config.json"
 _DEVICE_LAYOUT_KEYS = ("model_parallel",)
 # Options added after runs were saved, with the value that reproduces those runs: a saved config
 # without the key resumes under that value.
-_ADDED_DEFAULTS = {"data.shards": 0, "data.streaming": False}
+_ADDED_DEFAULTS = {"data.shards": 0, "data.streaming": False, "model_layers": 0}
 
 
 def make_manager(workdir: str | Path, every_steps: int, keep: int) -> ocp.CheckpointManager:
@@ -65,6 +66,18 @@ def shape_differences(expected: Any, found: Any) -> list[str]:
 
 def _flat(config_dict: dict) -> dict[str, Any]:
   return traverse_util.flatten_dict(config_dict, sep=".")
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` saved, with the options added since it ran at the defaults
+  that reproduce it (`_ADDED_DEFAULTS`)."""
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing: {workdir} holds no mpqbert run (its config is "
+                            "written when the run starts); name the run's workdir.")
+  saved = _flat(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(traverse_util.unflatten_dict(
+      {**_ADDED_DEFAULTS, **saved}, sep="."))
 
 
 def guard_workdir(workdir: str | Path, config_json: str) -> None:

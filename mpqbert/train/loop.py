@@ -224,12 +224,12 @@ def train_loop(*, name: str, workdir: Path, state: Any, train_step: Callable, ba
 
 
 def load_model(config, num_labels: int):
-  """`(model, params)` of `config.model` (its first `config.model_layers` layers; a config saved
-  before that key: all of them) with a `num_labels` head, in the configured compute dtype."""
+  """`(model, params)` of `config.model` (its first `config.model_layers` layers) with a
+  `num_labels` head, in the configured compute dtype."""
   return models.load_pretrained(config.model, num_labels=num_labels,
                                 dtype=compute_dtype(config.train.dtype),
                                 remat=config.train.remat, seed=config.seed,
-                                num_layers=config.get("model_layers", 0))
+                                num_layers=config.model_layers)
 
 
 def finetune(config, workdir: str | Path) -> dict[str, Any]:
