@@ -14,7 +14,8 @@ For each task and size column: every method's mean and standard deviation over s
 size, and its paired difference to the column's uniform model (same seeds): the mean over seeds,
 with a 95% percentile interval of a bootstrap that resamples seeds and dev examples together;
 under each table, AutoMPQ's paired difference to every other method of the column, the same way.
-Then whether the study's aims are met, as far as run.
+Then whether the study's aims are met, as far as run: an aim is decided before all of its
+seeds have run only when no score of the missing seeds could change it.
 """
 
 from __future__ import annotations
@@ -181,16 +182,22 @@ def _delta(paired: dict[str, Any] | None) -> str:
 
 def _stats(by_seed: dict[int, dict]) -> dict[str, Any]:
   devs = [r["dev"] for r in by_seed.values()]
-  return {"n": len(devs), "mean": statistics.mean(devs),
+  return {"n": len(devs), "devs": devs, "mean": statistics.mean(devs),
           "std": statistics.stdev(devs) if len(devs) > 1 else float("nan"),
           "size_mb": max(r["size_mb"] for r in by_seed.values()),
           "compression": min(r["compression"] for r in by_seed.values()),
           "commits": sorted({r.get("git_commit", "?")[:10] for r in by_seed.values()})}
 
 
-def _complete(stats: dict[str, Any] | None) -> float | None:
-  """The mean over seeds once every seed has run (`--seeds`), else None: an aim stays open."""
-  return stats["mean"] if stats and stats["n"] >= _SEEDS.value else None
+def _mean_bounds(stats: dict[str, Any] | None, metric: str) -> tuple[float, float]:
+  """The lowest and the highest mean over `--seeds` seeds that the seeds not run yet still allow,
+  each anywhere in the metric's range ([-1, 1] for a correlation, else [0, 1]); once every seed
+  has run, both are the mean. An aim is decided only when no such outcome could change it."""
+  devs = stats["devs"] if stats else []
+  missing = max(0, _SEEDS.value - len(devs))
+  lowest = -1.0 if metric in ("mcc", "pearson", "spearman") else 0.0
+  return ((sum(devs) + missing * lowest) / (len(devs) + missing),
+          (sum(devs) + missing * 1.0) / (len(devs) + missing))
 
 
 def _cell(stats: dict[str, Any] | None, scale: float) -> str:
@@ -247,7 +254,7 @@ def main(argv):
         lines.append(f"| {label} {_cell(ustats, 100)} | "
                      f"{', '.join(ustats['commits']) if ustats else ''} |")
         if relation == "equal":  # Only a uniform model of the column's size competes.
-          means["uniform"] = _complete(ustats)
+          means["uniform"] = _mean_bounds(ustats, metric)
         for seed, run in sorted(runs.get(f"uniform{bits}", {}).items()):
           csv_rows.append(_csv_row(task, column, "uniform", seed, run))
       reference = runs.get(f"uniform{uniforms[0][0]}", {})
@@ -259,10 +266,10 @@ def main(argv):
           continue
         if method not in present:
           lines.append(f"| {method} | not run yet | | | | | |")
-          means[method] = None
+          means[method] = _mean_bounds(None, metric)
           continue
         stats = _stats(present[method])
-        means[method] = _complete(stats)
+        means[method] = _mean_bounds(stats, metric)
         paired = paired_bootstrap(task, metric, present[method], reference, _BOOTSTRAP.value)
         lines.append(f"| {method} {_cell(stats, 100)} {_delta(paired)} | "
                      f"{', '.join(stats['commits'])} |")
@@ -344,22 +351,24 @@ def _verdict(values: list[bool | None]) -> str:
 
 def _aims(aims: dict[str, Any]) -> list[str]:
   """The issue's aims, each met / not met / open, computed from the means above."""
-  def wins(task, column):  # AutoMPQ >= every other method in the column (means), or None.
-    means = aims.get(task, {}).get(column)
-    if not means or means.get("automp") is None:
+  def wins(task, column):  # AutoMPQ's mean >= every other method's in the column, or None.
+    bounds = aims.get(task, {}).get(column, {})
+    if "automp" not in bounds:
       return None
-    others = [v for k, v in means.items() if k != "automp"]
-    if any(v is not None and v > means["automp"] for v in others):
-      return False  # Decided: one finished method already beats it, whatever the rest do.
-    if any(v is None for v in others) or not others:
-      return None
-    return True
+    low, high = bounds["automp"]
+    others = [b for k, b in bounds.items() if k != "automp"]
+    if any(other_low > high for other_low, _ in others):
+      return False  # Decided: another method is ahead whatever the missing seeds score.
+    if others and all(other_high <= low for _, other_high in others):
+      return True
+    return None
 
   def within(task, column, points, method="automp"):
-    means = aims.get(task, {}).get(column)
-    if not means or means.get(method) is None:
+    bounds = aims.get(task, {}).get(column, {}).get(method)
+    if bounds is None:
       return None
-    return 100 * (aims[task]["full_precision"] - means[method]) <= points
+    gaps = [100 * (aims[task]["full_precision"] - mean) for mean in bounds]
+    return True if gaps[0] <= points else False if gaps[1] > points else None
 
   at16 = {t: wins(t, 16) for t in TASKS}
   decided = [v for v in at16.values() if v is not None]
@@ -368,7 +377,8 @@ def _aims(aims: dict[str, Any]) -> list[str]:
                else "open (not all runs finished)")
   return ["## Aims", "",
           "Judged on the means over seeds; the paired differences under each table say which "
-          "of these orderings the seeds and dev examples can tell apart.", "",
+          "of these orderings the seeds and dev examples can tell apart. Before every seed has "
+          "run, an aim is decided only if no score of the missing seeds could change it.", "",
           f"- AutoMPQ >= every other method at equal size at 16x on at least 3 of 4 tasks: "
           f"**{verdict16}** ({', '.join(f'{t}: {_yes(v)}' for t, v in at16.items())}).",
           f"- ... and on SST-2 at 12x: **{_verdict([wins('sst2', 12)])}**.",
