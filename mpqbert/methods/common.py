@@ -108,8 +108,8 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """The `configs/finetune.py`-style config of the teacher fine-tuning stage."""
   return ml_collections.ConfigDict({
       "method": "finetune", "task": config.task, "model": config.model,
-      "model_layers": config.model_layers, "seed": config.seed, "data": config.data.to_dict(), "train": config.teacher.train.to_dict(),
-      "checkpoint": config.checkpoint.to_dict()})
+      "model_layers": config.model_layers, "seed": config.seed, "data": config.data.to_dict(),
+      "train": config.teacher.train.to_dict(), "checkpoint": config.checkpoint.to_dict()})
 
 
 def check_finished_teacher(source: Path, task: str, model: str) -> None:
