@@ -57,7 +57,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"config.method={config.method!r} is unknown; use one of "
                          f"{sorted(METHODS)}.")
   logging.get_absl_handler().addFilter(results.quiet_library_info_logs)
-  logging.info("mpqbert at commit %s", results.git_commit())  # Read once, before any training.
+  commit = results.git_commit()  # Read once, before any training.
+  logging.info("mpqbert at commit %s", commit)
+  if commit == "unknown":
+    logging.warning("mpqbert's code is not in a git checkout, so results.json will record "
+                    "git_commit 'unknown': run from a clone, or set GIT_DIR to the clone's .git, "
+                    "for the results to name their code.")
   maybe_initialize_distributed()
   compiled.enable_persistent_cache(_CACHE.value)
   summary = METHODS[config.method](config, _WORKDIR.value)
