@@ -11,13 +11,15 @@
 #                               its sensitivity.json and reuse it (run_study.sh's protocol);
 #   <task>_qbert                Q-BERT at every column and seed in order (only at 8x and 12x);
 #   <task>_uniform_<seed>       the uniform rows of one seed;
-#   <task>_automp<column>_<seed>  one AutoMPQ run each (the longest).
+#   <task>_automp<column>_<seed>  one AutoMPQ run each (the longest);
+#   <task>_sensimix_<seed>      SensiMix 3+3 of one seed (COLUMNS with smx), and on SST-2 the
+#                               paper's Table 4 ablation of that seed; AutoMPQ's smx lanes wait
+#                               for SensiMix seed 0's results.json (they take its size).
 # The runs, their commands and their results are run_study.sh's, so a lane that stops resumes
-# with the next call. SensiMix's column (smx) is sequential by nature: run it with run_study.sh.
-# On one H100 (JAX 0.11.2), one task's 16x column (TASKS=stsb: teacher, then 9 lanes) took 415 s:
-# teacher 91 s, uniform 114 s, HAWQ-V3 seed 0 257 s (Hessian included) and seeds 1-2 130 s each,
-# AutoMPQ 311 s; mostly compilation. Environment: TASKS, COLUMNS, SEEDS ("0 1 2"), PARALLEL (12),
-# ROOT (workdirs/study; the lanes' logs go to $ROOT/lanes/).
+# with the next call. On one H100 (JAX 0.11.2), one task's 16x column (TASKS=stsb: teacher, then
+# 9 lanes) took 415 s: teacher 91 s, uniform 114 s, HAWQ-V3 seed 0 257 s (Hessian included) and
+# seeds 1-2 130 s each, AutoMPQ 311 s; mostly compilation. Environment: TASKS, COLUMNS, SEEDS
+# ("0 1 2"), PARALLEL (12), ROOT (workdirs/study; the lanes' logs go to $ROOT/lanes/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=""
@@ -29,54 +31,71 @@ PARALLEL=${PARALLEL:-12}
 ROOT=${ROOT:-workdirs/study}
 LOGS=$ROOT/lanes
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # The lanes share the accelerator's memory.
-for column in $COLUMNS; do
-  if [[ $column == smx ]]; then
-    echo "SensiMix's column runs SensiMix first (the others take its size): use run_study.sh" >&2
-    exit 2
-  fi
-done
+HESSIAN_COLUMNS=""  # The columns HAWQ-V3 runs at: all but SensiMix's.
+for column in $COLUMNS; do [[ $column == smx ]] || HESSIAN_COLUMNS+="$column "; done
+HESSIAN_COLUMNS=${HESSIAN_COLUMNS% }
+FIRST_SEED=${SEEDS%% *}
 mkdir -p "$LOGS"
 FAILED=$LOGS/failed_lanes.txt  # The lanes that failed, one per line.
 : > "$FAILED"
 rm -f "$LOGS"/*.ended  # A lane's end marker (its waiters give up on it) is per call.
+
+failed() {  # failed <lane> <why>
+  echo "$(date -u +%T) lane $1: FAILED ($2)"; echo "$1" >> "$FAILED"
+}
 
 lane() {  # lane <name> <VAR=value>...: run_study.sh with these settings, its output in one log
   local name=$1; shift
   if env "$@" bash experiments/run_study.sh $DRY > "$LOGS/$name.out" 2>&1; then
     echo "$(date -u +%T) lane $name: done"
   else
-    echo "$(date -u +%T) lane $name: FAILED (see $LOGS/$name.out)"; echo "$name" >> "$FAILED"
+    failed "$name" "see $LOGS/$name.out"
   fi
   touch "$LOGS/$name.ended"
 }
 
-# shared_sensitivity <task> <method> <first lane>: wait until the first seed's run of the task has
-# measured the Hessian sensitivity, and put it where run_study.sh reuses it; fails if that lane
-# ended without it.
-shared_sensitivity() {
-  local task=$1 method=$2 first_lane=$3 column=${COLUMNS%% *} seed=${SEEDS%% *}
-  local shared="$ROOT/$task/${method}_sensitivity.json"
-  local measured="$ROOT/$task/$method${column}_seed$seed/sensitivity.json"
+# wait_for <lane> <file>...: wait until one of the files exists; fails once <lane> ended without
+# any (with <lane> "", at once: nothing in this call will write them).
+wait_for() {
+  local lane=$1 file; shift
   [[ -n $DRY ]] && return 0
-  until [[ -f $shared || -f $measured ]]; do
-    [[ -f $LOGS/$first_lane.ended ]] && { echo "$first_lane ended without $measured" >&2; return 1; }
+  while true; do
+    for file; do [[ -f $file ]] && return 0; done
+    if [[ -z $lane || -f $LOGS/$lane.ended ]]; then
+      for file; do [[ -f $file ]] && return 0; done
+      echo "${lane:-no lane of this call} ended without $*" >&2; return 1
+    fi
     sleep 5
   done
-  [[ -f $shared ]] || { cp "$measured" "$shared.tmp" && mv "$shared.tmp" "$shared"; }
 }
 
-hawq_lane() {  # hawq_lane <name> <task> <seed>: one seed's HAWQ-V3 runs, after the shared Hessian
-  local name=$1 task=$2 seed=$3 first="${2}_hawq_${SEEDS%% *}"
-  if [[ $seed != "${SEEDS%% *}" ]] && ! shared_sensitivity "$task" hawq "$first"; then
-    echo "$(date -u +%T) lane $name: FAILED (no shared sensitivity)"; echo "$name" >> "$FAILED"
-    return
+# hawq_lane <name> <task> <seed>: one seed's HAWQ-V3 runs; a later seed's after the first seed's
+# run measured the Hessian sensitivity, which it reuses from where run_study.sh looks for it.
+hawq_lane() {
+  local name=$1 task=$2 seed=$3 column=${HESSIAN_COLUMNS%% *}
+  local shared="$ROOT/$task/hawq_sensitivity.json"
+  local measured="$ROOT/$task/hawq${column}_seed$FIRST_SEED/sensitivity.json"
+  if [[ $seed != "$FIRST_SEED" ]]; then
+    wait_for "${task}_hawq_$FIRST_SEED" "$shared" "$measured" || {
+      failed "$name" "no shared sensitivity"; return; }
+    [[ -n $DRY || -f $shared ]] || { cp "$measured" "$shared.tmp" && mv "$shared.tmp" "$shared"; }
   fi
-  lane "$name" CELLS="$(cells "$task")" METHODS=hawq SEEDS="$seed"
+  lane "$name" CELLS="$(cells "$task" "$HESSIAN_COLUMNS")" METHODS=hawq SEEDS="$seed"
 }
 
-cells() {  # cells <task>: the task's cells, "task:column ..."
+# sensimix_size_lane <name> <task> <seed>: AutoMPQ at SensiMix's size, once SensiMix seed 0 (of
+# this call's lane, or of an earlier call) has its results.json.
+sensimix_size_lane() {
+  local name=$1 task=$2 seed=$3 first=""
+  [[ " $SEEDS " == *" 0 "* ]] && first=${task}_sensimix_0
+  wait_for "$first" "$ROOT/$task/sensimix_seed0/results.json" || {
+    failed "$name" "no SensiMix seed 0 to take the size of"; return; }
+  lane "$name" CELLS="$task:smx" METHODS=automp SEEDS="$seed"
+}
+
+cells() {  # cells <task> [<columns>]: the task's cells, "task:column ..." ($COLUMNS by default)
   local column out=""
-  for column in $COLUMNS; do out+="$1:$column "; done
+  for column in ${2-$COLUMNS}; do out+="$1:$column "; done
   echo "${out% }"
 }
 
@@ -84,25 +103,34 @@ for task in $TASKS; do lane "${task}_teacher" CELLS="$(cells "$task")" SEEDS=" "
 wait
 if [[ -s $FAILED ]]; then echo "a teacher failed: no lanes started" >&2; exit 1; fi
 
-specs=()  # "<name>|<cells>|<methods>|<seeds>"; the HAWQ-V3 lanes first (they wait on each other)
+# Lanes "<name>|<task>|<kind>|<cells>|<seed(s)>", those that others wait for first.
+specs=()
 for task in $TASKS; do
-  for seed in $SEEDS; do specs+=("${task}_hawq_$seed|$task|hawq|$seed"); done
+  if [[ -n $HESSIAN_COLUMNS ]]; then
+    for seed in $SEEDS; do specs+=("${task}_hawq_$seed|$task|hawq||$seed"); done
+  fi
+  if [[ " $COLUMNS " == *" smx "* ]]; then
+    for seed in $SEEDS; do specs+=("${task}_sensimix_$seed|$task|sensimix|$task:smx|$seed"); done
+  fi
 done
 for task in $TASKS; do
-  specs+=("${task}_qbert|$(cells "$task")|qbert|$SEEDS")
-  for seed in $SEEDS; do specs+=("${task}_uniform_$seed|$(cells "$task")|uniform|$seed"); done
+  specs+=("${task}_qbert|$task|qbert|$(cells "$task")|$SEEDS")
+  for seed in $SEEDS; do specs+=("${task}_uniform_$seed|$task|uniform|$(cells "$task")|$seed"); done
   for column in $COLUMNS; do
-    for seed in $SEEDS; do specs+=("${task}_automp${column}_$seed|$task:$column|automp|$seed"); done
+    for seed in $SEEDS; do
+      specs+=("${task}_automp${column}_$seed|$task|automp$column|$task:$column|$seed")
+    done
   done
 done
 for spec in "${specs[@]}"; do
-  IFS='|' read -r name cells methods seeds <<< "$spec"
+  IFS='|' read -r name task kind cells seeds <<< "$spec"
   while (( $(jobs -rp | wc -l) >= PARALLEL )); do wait -n; done
-  if [[ $methods == hawq ]]; then
-    hawq_lane "$name" "$cells" "$seeds" &
-  else
-    lane "$name" CELLS="$cells" METHODS="$methods" SEEDS="$seeds" &
-  fi
+  case $kind in
+    hawq) hawq_lane "$name" "$task" "$seeds" & ;;
+    autompsmx) sensimix_size_lane "$name" "$task" "$seeds" & ;;
+    automp*) lane "$name" CELLS="$cells" METHODS=automp SEEDS="$seeds" & ;;
+    *) lane "$name" CELLS="$cells" METHODS="$kind" SEEDS="$seeds" & ;;
+  esac
 done
 wait
 [[ ! -s $FAILED ]]

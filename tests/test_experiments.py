@@ -67,30 +67,34 @@ def test_study_dry_run_marks_finished_runs_done_and_reuses_a_sensitivity(tmp_pat
 
 
 def test_study_lanes_run_exactly_the_sequential_scripts_runs(tmp_path):
-  cells = {"TASKS": "mrpc cola", "COLUMNS": "8 16", "SEEDS": "0 1"}
-  sequential = _dry_run("run_study.sh", root=tmp_path / "seq",
-                        env={"CELLS": "mrpc:8 mrpc:16 cola:8 cola:16", "SEEDS": "0 1"})
+  cells = {"TASKS": "sst2 mrpc", "COLUMNS": "8 smx 16", "SEEDS": "0 1"}
+  sequential = _dry_run("run_study.sh", root=tmp_path / "seq", env={
+      "CELLS": "sst2:8 sst2:smx sst2:16 mrpc:8 mrpc:smx mrpc:16", "SEEDS": "0 1"})
   env = {**os.environ, "ROOT": str(tmp_path / "lanes"), **cells, "PARALLEL": "3"}
   done = subprocess.run(["bash", "experiments/study_lanes.sh", "--dry-run"], cwd=REPO_ROOT,
                         env=env, capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   logs = sorted((tmp_path / "lanes" / "lanes").glob("*.out"))
-  # Per task: teacher, Q-BERT, HAWQ and uniform per seed, AutoMPQ per column and seed.
-  assert len(logs) == 2 * (2 + 2 + 2 + 2 * 2)
+  # Per task: teacher, Q-BERT, and per seed HAWQ, uniform, SensiMix and AutoMPQ per column.
+  assert len(logs) == 2 * (2 + 2 * (3 + 3))
   laned = [l for log in logs for l in log.read_text().splitlines() if l.startswith("todo: ")]
   strip = lambda ls, root: {l.replace(str(root), "ROOT") for l in ls if l.startswith("todo: ")}
   assert strip(laned, tmp_path / "lanes") == strip(sequential, tmp_path / "seq")
-  # A HAWQ-V3 lane holds one seed at every column.
-  hawq = (tmp_path / "lanes" / "lanes" / "mrpc_hawq_1.out").read_text()
-  assert [f"hawq{c}_seed1" in hawq for c in (8, 16)] == [True, True] and "seed0" not in hawq
-  refused = subprocess.run(["bash", "experiments/study_lanes.sh", "--dry-run"], cwd=REPO_ROOT,
-                           env={**env, "COLUMNS": "16 smx"}, capture_output=True, text=True)
-  assert refused.returncode == 2 and "run_study.sh" in refused.stderr
+  lane = lambda name: (tmp_path / "lanes" / "lanes" / f"{name}.out").read_text()
+  # A HAWQ-V3 lane holds one seed at every column but SensiMix's (where HAWQ-V3 does not run).
+  assert [f"hawq{c}_seed1" in lane("mrpc_hawq_1") for c in (8, 16)] == [True, True]
+  assert "seed0" not in lane("mrpc_hawq_1")
+  # A SensiMix lane holds its seed's SensiMix and, on SST-2, that seed's ablation.
+  assert [w.split("/sst2/")[1] for w in _workdirs(lane("sst2_sensimix_1").splitlines())] == [
+      "teacher", "sensimix_seed1", "sensimix_no_abwr_seed1", "sensimix_no_pt_seed1",
+      "sensimix_no_ilf_seed1"]
+  assert "SIZE_OF_mrpc_SENSIMIX_SEED0" in lane("mrpc_autompsmx_1")
 
 
 _STAND_IN_PYTHON = """#!/usr/bin/env bash
 # Stands in for `python -m mpqbert.main`: logs when each run starts and ends, and writes what a
-# finished run leaves (a HAWQ-V3 run measures its sensitivity after a delay, unless it reuses one).
+# finished run leaves (a HAWQ-V3 run measures its sensitivity after a delay, unless it reuses one;
+# a SensiMix run takes as long before its results.json).
 if [[ $1 != -m ]]; then exec "$REAL_PYTHON" "$@"; fi
 for arg; do case $arg in --workdir=*) workdir=${arg#*=} ;; esac; done
 echo "$(date +%s.%N) start $workdir $*" >> "$CALLS"
@@ -98,7 +102,8 @@ mkdir -p "$workdir"
 if [[ $workdir == */hawq* && $* != *sensitivity_from* ]]; then
   sleep 2; echo '{}' > "$workdir/sensitivity.json"
 fi
-echo '{}' > "$workdir/results.json"
+if [[ $workdir == */sensimix* ]]; then sleep 2; fi
+echo '{"size_mb": 7.25}' > "$workdir/results.json"
 echo "$(date +%s.%N) end $workdir" >> "$CALLS"
 """
 
@@ -146,6 +151,33 @@ def test_study_lanes_later_hawq_seeds_fail_when_the_first_seed_measured_nothing(
   assert "lane mrpc_hawq_1: FAILED" in out.stdout
   assert (tmp_path / "study" / "lanes" / "failed_lanes.txt").read_text().split() == ["mrpc_hawq_1"]
   assert not (tmp_path / "study" / "mrpc" / "hawq16_seed1").exists()
+
+
+def test_study_lanes_run_automp_at_sensimix_size_after_sensimix_seed_0(tmp_path):
+  env = {**_stand_in_python(tmp_path), "ROOT": str(tmp_path / "study"), "TASKS": "mrpc",
+         "COLUMNS": "smx", "SEEDS": "0 1", "PARALLEL": "12"}
+  out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr
+  calls = [l.split() for l in (tmp_path / "calls.txt").read_text().splitlines()]
+  started = {c[2].split("/mrpc/")[1]: (float(c[0]), c) for c in calls if c[1] == "start"}
+  ended = {c[2].split("/mrpc/")[1]: float(c[0]) for c in calls if c[1] == "end"}
+  assert set(started) == {"teacher", "sensimix_seed0", "sensimix_seed1", "uniform4_seed0",
+                          "uniform4_seed1", "uniform8_seed0", "uniform8_seed1",
+                          "autompsmx_seed0", "autompsmx_seed1"}  # No HAWQ-V3 at this size.
+  assert started["sensimix_seed1"][0] < ended["sensimix_seed0"]  # The seeds side by side.
+  for seed in (0, 1):  # After SensiMix seed 0 ended, at its size.
+    time, call = started[f"autompsmx_seed{seed}"]
+    assert time >= ended["sensimix_seed0"] and "--config.search.target_size_mb=7.25" in call
+
+  # Without SensiMix seed 0 (not in this call, not run before), its AutoMPQ lane fails at once.
+  out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT,
+                       env={**env, "ROOT": str(tmp_path / "other"), "SEEDS": "1"},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode != 0
+  assert "lane mrpc_autompsmx_1: FAILED (no SensiMix seed 0" in out.stdout
+  assert not (tmp_path / "other" / "mrpc" / "autompsmx_seed1").exists()
+  assert (tmp_path / "other" / "mrpc" / "sensimix_seed1" / "results.json").exists()
 
 
 def test_study_sensimix_cell_runs_sensimix_first_and_the_ablation_on_sst2(tmp_path):
