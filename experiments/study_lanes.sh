@@ -31,6 +31,10 @@ PARALLEL=${PARALLEL:-12}
 ROOT=${ROOT:-workdirs/study}
 LOGS=$ROOT/lanes
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # The lanes share the accelerator's memory.
+# Deterministic GPU ops (sorted scatters instead of atomics, no timing-based autotuning): meant to
+# make a teacher retrained in a later session equal the one a task's finished runs paired with,
+# so a column can be finished there (collect_study.py checks); the CPU ignores it.
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_deterministic_ops=true"
 HESSIAN_COLUMNS=""  # The columns HAWQ-V3 runs at: all but SensiMix's.
 for column in $COLUMNS; do [[ $column == smx ]] || HESSIAN_COLUMNS+="$column "; done
 HESSIAN_COLUMNS=${HESSIAN_COLUMNS% }
