@@ -118,15 +118,22 @@ def _stand_in_python(tmp_path) -> dict:
           "CALLS": str(tmp_path / "calls.txt")}
 
 
-def test_study_lanes_later_hawq_seeds_wait_for_the_first_seeds_sensitivity(tmp_path):
+def _run_lanes(tmp_path, **settings) -> tuple[dict, dict]:
+  """study_lanes.sh on the stand-in python (ROOT tmp_path/study, TASKS mrpc, PARALLEL 12):
+  when each run started (time, its command line) and ended, by workdir name."""
   env = {**_stand_in_python(tmp_path), "ROOT": str(tmp_path / "study"), "TASKS": "mrpc",
-         "COLUMNS": "16", "SEEDS": "0 1 2", "PARALLEL": "12"}
+         "PARALLEL": "12", **settings}
   out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stdout + out.stderr
   calls = [l.split() for l in (tmp_path / "calls.txt").read_text().splitlines()]
   started = {c[2].split("/mrpc/")[1]: (float(c[0]), c) for c in calls if c[1] == "start"}
   ended = {c[2].split("/mrpc/")[1]: float(c[0]) for c in calls if c[1] == "end"}
+  return started, ended
+
+
+def test_study_lanes_later_hawq_seeds_wait_for_the_first_seeds_sensitivity(tmp_path):
+  started, ended = _run_lanes(tmp_path, COLUMNS="16", SEEDS="0 1 2")
   assert set(started) == {"teacher"} | {f"{m}_seed{s}" for m in ("uniform2", "automp16", "hawq16")
                                         for s in (0, 1, 2)}
   assert all(t >= ended["teacher"] for name, (t, _) in started.items() if name != "teacher")
@@ -154,14 +161,7 @@ def test_study_lanes_later_hawq_seeds_fail_when_the_first_seed_measured_nothing(
 
 
 def test_study_lanes_run_automp_at_sensimix_size_after_sensimix_seed_0(tmp_path):
-  env = {**_stand_in_python(tmp_path), "ROOT": str(tmp_path / "study"), "TASKS": "mrpc",
-         "COLUMNS": "smx", "SEEDS": "0 1", "PARALLEL": "12"}
-  out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0, out.stdout + out.stderr
-  calls = [l.split() for l in (tmp_path / "calls.txt").read_text().splitlines()]
-  started = {c[2].split("/mrpc/")[1]: (float(c[0]), c) for c in calls if c[1] == "start"}
-  ended = {c[2].split("/mrpc/")[1]: float(c[0]) for c in calls if c[1] == "end"}
+  started, ended = _run_lanes(tmp_path, COLUMNS="smx", SEEDS="0 1")
   assert set(started) == {"teacher", "sensimix_seed0", "sensimix_seed1", "uniform4_seed0",
                           "uniform4_seed1", "uniform8_seed0", "uniform8_seed1",
                           "autompsmx_seed0", "autompsmx_seed1"}  # No HAWQ-V3 at this size.
@@ -171,8 +171,10 @@ def test_study_lanes_run_automp_at_sensimix_size_after_sensimix_seed_0(tmp_path)
     assert time >= ended["sensimix_seed0"] and "--config.search.target_size_mb=7.25" in call
 
   # Without SensiMix seed 0 (not in this call, not run before), its AutoMPQ lane fails at once.
-  out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT,
-                       env={**env, "ROOT": str(tmp_path / "other"), "SEEDS": "1"},
+  (tmp_path / "other").mkdir()
+  env = {**_stand_in_python(tmp_path / "other"), "ROOT": str(tmp_path / "other"),
+         "TASKS": "mrpc", "COLUMNS": "smx", "SEEDS": "1"}
+  out = subprocess.run(["bash", "experiments/study_lanes.sh"], cwd=REPO_ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
   assert out.returncode != 0
   assert "lane mrpc_autompsmx_1: FAILED (no SensiMix seed 0" in out.stdout
