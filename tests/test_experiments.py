@@ -388,3 +388,24 @@ def test_collect_study_keeps_the_tables_when_the_workdirs_are_gone(tmp_path):
   assert refused.returncode != 0 and "not the teacher of the runs archived" in refused.stderr
   assert not (archive / "sst2" / "automp16_seed2").exists()
   assert json.loads((archive / "sst2" / "teacher" / "results.json").read_text())["loss"] == 0.3
+
+
+def test_pareto_figure_keeps_a_methods_variants_off_its_line():
+  """An ablation (sensimix_no_pt) is an open marker labelled 'no PT', not a point on the method's
+  line; the line joins the method's own sizes in size order."""
+  from mpqbert.methods.report import pareto_figure
+  row = lambda run, size, dev: {"task": "sst2", "run": run, "size_mb": size, "dev": dev,
+                                "dev_std": 0.01, "metric": "accuracy"}
+  rows = [row("automp16", 2.5, 0.87), row("automp8", 5.0, 0.88), row("sensimix", 7.2, 0.80),
+          row("sensimix_no_pt", 7.2, 0.83), row("sensimix_no_ilf", 7.2, 0.66)]
+  ax = pareto_figure(rows, "sst2").axes[0]
+  data_lines = [container.lines[0] for container in ax.containers]  # one per errorbar call
+  joined = [line for line in data_lines if line.get_linestyle() == "-"]
+  assert [list(line.get_xdata()) for line in joined] == [[2.5, 5.0]]
+  at_sensimix = [line for line in data_lines if list(line.get_xdata()) == [7.2]]
+  assert sorted(line.get_ydata()[0] for line in at_sensimix) == [0.66, 0.80, 0.83]
+  assert all(line.get_linestyle() == "None" for line in at_sensimix)
+  open_markers = [line for line in data_lines if line.get_markerfacecolor() == "none"]
+  assert sorted(line.get_ydata()[0] for line in open_markers) == [0.66, 0.83]
+  assert sorted(text.get_text() for text in ax.texts) == ["", "16x", "8x", "no ILF", "no PT"]
+  assert [entry.get_text() for entry in ax.get_legend().get_texts()] == ["automp", "sensimix"]

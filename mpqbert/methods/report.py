@@ -76,12 +76,20 @@ _PARETO_STYLES = {"full precision": ("k", "*"), "uniform": ("tab:blue", "o"),
                   "sensimix": ("tab:purple", "^")}
 
 
+def _variant_label(variant: str) -> str:
+  """'no_pt' -> 'no PT': a variant's words, its abbreviations (all but the first word) upper."""
+  first, *rest = variant.split("_")
+  return " ".join([first] + [w.upper() for w in rest])
+
+
 def pareto_figure(rows: Sequence[dict[str, Any]], task: str, title: str = "") -> Figure:
   """Dev metric against encoder-matrix size (log scale) for every method of `task`.
 
   `rows` are results-table rows: `task`, `run` (a method name, e.g. "uniform4", "automp16",
   "full precision"; "ablation*" runs are left out), `size_mb`, `dev` and `metric`, and
-  optionally `dev_std` (an error bar: the standard deviation over seeds).
+  optionally `dev_std` (an error bar: the standard deviation over seeds). A run named
+  `<method>_<variant>` (e.g. "sensimix_no_pt", an ablation) is an open marker of its method's
+  colour, off the method's line, which joins the method's own sizes only.
   """
   fig = Figure(figsize=(6.5, 4.2))
   ax = fig.subplots()
@@ -89,15 +97,21 @@ def pareto_figure(rows: Sequence[dict[str, Any]], task: str, title: str = "") ->
     pts = sorted((r["size_mb"], r["dev"], r["run"], r.get("dev_std") or 0.0) for r in rows
                  if r["task"] == task and r["run"].startswith(name)
                  and not r["run"].startswith("ablation"))
-    if pts:
-      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[3] for p in pts],
+    own = [p for p in pts if not p[2].startswith(name + "_")]
+    variants = [p for p in pts if p[2].startswith(name + "_")]
+    if own:
+      ax.errorbar([p[0] for p in own], [p[1] for p in own], yerr=[p[3] for p in own],
                   marker=marker, color=color, label=name, capsize=3,
-                  linestyle="-" if len(pts) > 1 else "none")
-      for x, y, run, _ in pts:
-        suffix = run.replace(name, "").strip()
-        label = (suffix if not suffix.isdigit() else
-                 f"{suffix}-bit" if name == "uniform" else f"{suffix}x")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                  linestyle="-" if len(own) > 1 else "none")
+    for x, y, _, std in variants:
+      ax.errorbar([x], [y], yerr=[std], marker=marker, color=color, markerfacecolor="none",
+                  capsize=3, linestyle="none")
+    for x, y, run, _ in pts:
+      suffix = run.replace(name, "", 1).strip()
+      label = (_variant_label(suffix[1:]) if suffix.startswith("_") else
+               suffix if not suffix.isdigit() else
+               f"{suffix}-bit" if name == "uniform" else f"{suffix}x")
+      ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
   ax.set_xscale("log")
   sizes = [r["size_mb"] for r in rows if r["task"] == task]
   ticks = [t for t in (0.5, 1, 2, 3, 5, 10, 20, 40, 80) if min(sizes) / 1.5 <= t <= max(sizes) * 1.5]
