@@ -409,3 +409,14 @@ def test_pareto_figure_keeps_a_methods_variants_off_its_line():
   assert sorted(line.get_ydata()[0] for line in open_markers) == [0.66, 0.83]
   assert sorted(text.get_text() for text in ax.texts) == ["", "16x", "8x", "no ILF", "no PT"]
   assert [entry.get_text() for entry in ax.get_legend().get_texts()] == ["automp", "sensimix"]
+
+
+def test_pareto_figure_names_a_method_that_has_only_variants():
+  """An ablation without its base run (sensimix_no_pt alone) still gets its method's legend entry,
+  once."""
+  from mpqbert.methods.report import pareto_figure
+  row = lambda run, dev: {"task": "sst2", "run": run, "size_mb": 7.2, "dev": dev,
+                          "metric": "accuracy"}
+  rows = [row("uniform4", 0.88), row("sensimix_no_pt", 0.83), row("sensimix_no_ilf", 0.66)]
+  ax = pareto_figure(rows, "sst2").axes[0]
+  assert [entry.get_text() for entry in ax.get_legend().get_texts()] == ["uniform", "sensimix"]

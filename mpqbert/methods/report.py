@@ -103,9 +103,9 @@ def pareto_figure(rows: Sequence[dict[str, Any]], task: str, title: str = "") ->
       ax.errorbar([p[0] for p in own], [p[1] for p in own], yerr=[p[3] for p in own],
                   marker=marker, color=color, label=name, capsize=3,
                   linestyle="-" if len(own) > 1 else "none")
-    for x, y, _, std in variants:
+    for i, (x, y, _, std) in enumerate(variants):  # the legend names a method without own runs
       ax.errorbar([x], [y], yerr=[std], marker=marker, color=color, markerfacecolor="none",
-                  capsize=3, linestyle="none")
+                  capsize=3, linestyle="none", label=name if not own and i == 0 else None)
     for x, y, run, _ in pts:
       suffix = run.replace(name, "", 1).strip()
       label = (_variant_label(suffix[1:]) if suffix.startswith("_") else
