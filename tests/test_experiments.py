@@ -390,6 +390,38 @@ def test_collect_study_keeps_the_tables_when_the_workdirs_are_gone(tmp_path):
   assert json.loads((archive / "sst2" / "teacher" / "results.json").read_text())["loss"] == 0.3
 
 
+def test_collect_study_accepts_a_teacher_retrained_on_another_cpu(tmp_path):
+  """A retrain equal up to rounding (dev loss 7e-8 apart, as an AMD and an Intel CPU gave) pairs
+  with the archived runs, which keep the first teacher as their reference; one example of 872
+  more or less (1.1e-3) is another teacher."""
+  first = {"dev": 771 / 872, "dev_metrics": {"validation": {"accuracy": 771 / 872,
+                                                            "loss": 0.2960766389829303}}}
+  rounded = {"dev": 771 / 872, "dev_metrics": {"validation": {"accuracy": 771 / 872,
+                                                              "loss": 0.2960767133520284}}}
+  labels = np.arange(100) % 2
+  root, archive = tmp_path / "runs", tmp_path / "archive"
+  _fake_run(root, "uniform2", 0, labels, labels, 2.53)
+  (root / "sst2" / "teacher").mkdir()
+  (root / "sst2" / "teacher" / "results.json").write_text(json.dumps(first))
+  collect = [sys.executable, "experiments/collect_study.py", f"--root={root}",
+             f"--out={tmp_path / 'study'}", f"--archive={archive}", "--bootstrap=10"]
+  assert subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, timeout=120).returncode == 0
+  _fake_run(root, "uniform2", 1, labels, labels, 2.53)
+  (root / "sst2" / "teacher" / "results.json").write_text(json.dumps(rounded))
+  done = subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert "up to rounding (dev results at most 7.4e-08 apart" in done.stdout
+  assert (archive / "sst2" / "uniform2_seed1" / "results.json").is_file()
+  assert json.loads((archive / "sst2" / "teacher" / "results.json").read_text()) == first
+  other = {"dev": 772 / 872, "dev_metrics": {"validation": {"accuracy": 772 / 872,
+                                                            "loss": 0.2960766389829303}}}
+  _fake_run(root, "uniform2", 2, labels, labels, 2.53)
+  (root / "sst2" / "teacher" / "results.json").write_text(json.dumps(other))
+  refused = subprocess.run(collect, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert refused.returncode != 0 and "not the teacher of the runs archived" in refused.stderr
+  assert not (archive / "sst2" / "uniform2_seed2").exists()
+
+
 def test_pareto_figure_keeps_a_methods_variants_off_its_line():
   """An ablation (sensimix_no_pt) is an open marker labelled 'no PT', not a point on the method's
   line; the line joins the method's own sizes in size order."""

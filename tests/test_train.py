@@ -303,6 +303,19 @@ def test_metrics_log_drops_a_torn_last_line_and_refuses_a_damaged_file(tmp_path)
     results.MetricsLog(tmp_path, resume_step=20)
 
 
+def test_cpu_model_names_the_processor_for_the_device_field(tmp_path, monkeypatch):
+  """results.json's device names the CPU model: runs on AMD and Intel CPUs differ by rounding."""
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+                     "model name\t: AMD EPYC 7B13 64-Core Processor\nflags\t: fpu vme\n\n"
+                     "processor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
+  assert results.cpu_model(cpuinfo) == "AMD EPYC 7B13 64-Core Processor"
+  monkeypatch.setattr(results.platform, "machine", lambda: "aarch64")
+  assert results.cpu_model(tmp_path / "absent") == "aarch64"  # macOS, or no /proc
+  cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # ARM Linux: no model name
+  assert results.cpu_model(cpuinfo) == "aarch64"
+
+
 def test_an_unfinished_teacher_workdir_is_refused(tmp_path):
   (tmp_path / "checkpoints").mkdir()  # a run that was killed before it finished
   with pytest.raises(ValueError, match="no results.json: it is not a finished"):

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,14 +35,27 @@ def git_commit() -> str:
     return "unknown"
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+  """The CPU's model name ("AMD EPYC 7B13"), or the architecture where the system does not say."""
+  try:
+    for line in cpuinfo.read_text().splitlines():
+      key, _, value = line.partition(":")
+      if key.strip() == "model name" and value.strip():
+        return value.strip()
+  except OSError:
+    pass
+  return platform.machine() or "unknown CPU"
+
+
 def device_description() -> str:
-  """What this process computes on, for results.json: the same run on another accelerator (or
-  JAX version) is not bitwise the same, and a QAT run can move by a seed's spread, so a table
-  that mixes devices should say so."""
+  """What this process computes on, for results.json: the same run on another accelerator, CPU
+  model or JAX version is not bitwise the same (an SST-2 teacher retrained on an AMD CPU instead
+  of an Intel one moved its dev loss by 7e-8), and a QAT run can move by a seed's spread, so a
+  table that mixes devices should say so."""
   devices = jax.devices()
   kind = devices[0].device_kind
   if jax.default_backend() == "cpu":
-    kind = f"CPU, {os.cpu_count()} cores"
+    kind = f"CPU ({cpu_model()}), {os.cpu_count()} cores"
   return f"{len(devices)} x {kind}, jax {jax.__version__}"
 
 
