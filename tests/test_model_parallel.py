@@ -206,7 +206,7 @@ def test_search_step_on_data_and_model_axes_equals_the_replicated_one():
   """3 AutoMPQ search steps (logits, then weights and scales; dropout, Gumbel noise, clipped
   AdamW) with the state split over model=2 of a (data=2, model=2) mesh equal the same steps
   replicated over data=4: the losses to 1e-5, and every leaf of the state (weights, qparams,
-  logits, both optimizers' moments) to 1e-5 of the largest value of its kind, and to 1e-5 of
+  logits, both optimizers' moments) to 1e-5 of the largest value of its kind, and to 5e-5 of
   itself unless it is under 1% of that (leaves with rounding-level gradients, such as the key
   biases whose exact gradient is 0, differ in their own noise). The sharded state keeps its
   layout across steps (one compilation), and model_parallel=1 is bit for bit the 1-D data mesh
@@ -232,7 +232,11 @@ def test_search_step_on_data_and_model_axes_equals_the_replicated_one():
   losses = out["losses"]
   np.testing.assert_allclose(losses["sharded"], losses["replicated"], rtol=1e-5)
   assert out["max_rel_diff"] < 1e-5, (out["max_rel_diff"], out["worst_leaf"])
-  assert out["max_leafwise_rel_diff"] < 1e-5, (out["max_leafwise_rel_diff"], out["worst_leafwise"])
+  # Relative to its own leaf, AdamW's normalised update amplifies the rounding of near-zero
+  # gradient entries, and how much depends on the CPU's matmul kernels: under 1e-5 on Intel Xeons,
+  # 1.1e-5 (layer 0's value kernel) on an AMD EPYC. 5e-5 is still 20x below how far every matrix
+  # moved (the next assertion), which is what a sharding error would be of the order of.
+  assert out["max_leafwise_rel_diff"] < 5e-5, (out["max_leafwise_rel_diff"], out["worst_leafwise"])
   assert out["min_moved_rel"] > 1e-3  # Every matrix and its logits moved: a real comparison.
   assert out["legacy_identical"]
   for info in (out["sharded_info"], out["replicated_info"]):
