@@ -402,3 +402,43 @@ def test_sensimix_pipeline_on_a_tiny_bert(tmp_path, tiny_model_dir, glue_dir):
   split = json.loads((tmp_path / "auto" / "split.json").read_text())
   assert len(split["binary_layers"]) == 1 and set(split["sensitivity"]) == {"0", "1"}
   assert "sensimix" in auto
+
+
+def _stage_jump_script():
+  import importlib.util
+  from conftest import REPO_ROOT
+  spec = importlib.util.spec_from_file_location(
+      "sensimix_stage_jump", REPO_ROOT / "experiments" / "sensimix_stage_jump.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_stage_jump_measures_the_layers_ffn_output_and_its_residual():
+  """`ffn_rms` against float64 NumPy on the tensors Flax captures: layer 1's FFN output is
+  intermediate(x) @ W + b of its output dense, the residual is its attention block's output."""
+  script = _stage_jump_script()
+  model = models.build_model(models.BertConfig(**TINY_BERT), num_labels=1)
+  params = models.init_params(model, seed=7)
+  ids = jax.random.randint(jax.random.key(1), (3, 10), 0, 1000)
+  batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids).at[0, 7:].set(0),
+           "token_type_ids": jnp.zeros_like(ids)}
+
+  def apply(variables, *args, **kwargs):
+    return model.apply({"params": variables}, *args, **kwargs)
+
+  got = script.ffn_rms(apply, (params,), batch, layer=1)
+  _, state = model.apply({"params": params}, batch["input_ids"],
+                         attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"], deterministic=True,
+                         capture_intermediates=True, mutable=["intermediates"])
+  layer = state["intermediates"]["bert"]["encoder"]["layer"]["1"]
+  dense = params["bert"]["encoder"]["layer"]["1"]["output"]["dense"]
+  inner = np.asarray(layer["intermediate"]["__call__"][0], np.float64)
+  ffn = inner @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"], np.float64)
+  attended = np.asarray(layer["attention"]["__call__"][0], np.float64)
+  np.testing.assert_allclose(got["ffn_out_rms"], np.sqrt(np.mean(ffn ** 2)), rtol=1e-5)
+  np.testing.assert_allclose(got["residual_rms"], np.sqrt(np.mean(attended ** 2)), rtol=1e-6)
+  assert got["ffn_out_rms"] != pytest.approx(got["residual_rms"], rel=1e-2)
+  with pytest.raises(ValueError, match="no encoder/layer/2/output"):
+    script.ffn_rms(apply, (params,), batch, layer=2)

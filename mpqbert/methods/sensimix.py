@@ -194,8 +194,9 @@ def choose_binary_layers(sensitivity: Mapping[int, float], size_mb: Callable[[tu
 # ------------------------------------------------------------------------------------ pipeline
 
 
-def _spec(config, eight_bit: Sequence[int], binary: Sequence[int],
-          embedding_bits: int | None = None) -> quant.QuantSpec:
+def config_spec(config, eight_bit: Sequence[int], binary: Sequence[int],
+                embedding_bits: int | None = None) -> quant.QuantSpec:
+  """`sensimix_spec` with `config.quant`'s numerics (embeddings at `embedding_bits` if given)."""
   qc = config.quant
   return sensimix_spec(eight_bit, binary, weight_bits=qc.weight_bits,
                        embedding_bits=qc.embedding_bits if embedding_bits is None
@@ -229,7 +230,7 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
     raise ValueError(f"sensimix.split={sc.split!r}; use 'fixed' or 'auto'.")
 
   def size_mb(binary: tuple[int, ...]) -> float:
-    spec = _spec(config, [l for l in range(num_layers) if l not in binary], binary)
+    spec = config_spec(config, [l for l in range(num_layers) if l not in binary], binary)
     policy = fixed_policy(spec, teacher, other_bits=config.quant.other_bits)
     return quant.size_report(jax.device_get(teacher), policy, layout=spec.layout)["size_mb"]
 
@@ -248,11 +249,13 @@ def choose_split(ctx: common.TaskContext, teacher: Any) -> dict[str, Any]:
   search_set = (search_set.head(keep) if isinstance(search_set, data.StreamingSet)
                 else sharding.gather_examples(search_set.select(slice(keep))))
   # Against the teacher with 8-bit attention and float FFNs: only the one FFN changes.
-  base_loss = _mean_loss(ctx, _spec(config, [], [], embedding_bits=quant.FULL_PRECISION),
+  base_loss = _mean_loss(ctx, config_spec(config, [], [],
+                                          embedding_bits=quant.FULL_PRECISION),
                          teacher, search_set)
   sensitivity = {}
   for layer in range(num_layers):
-    loss = _mean_loss(ctx, _spec(config, [], [layer], embedding_bits=quant.FULL_PRECISION),
+    loss = _mean_loss(ctx, config_spec(config, [], [layer],
+                                       embedding_bits=quant.FULL_PRECISION),
                       teacher, search_set)
     sensitivity[layer] = loss - base_loss
     logging.info("sensimix: binarizing layer %d's FFN alone raises the search-split loss by %.4f",
@@ -291,8 +294,8 @@ def ffn_kernels(params: Any, layers: Sequence[int]) -> list[str]:
   return sorted(p for p in quant.flatten_params(params) if layers and pattern.search(p))
 
 
-def _stage_apply(ctx: common.TaskContext, params: Any, binary: Sequence[int],
-                 binary_now: Sequence[int], *, final: bool) -> Callable:
+def stage_apply(ctx: common.TaskContext, params: Any, binary: Sequence[int],
+                binary_now: Sequence[int], *, final: bool) -> Callable:
   """The model's forward in one stage, with the authors' code's behaviours the config asks for
   (`authors_code_apply`)."""
   sc, qc = ctx.config.sensimix, ctx.config.quant
@@ -334,13 +337,13 @@ def run(config, workdir) -> dict[str, Any]:
   params = ctx.pretrained_params if sc.init == "pretrained" else teacher
   stage_log, result = [], {}
   for i, (binary_now, steps) in enumerate(zip(stages, budget)):
-    spec = _spec(config, eight_bit, binary_now)
+    spec = config_spec(config, eight_bit, binary_now)
     policy = fixed_policy(spec, params, other_bits=config.quant.other_bits)
     qparams = quant.init_qparams(spec, params)
     stage = workdir / f"stage{i}"
     result = qat.train_quantized(ctx, stage, spec, policy, params, qparams, teacher,
                                     num_steps=steps, regularizer=regularizer,
-                                    apply_fn=_stage_apply(ctx, params, binary, binary_now,
+                                    apply_fn=stage_apply(ctx, params, binary, binary_now,
                                                           final=i == len(stages) - 1))
     weights = qat.stage_weights(stage, params, qparams)
     params, qparams = weights["params"], weights["qparams"]
