@@ -17,7 +17,12 @@ where theirs has a bug; every difference is a switch:
   6 epochs at lr 2.5e-5, batch 16, no distillation (`config.train`); the FFN inputs of the
   future 1-bit layers already binarized during prioritized training and the ILF stages before
   their turn (`sensimix.binarize_inputs_early=True`); ABWR on classification tasks only
-  (`sensimix.abwr_on_regression=False`).
+  (`sensimix.abwr_on_regression=False`); unscaled 1-bit weights sign(w)
+  (`quant.binary_scale=False`). That last choice breaks regression: on STS-B, binarizing a
+  layer's FFN makes its output ~13x larger, the LayerNorm after it drowns the attention residual,
+  and the regression output shifts far off the labels, so the stage's MSE training loses the
+  correlation (`experiments/results/sensimix_stage_jump_stsb.md`). With
+  `quant.binary_scale=True` the study's STS-B seed 0 scores Pearson 84.36 instead of 34.16.
 - Bugs, ours by default: their binarized FFN input also replaces the FFN block's residual, an
   in-place `input.data` overwrite that the paper's architecture does not have
   (`sensimix.binary_input_residual=False`); in their final stage no task gradient reaches the
