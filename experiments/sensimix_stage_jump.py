@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from mpqbert import quant
+from mpqbert import data, quant
 from mpqbert.methods import common, qat, sensimix
 from mpqbert.train import loop, results
 from mpqbert.train.steps import apply_to_batch, make_eval_step
@@ -65,13 +65,17 @@ def ffn_rms(apply_fn: Callable, variables: tuple, batch: dict, layer: int) -> di
   return seen
 
 
+def eight_bit_layers(ctx: common.TaskContext, binary: tuple[int, ...]) -> list[int]:
+  """The layers whose FFNs the split keeps at 8 bits."""
+  return [l for l in range(ctx.model.config.num_hidden_layers) if l not in binary]
+
+
 def evaluate_stage_start(ctx: common.TaskContext, params: Any, qparams: Any,
                          binary: tuple[int, ...], binary_now: tuple[int, ...],
                          layer: int) -> dict[str, Any]:
   """Dev metrics, prediction spread and `ffn_rms` of `params` under the stage whose binary FFN
   layers are `binary_now` (of the split's `binary`), with `ctx.config`'s quantizer."""
-  eight_bit = [l for l in range(ctx.model.config.num_hidden_layers) if l not in binary]
-  spec = sensimix.config_spec(ctx.config, eight_bit, binary_now)
+  spec = sensimix.config_spec(ctx.config, eight_bit_layers(ctx, binary), binary_now)
   policy = sensimix.fixed_policy(spec, params, other_bits=ctx.config.quant.other_bits)
   qapply = quant.transform(sensimix.stage_apply(ctx, params, binary, binary_now, final=False),
                            spec)
@@ -80,8 +84,8 @@ def evaluate_stage_start(ctx: common.TaskContext, params: Any, qparams: Any,
                              "stage_jump_eval")
   variables = (params, qparams, policy)
   dev = ctx.eval_sets[ctx.dev_split]
-  metrics = loop.evaluate(eval_step, variables, dev, ctx.task, ctx.config, ctx.mesh)
-  predictions, _ = loop.predict(eval_step, variables, dev, ctx.config, ctx.mesh)
+  predictions, loss_sum = loop.predict(eval_step, variables, dev, ctx.config, ctx.mesh)
+  metrics = {**data.glue_metrics(ctx.task, predictions, dev.labels), "loss": loss_sum / len(dev)}
   batch = next(loop.batches_for(ctx.config, ctx.train_set, 0))
   return {"binary_layers": list(binary_now), "binary_scale": bool(ctx.config.quant.binary_scale),
           "metrics": metrics, "prediction_mean": float(np.mean(predictions)),
@@ -108,7 +112,7 @@ def stage_jump(run: Path, stage: int, glue_dir: str | None = None) -> dict[str, 
                      "inspects one layer's turn.")
   layer = turned[0]
   ctx = common.make_context(config)
-  eight_bit = [l for l in range(ctx.model.config.num_hidden_layers) if l not in binary]
+  eight_bit = eight_bit_layers(ctx, binary)
   before = sensimix.config_spec(config, eight_bit, stages[stage - 1])
   template = ctx.pretrained_params
   weights = qat.stage_weights(run / f"stage{stage - 1}", template,

@@ -67,13 +67,18 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
                                 tokenizer_dir=embedded_dir)
 
 
-def load_config(name: str = "finetune"):
-  """`configs/<name>.py`'s get_config(), as `--config=configs/<name>.py` would load it."""
+def load_module(path: str, name: str):
+  """The Python file at `REPO_ROOT / path` (a config or an experiment script) as module `name`."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO_ROOT / "configs" / f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, REPO_ROOT / path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_config(name: str = "finetune"):
+  """`configs/<name>.py`'s get_config(), as `--config=configs/<name>.py` would load it."""
+  return load_module(f"configs/{name}.py", f"configs_{name}").get_config()
 
 
 def tiny_run_flags(model_dir: Path, glue_dir: Path) -> dict:

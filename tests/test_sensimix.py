@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from conftest import TINY_BERT
+from conftest import TINY_BERT, load_module
 from mpqbert import export, kernels, models, quant
 from mpqbert.methods import sensimix as sm
 
@@ -404,20 +404,10 @@ def test_sensimix_pipeline_on_a_tiny_bert(tmp_path, tiny_model_dir, glue_dir):
   assert "sensimix" in auto
 
 
-def _stage_jump_script():
-  import importlib.util
-  from conftest import REPO_ROOT
-  spec = importlib.util.spec_from_file_location(
-      "sensimix_stage_jump", REPO_ROOT / "experiments" / "sensimix_stage_jump.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_stage_jump_measures_the_layers_ffn_output_and_its_residual():
   """`ffn_rms` against float64 NumPy on the tensors Flax captures: layer 1's FFN output is
   intermediate(x) @ W + b of its output dense, the residual is its attention block's output."""
-  script = _stage_jump_script()
+  script = load_module("experiments/sensimix_stage_jump.py", "sensimix_stage_jump")
   model = models.build_model(models.BertConfig(**TINY_BERT), num_labels=1)
   params = models.init_params(model, seed=7)
   ids = jax.random.randint(jax.random.key(1), (3, 10), 0, 1000)

@@ -344,7 +344,7 @@ def run(config, workdir) -> dict[str, Any]:
     result = qat.train_quantized(ctx, stage, spec, policy, params, qparams, teacher,
                                     num_steps=steps, regularizer=regularizer,
                                     apply_fn=stage_apply(ctx, params, binary, binary_now,
-                                                          final=i == len(stages) - 1))
+                                                         final=i == len(stages) - 1))
     weights = qat.stage_weights(stage, params, qparams)
     params, qparams = weights["params"], weights["qparams"]
     stage_log.append({"stage": i, "binary_layers": list(binary_now), "steps": steps,
