@@ -456,3 +456,34 @@ def test_safetensors_files_agree_with_the_safetensors_package(tmp_path):
   header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
   assert header["x"] == {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}
   assert raw[-6:] == (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+
+
+def test_nudge_last_bit_moves_each_nonzero_float32_by_one_ulp_and_keeps_signs():
+  from mpqbert.methods.export_run import nudge_last_bit
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(64, 32)).astype(np.float32)
+  w[0, :8] = 0.0
+  w[1, :4] = [np.finfo(np.float32).tiny, -1.0, 2.0, 1e-45]  # a normal, powers of two, a denormal
+  params = {"dense": {"kernel": w, "bias": np.zeros(32, np.float32)},
+            "ids": np.arange(5, dtype=np.int32)}
+  nudged = nudge_last_bit(params, seed=1)
+  # The reference: neighbouring float32 values of one sign are neighbouring int32 bit patterns.
+  steps = nudged["dense"]["kernel"].view(np.int32).astype(np.int64) - w.view(np.int32)
+  nonzero = w != 0
+  assert set(np.unique(steps[nonzero])) == {-1, 1}
+  assert np.all(steps[~nonzero] == 0) and np.all(nudged["dense"]["bias"] == 0)
+  assert np.all(nudged["dense"]["kernel"] * w >= 0)  # no value crosses zero: sign(w) stays
+  np.testing.assert_array_equal(nudged["ids"], params["ids"])
+  assert not np.array_equal(steps, nudge_last_bit(params, seed=2)["dense"]["kernel"].view(
+      np.int32).astype(np.int64) - w.view(np.int32))
+
+
+def test_prediction_agreement_counts_equal_labels_or_close_scores():
+  from mpqbert import data
+  from mpqbert.methods.export_run import prediction_agreement
+  labels = prediction_agreement(data.get_task("sst2"), np.array([0, 1, 1, 0]),
+                                np.array([0, 1, 0, 0]))
+  assert labels == {"agreement": 0.75}
+  scores = prediction_agreement(data.get_task("stsb"), np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+                                np.array([1.04, 2.06, 3.0, 3.5], np.float32))
+  assert scores["agreement"] == 0.5 and scores["max_abs_diff"] == pytest.approx(0.5)

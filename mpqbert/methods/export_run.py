@@ -8,7 +8,9 @@ reads the run's `config.json`, `policy.json` and the newest checkpoint of its fi
 (`retrain/`, or SensiMix's last `stage<i>/`), writes the packed file (safetensors,
 `export.save_packed`) and `<out>.json` with its sizes against the run's `size_mb`, and (with
 `check_dev`, `check_int8`) the packed model's, or its int8 CPU layout's (`export.lay_out`), dev
-predictions against the fake-quantized model's. It lives
+predictions against the fake-quantized model's, next to that model's agreement with itself when its
+weights move by one float32 ulp (the floor rounding sets; far below 1 for models with sign(x)
+inputs). It lives
 with the pipelines, above `mpqbert.export` (the format and the kernels' inference), which imports
 nothing of the runs.
 """
@@ -91,15 +93,15 @@ def export_run(workdir: str | Path, out: str | Path, *, check_dev: bool = False,
   report["matrix_bytes_over_size_mb"] = report["matrix_bytes"] / report["size_mb_bytes"]
   if check_dev or check_int8:
     ctx, spec = common.make_context(config), spec_from_policy(policy)
-    fake = fake_predictions(ctx, spec, params, qparams, policy)
+    reference = fake_reference(ctx, spec, params, qparams, policy)
     packed = jax.device_get(packed)
     if check_dev:
       report.update(packed_agreement(ctx, export.lay_out_for_kernels(packed), spec, params,
-                                     qparams, fake=fake))
+                                     qparams, reference=reference))
     if check_int8:
       report["int8"] = {"input_kinds": dict(Counter(export.input_kinds(packed).values())),
                         **packed_agreement(ctx, export.lay_out(packed, "int8"), spec, params,
-                                           qparams, fake=fake)}
+                                           qparams, reference=reference)}
   Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n")
   return report
 
@@ -126,20 +128,56 @@ def fake_predictions(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any
                                  ctx.mesh)[0])
 
 
+def nudge_last_bit(params: Any, seed: int = 0) -> Any:
+  """`params` with every nonzero float32 value moved one unit in the last place, up or down at
+  random (zeros and other dtypes kept, so no sign(w) changes): the size of the rounding
+  differences between two correct implementations of one model."""
+  rng = np.random.default_rng(seed)
+
+  def nudge(x: Any) -> Any:
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+      return x
+    toward = np.where(rng.random(x.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+    return np.where(x == 0, x, np.nextafter(x, toward))
+
+  return jax.tree_util.tree_map(nudge, params)
+
+
+def prediction_agreement(task: data.GlueTask, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+  """The share of dev examples where two models predict alike: equal labels, or for regression
+  |difference| <= 0.05 (with the largest difference)."""
+  if task.is_regression:
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return {"agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
+  return {"agreement": float(np.mean(a == b))}
+
+
+def fake_reference(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any, qparams: Any,
+                   policy: quant.Policy) -> dict[str, Any]:
+  """The fake-quantized model's dev predictions, and its agreement with itself when every weight
+  moves by one float32 ulp (`nudge_last_bit`): the floor that rounding alone sets for any served
+  form of it. Models with sign(x) inputs can sit far below 1 there, since a last-bit change flips
+  sign(x) near 0 and the flip grows through the later layers."""
+  fake = fake_predictions(ctx, spec, params, qparams, policy)
+  nudged = fake_predictions(ctx, spec, nudge_last_bit(params), qparams, policy)
+  return {"predictions": fake,
+          "agreement_one_ulp": prediction_agreement(ctx.task, fake, nudged)["agreement"]}
+
+
 def packed_agreement(ctx: common.TaskContext, served: export.PackedModel | export.IntegerModel,
                      spec: quant.QuantSpec, params: Any, qparams: Any, *,
-                     fake: np.ndarray | None = None) -> dict[str, Any]:
+                     reference: dict[str, Any] | None = None) -> dict[str, Any]:
   """Dev predictions of a packed model (or its int8 layout) against the fake-quantized model it
-  was exported from (`fake`: its predictions, when already computed): the share of equal labels
-  (regression: |difference| <= 0.05) and the served model's metrics."""
-  if fake is None:
-    fake = fake_predictions(ctx, spec, params, qparams, served.policy)
+  was exported from (`reference`: its `fake_reference`, when already computed): the share of
+  alike predictions (`prediction_agreement`), the one-ulp floor, and the served model's metrics.
+  The export is at fault where `agreement` falls clearly below `agreement_one_ulp`."""
+  if reference is None:
+    reference = fake_reference(ctx, spec, params, qparams, served.policy)
   dev = ctx.eval_sets[ctx.dev_split]
   start = time.time()
   served = np.asarray(predict_packed(ctx, served, dev))
-  out = {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
-         "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels)}
-  if ctx.task.is_regression:
-    diff = np.abs(fake.astype(np.float64) - served.astype(np.float64))
-    return {**out, "agreement": float(np.mean(diff <= 0.05)), "max_abs_diff": float(diff.max())}
-  return {**out, "agreement": float(np.mean(fake == served))}
+  return {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
+          "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels),
+          **prediction_agreement(ctx.task, reference["predictions"], served),
+          "agreement_one_ulp": reference["agreement_one_ulp"]}

@@ -278,8 +278,9 @@ def export_and_check(ctx: common.TaskContext, workdir: Path, spec: quant.QuantSp
   check = export_run.packed_agreement(ctx, packed, spec, params, qparams)
   size = quant.size_report(params, policy, layout=spec.layout)
   logging.info("sensimix: packed model %s, %d bytes (%.0f expected), agreement with the "
-               "fake-quantized model %.4f, dev %s", path, path.stat().st_size,
-               size["size_mb_total"] * 2**20, check["agreement"], check["dev_metrics"])
+               "fake-quantized model %.4f (that model against itself with its weights one ulp "
+               "off: %.4f), dev %s", path, path.stat().st_size, size["size_mb_total"] * 2**20,
+               check["agreement"], check["agreement_one_ulp"], check["dev_metrics"])
   return {"file": str(path), "file_bytes": path.stat().st_size,
           "array_bytes": export.packed_nbytes(packed),
           "matrix_bytes": export.packed_nbytes(packed, part="matrices"),
