@@ -155,14 +155,17 @@ def prediction_agreement(task: data.GlueTask, a: np.ndarray, b: np.ndarray) -> d
 
 def fake_reference(ctx: common.TaskContext, spec: quant.QuantSpec, params: Any, qparams: Any,
                    policy: quant.Policy) -> dict[str, Any]:
-  """The fake-quantized model's dev predictions, and its agreement with itself when every weight
-  moves by one float32 ulp (`nudge_last_bit`): the floor that rounding alone sets for any served
-  form of it. Models with sign(x) inputs can sit far below 1 there, since a last-bit change flips
-  sign(x) near 0 and the flip grows through the later layers."""
+  """The fake-quantized model's dev predictions and metrics, and its agreement with itself (and
+  its metrics) when every weight moves by one float32 ulp (`nudge_last_bit`): the floor that
+  rounding alone sets for any served form of it. Models with sign(x) inputs can sit far below 1
+  there, since a last-bit change flips sign(x) near 0 and the flip grows through later layers."""
   fake = fake_predictions(ctx, spec, params, qparams, policy)
   nudged = fake_predictions(ctx, spec, nudge_last_bit(params), qparams, policy)
+  labels = ctx.eval_sets[ctx.dev_split].labels
   return {"predictions": fake,
-          "agreement_one_ulp": prediction_agreement(ctx.task, fake, nudged)["agreement"]}
+          "agreement_one_ulp": prediction_agreement(ctx.task, fake, nudged)["agreement"],
+          "fake_dev_metrics": data.glue_metrics(ctx.task, fake, labels),
+          "one_ulp_dev_metrics": data.glue_metrics(ctx.task, nudged, labels)}
 
 
 def packed_agreement(ctx: common.TaskContext, served: export.PackedModel | export.IntegerModel,
@@ -170,8 +173,9 @@ def packed_agreement(ctx: common.TaskContext, served: export.PackedModel | expor
                      reference: dict[str, Any] | None = None) -> dict[str, Any]:
   """Dev predictions of a packed model (or its int8 layout) against the fake-quantized model it
   was exported from (`reference`: its `fake_reference`, when already computed): the share of
-  alike predictions (`prediction_agreement`), the one-ulp floor, and the served model's metrics.
-  The export is at fault where `agreement` falls clearly below `agreement_one_ulp`."""
+  alike predictions (`prediction_agreement`), the one-ulp floor, and the dev metrics of the served,
+  the fake-quantized and the nudged model. The export is at fault where `agreement` falls clearly
+  below `agreement_one_ulp`."""
   if reference is None:
     reference = fake_reference(ctx, spec, params, qparams, served.policy)
   dev = ctx.eval_sets[ctx.dev_split]
@@ -180,4 +184,4 @@ def packed_agreement(ctx: common.TaskContext, served: export.PackedModel | expor
   return {"dev_examples": len(dev), "predict_wall_s": time.time() - start,
           "dev_metrics": data.glue_metrics(ctx.task, served, dev.labels),
           **prediction_agreement(ctx.task, reference["predictions"], served),
-          "agreement_one_ulp": reference["agreement_one_ulp"]}
+          **{k: v for k, v in reference.items() if k != "predictions"}}
